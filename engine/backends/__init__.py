@@ -1,0 +1,31 @@
+"""Backends, one per module, behind the protocol in base.py; `make_backend` picks one by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Backend, SamplingParams
+
+
+def make_backend(cfg, model_dir: Path, tokenizer, sampling: SamplingParams) -> Backend:
+    if cfg.backend == "instant":
+        from .instant import InstantBackend
+        return InstantBackend(cfg.instant.completion_tokens)
+    if cfg.backend == "torch":
+        from .torch_backend import TorchBackend
+        eos = tokenizer.eos_token_id
+        eos_ids = set(_generation_eos(model_dir)) | ({eos} if eos is not None else set())
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
+        t = cfg.torch
+        return TorchBackend(str(model_dir), sampling, eos_ids, pad, batch_size=t.batch_size,
+                            refill_fraction=t.refill_fraction, prefix_cache=t.prefix_cache,
+                            device=cfg.model.device, dtype=cfg.model.dtype, threads=t.threads)
+    raise ValueError(f"unknown backend {cfg.backend!r}")
+
+
+def _generation_eos(model_dir: Path) -> list[int]:
+    import json
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

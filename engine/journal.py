@@ -1,0 +1,224 @@
+"""Crash-safe storage of one stream of rows (one prompt, or the rejected rows) of one shard.
+
+Files, for shard tag T (`s00003-of-00016`) and part number k:
+  <dir>/part-T-k.parquet              committed zstd Parquet part (appears only by atomic rename)
+  <dir>/part-T-k.parquet.tmp          the part being written (never read; deleted on recovery)
+  <root>/_journal/<stream>/T-k.jsonl  every row of part k as a JSON line, flushed every few seconds
+  <root>/_manifest/<stream>/T.jsonl   one line per committed part: name, rows, bytes, time
+
+Part k and journal k hold the same rows. Commit order: close the .tmp, fsync, rename, append to the
+manifest, delete journal k. So after a crash at any point: a part under its final name is complete;
+a journal whose part exists is stale (deleted); any other journal holds finished rows that are
+re-emitted into the next part, and nothing else was lost but requests in flight.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .reader import id_hash
+
+log = logging.getLogger(__name__)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DoneSet:
+    """Ids already finished: a sorted array of 63-bit hashes, 8 bytes an id (millions fit easily)."""
+
+    def __init__(self, hashes: list[int] | np.ndarray = ()):
+        self.arr = np.unique(np.asarray(hashes, dtype=np.uint64))
+
+    def __len__(self) -> int:
+        return len(self.arr)
+
+    def has(self, h: int) -> bool:
+        i = int(np.searchsorted(self.arr, np.uint64(h)))
+        return i < len(self.arr) and int(self.arr[i]) == h
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        if not len(self.arr):
+            return np.zeros(len(hashes), dtype=bool)
+        idx = np.minimum(np.searchsorted(self.arr, hashes), len(self.arr) - 1)
+        return self.arr[idx] == hashes
+
+
+class PartSink:
+    def __init__(self, root: Path, stream: str, data_dir: Path, shard_tag: str, schema: pa.Schema, key_column: str,
+                 row_group_rows: int, file_max_bytes: int, compression_level: int, count_column: str | None = None):
+        self.stream, self.shard_tag, self.schema, self.key_column = stream, shard_tag, schema, key_column
+        self.count_column = count_column
+        self.data_dir = data_dir
+        self.journal_dir = root / "_journal" / stream
+        self.manifest = root / "_manifest" / stream / f"{shard_tag}.jsonl"
+        for d in (self.data_dir, self.journal_dir, self.manifest.parent):
+            d.mkdir(parents=True, exist_ok=True)
+        self.row_group_rows, self.file_max_bytes, self.level = row_group_rows, file_max_bytes, compression_level
+        self.k = 0
+        self.buffer: list[dict] = []
+        self.writer: pq.ParquetWriter | None = None
+        self.journal = None
+        self.part_rows = 0
+        self.rows_total = 0  # rows stored (committed + journaled), recovered ones included
+        self.counts: dict[str, int] = {}  # rows per value of `count_column` (finish reasons), this shard
+
+    # ---- names -----------------------------------------------------------------------------------
+    def _part(self, k: int) -> Path:
+        return self.data_dir / f"part-{self.shard_tag}-{k:05d}.parquet"
+
+    def _journal(self, k: int) -> Path:
+        return self.journal_dir / f"{self.shard_tag}-{k:05d}.jsonl"
+
+    def _numbers(self, folder: Path, pattern: str) -> dict[int, Path]:
+        rx = re.compile(pattern.format(tag=re.escape(self.shard_tag)))
+        out = {}
+        for p in folder.iterdir():
+            m = rx.fullmatch(p.name)
+            if m:
+                out[int(m.group(1))] = p
+        return out
+
+    # ---- recovery --------------------------------------------------------------------------------
+    def recover(self) -> tuple[DoneSet, list[dict]]:
+        """Clean up after a crash; return the finished keys and the journaled rows to re-emit."""
+        for tmp in self.data_dir.glob(f"part-{self.shard_tag}-*.parquet.tmp"):
+            tmp.unlink()
+        parts = self._numbers(self.data_dir, r"part-{tag}-(\d+)\.parquet")
+        journals = self._numbers(self.journal_dir, r"{tag}-(\d+)\.jsonl")
+        self._reconcile_manifest(parts)
+        hashes: list[int] = []
+        for p in parts.values():
+            cols = [self.key_column] + ([self.count_column] if self.count_column else [])
+            table = pq.read_table(p, columns=cols)
+            keys = table.column(0).to_pylist()
+            hashes.extend(map(id_hash, keys))
+            self.rows_total += len(keys)
+            if self.count_column:
+                self._count(table.column(1).to_pylist())
+        replay: list[dict] = []
+        for k, j in sorted(journals.items()):
+            if k in parts:
+                j.unlink()  # its part was committed before the crash
+                continue
+            replay.extend(_read_journal(j))
+        hashes.extend(id_hash(r[self.key_column]) for r in replay)
+        self.k = max([*parts, *journals], default=-1) + 1
+        self._stale_journals = [j for k, j in journals.items() if k not in parts]
+        return DoneSet(hashes), replay
+
+    def replay(self, rows: list[dict]) -> None:
+        """Re-emit recovered rows into a new journal (flushed) before deleting the old ones."""
+        if rows:
+            self.add(rows)
+            self.flush(sync=True)
+        for j in self._stale_journals:
+            j.unlink()
+        self._stale_journals = []
+
+    def _reconcile_manifest(self, parts: dict[int, Path]) -> None:
+        listed = set()
+        if self.manifest.exists():
+            for line in self.manifest.read_bytes().splitlines():
+                try:
+                    listed.add(orjson.loads(line)["part"])
+                except (orjson.JSONDecodeError, KeyError):
+                    pass  # a torn last line from a crash
+        for k, p in sorted(parts.items()):
+            if p.name not in listed:
+                self._manifest_append(p, pq.ParquetFile(p).metadata.num_rows)
+
+    def _manifest_append(self, part: Path, rows: int) -> None:
+        line = orjson.dumps({"part": part.name, "rows": rows, "bytes": part.stat().st_size,
+                             "committed_at": time.time()}) + b"\n"
+        with open(self.manifest, "ab") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    # ---- writing ---------------------------------------------------------------------------------
+    def add(self, rows: list[dict]) -> None:
+        if self.journal is None:
+            self.journal = open(self._journal(self.k), "ab", buffering=1 << 20)
+        self.journal.write(b"".join(orjson.dumps(r, default=str) + b"\n" for r in rows))
+        self.buffer.extend(rows)
+        self.rows_total += len(rows)
+        if self.count_column:
+            self._count(r[self.count_column] for r in rows)
+        if len(self.buffer) >= self.row_group_rows:
+            self._write_group()
+
+    def _count(self, values) -> None:
+        for v in values:
+            self.counts[v] = self.counts.get(v, 0) + 1
+
+    def _write_group(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self._tmp(), self.schema, compression="zstd",
+                                           compression_level=self.level)
+        self.writer.write_table(table, row_group_size=len(self.buffer))
+        self.part_rows += len(self.buffer)
+        self.buffer = []
+        if self._tmp().stat().st_size >= self.file_max_bytes:
+            self.commit()
+
+    def _tmp(self) -> Path:
+        return self._part(self.k).with_suffix(".parquet.tmp")
+
+    def flush(self, sync: bool = False) -> None:
+        if self.journal is not None:
+            self.journal.flush()
+            if sync:
+                os.fsync(self.journal.fileno())
+
+    def commit(self) -> None:
+        """Write what is buffered and make the current part visible under its final name."""
+        self._write_group()
+        if self.writer is None:
+            return
+        self.flush(sync=True)
+        self.writer.close()
+        self.writer = None
+        with open(self._tmp(), "rb") as fh:
+            os.fsync(fh.fileno())
+        final = self._part(self.k)
+        os.replace(self._tmp(), final)
+        _fsync_dir(self.data_dir)
+        self._manifest_append(final, self.part_rows)
+        self.journal.close()
+        self.journal = None
+        self._journal(self.k).unlink()
+        self.k += 1
+        self.part_rows = 0
+
+    def close(self) -> None:
+        self.commit()
+
+
+def _read_journal(path: Path) -> list[dict]:
+    rows = []
+    data = path.read_bytes()
+    for i, line in enumerate(data.splitlines()):
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            # Only the last line can be torn by a crash; anything else is real damage.
+            if i != len(data.splitlines()) - 1:
+                raise RuntimeError(f"{path}: journal line {i + 1} is damaged; inspect it before resuming") from None
+    return rows

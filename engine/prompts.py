@@ -1,0 +1,95 @@
+"""Prompt files: one TOML file per rewriting strategy in prompts/ (or any path a user gives)."""
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+PLACEHOLDER = "{document}"
+PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+REQUIRED = ("name", "origin", "intent", "template", "max_new_tokens")
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    origin: str
+    intent: str
+    template: str
+    max_new_tokens: int
+    notes: str = ""
+    recommended: bool = False
+    path: str = ""
+
+    @property
+    def instruction(self) -> str:
+        """Everything before the document placeholder: the part every request of this prompt shares."""
+        return self.template[: self.template.index(PLACEHOLDER)]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.template.encode()).hexdigest()[:16]
+
+
+def validate_template(template: str, where: str) -> None:
+    count = template.count(PLACEHOLDER)
+    if count != 1:
+        raise PromptError(f"{where}: the template must hold the placeholder {PLACEHOLDER} exactly once (found {count})")
+    if template[template.index(PLACEHOLDER) + len(PLACEHOLDER):].strip():
+        raise PromptError(f"{where}: the placeholder {PLACEHOLDER} must come last (instruction first, document last)")
+    if not template[: template.index(PLACEHOLDER)].strip():
+        raise PromptError(f"{where}: the template has no instruction before {PLACEHOLDER}")
+
+
+def load_prompt_file(path: Path) -> Prompt:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"prompt file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptError(f"{path}: not valid TOML: {exc}") from None
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        raise PromptError(f"{path}: missing key(s) {', '.join(missing)}")
+    unknown = set(data) - set(REQUIRED) - {"notes", "recommended"}
+    if unknown:
+        raise PromptError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    template = data["template"].rstrip()
+    validate_template(template, str(path))
+    if not isinstance(data["max_new_tokens"], int) or data["max_new_tokens"] < 1:
+        raise PromptError(f"{path}: max_new_tokens must be a positive integer")
+    return Prompt(
+        name=str(data["name"]), origin=str(data["origin"]), intent=str(data["intent"]),
+        template=template, max_new_tokens=data["max_new_tokens"], notes=str(data.get("notes", "")).strip(),
+        recommended=bool(data.get("recommended", False)), path=str(path),
+    )
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in PROMPTS_DIR.glob("*.toml"))
+
+
+def load_prompt(name_or_path: str) -> Prompt:
+    """A prompt by name (prompts/NAME.toml) or by the path of a user's own prompt file."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or "/" in name_or_path:
+        return load_prompt_file(path)
+    candidate = PROMPTS_DIR / f"{name_or_path}.toml"
+    if not candidate.exists():
+        raise PromptError(f"unknown prompt {name_or_path!r}; available: {', '.join(available())} (or give a .toml path)")
+    return load_prompt_file(candidate)
+
+
+def load_prompts(names: list[str]) -> list[Prompt]:
+    prompts = [load_prompt(n) for n in names]
+    seen: set[str] = set()
+    for p in prompts:
+        if p.name in seen:
+            raise PromptError(f"prompt name {p.name!r} is used twice in this run")
+        seen.add(p.name)
+    return prompts

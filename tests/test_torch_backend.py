@@ -1,0 +1,88 @@
+"""The torch backend's own decode loop against transformers' `generate`, on a tiny random Llama."""
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.backends.base import Request, SamplingParams
+from engine.backends.torch_backend import TorchBackend, sample
+
+
+def make_requests(tok, n, max_new, prefix_len=12):
+    prefix = list(range(5, 5 + prefix_len))
+    reqs = []
+    for i in range(n):
+        doc = tok(f"the cat {'sat on a mat ' * (1 + i % 4)} water {i}", add_special_tokens=False).input_ids
+        reqs.append(Request(i, "p", prefix + doc, prefix_len, max_new + (i % 3) * 5))
+    return reqs
+
+
+def reference(model_dir, reqs):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = {}
+    for r in reqs:
+        ids = model.generate(torch.tensor([r.input_ids]), max_new_tokens=r.max_new_tokens, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        out[r.key] = ids[0, len(r.input_ids):].tolist()
+    return out
+
+
+def run_backend(model_dir, reqs, **kw):
+    b = TorchBackend(str(model_dir), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0, dtype="float32", **kw)
+    b.start()
+    got = {}
+    for done in b.generate(iter(reqs), threading.Event()):
+        for c in done:
+            got[c.key] = c
+    return got
+
+
+@pytest.mark.parametrize("batch_size,prefix_cache,refill", [(4, True, 0.5), (4, False, 0.5), (3, True, 1.0), (1, True, 0.5)])
+def test_matches_generate_token_for_token(tiny_model, batch_size, prefix_cache, refill):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = make_requests(tok, 7, 8)
+    ref = reference(tiny_model, reqs)
+    got = run_backend(tiny_model, reqs, batch_size=batch_size, prefix_cache=prefix_cache, refill_fraction=refill)
+    assert set(got) == set(ref)
+    for k, c in got.items():
+        assert c.output_ids == ref[k], f"request {k}"
+        assert c.finish_reason == "length" and c.completion_tokens == len(ref[k])
+        assert c.cached_tokens == (12 if prefix_cache else 0)
+
+
+def test_eos_stops_a_row_and_is_not_returned(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = make_requests(tok, 6, 20)
+    ref = reference(tiny_model, reqs)
+    # A request whose output has a token that appears only after its start: make that token the EOS.
+    k, i = next((k, j) for k, seq in ref.items() for j in range(1, len(seq)) if seq[j] not in seq[:j])
+    seq = ref[k]
+    eos = seq[i]
+    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0), eos_ids={eos}, pad_id=0, dtype="float32")
+    b.start()
+    got = {c.key: c for done in b.generate(iter(reqs), threading.Event()) for c in done}
+    assert got[k].finish_reason == "stop" and got[k].output_ids == seq[:i] and got[k].completion_tokens == i + 1
+
+
+def test_stop_event_ends_generation_without_yielding_unfinished(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = make_requests(tok, 20, 30)
+    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0, batch_size=4)
+    b.start()
+    stop = threading.Event()
+    seen = []
+    for done in b.generate(iter(reqs), stop):
+        seen += done
+        stop.set()
+    assert 0 < len(seen) < 20
+
+
+def test_nucleus_sampling_keeps_only_the_top_mass():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 400]) + 1e-12)
+    picks = {int(sample(logits, 1.0, 0.7, g)) for _ in range(300)}
+    assert picks == {0, 1}
+    flat = torch.zeros((2, 1000))  # a nucleus wider than the top-k shortcut
+    assert len({int(t) for _ in range(50) for t in sample(flat, 1.0, 0.9, g)}) > 20
+    assert sample(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 0.9, g).tolist() == [1]
