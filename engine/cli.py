@@ -69,6 +69,10 @@ def print_summary(s: dict) -> None:
     ]
     for w in s.get("input_warnings", []):
         lines.append(f"  warning    {w}")
+    if s.get("report"):
+        lines.append(f"  report     {s['report']}")
+    for w in s.get("report_warnings", []):
+        lines.append(f"  WARNING    {w}")
     print("\n".join(lines))
 
 
@@ -77,6 +81,28 @@ def cmd_status(args) -> int:
     text, complete = render_status(Path(args.output_dir))
     print(text)
     return 0 if complete else 1 if args.check else 0
+
+
+def cmd_report(args) -> int:
+    from .report import Thresholds, write_report
+
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        print(f"error: {out} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    report = write_report(out, args.sample, args.seed, Thresholds(args.top_opening_share, args.distinct_prefix20))
+    if not report["groups"]:
+        print(f"error: {out} holds no result parts (<prompt>/*.parquet)", file=sys.stderr)
+        return 1
+    print((out / "report" / "report.md").read_text())
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+    serve(args.host, args.port, args.backend, args.model, args.completion_tokens, args.delay_ms, args.fail_rate,
+          args.temperature)
+    return 0
 
 
 def cmd_prompts(args) -> int:
@@ -134,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("output_dir")
     st.add_argument("--check", action="store_true", help="exit 1 unless the run is complete")
     st.set_defaults(fn=cmd_status)
+
+    rp = sub.add_parser("report", help="diversity report of a run's outputs (template collapse, n-grams, lengths)")
+    rp.add_argument("output_dir")
+    rp.add_argument("--sample", type=int, default=5000, help="outputs per prompt and model for text statistics")
+    rp.add_argument("--seed", type=int, default=0)
+    rp.add_argument("--top-opening-share", type=float, default=0.05,
+                    help="warn when more outputs than this share open with the same sentence")
+    rp.add_argument("--distinct-prefix20", type=float, default=0.5,
+                    help="warn when fewer than this share of 20-character openings are distinct")
+    rp.set_defaults(fn=cmd_report)
+
+    sv = sub.add_parser("serve", help="a GPU-free test server with SGLang's /generate and OpenAI /v1/completions")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=30000)
+    sv.add_argument("--backend", choices=["instant", "torch"], default="instant")
+    sv.add_argument("--model", default="embedded", help="tokenizer (and model, for --backend torch)")
+    sv.add_argument("--completion-tokens", type=int, default=64, help="instant backend: tokens per answer")
+    sv.add_argument("--delay-ms", type=float, default=0.0, help="simulated latency per request")
+    sv.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
+    sv.add_argument("--temperature", type=float, default=0.0)
+    sv.set_defaults(fn=cmd_serve)
 
     pr = sub.add_parser("prompts", help="list, show or render the prompt library")
     pr.add_argument("action", choices=["list", "show", "render"])

@@ -67,12 +67,36 @@ class TorchConfig:
     batch_size: int = 16  # sequences decoded together
     refill_fraction: float = 0.5  # admit new requests once this share of the batch has finished
     prefix_cache: bool = True  # reuse the KV cache of each prompt's shared prefix
+    prefill_tokens: int = 4096  # rows x prompt length per prefill forward pass
     threads: int = 0  # torch intra-op threads; 0: torch's default
 
 
 @dataclass
 class InstantConfig:
     completion_tokens: int = 400  # tokens "generated" per request (capped by max_new_tokens)
+    # Fault injection and pacing, for tests and benchmarks of crash recovery (never a model's behaviour):
+    delay_ms: float = 0.0  # simulated latency per request
+    fail_rate: float = 0.0  # share of attempts that fail (seeded by sampling.seed)
+    die_after: int = 0  # the backend dies (BackendDead) after this many completions; 0: never
+
+
+@dataclass
+class SGLangConfig:
+    # Keyword arguments of sglang.Engine / sglang.launch_server (ServerArgs of the pinned release);
+    # unknown names are errors. model_path and skip_tokenizer_init are set by the engine.
+    server_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class HTTPConfig:
+    urls: list[str] = field(default_factory=list)  # SGLang servers (round-robin) or one router URL
+    api: str = "native"  # native: SGLang /generate; openai: /v1/completions
+    model: str = "default"  # the "model" field of OpenAI requests
+    timeout_s: float = 600.0
+    retries: int = 3  # tries per request after the first, with exponential backoff
+    backoff_s: float = 1.0
+    dead_after: int = 16  # consecutive requests that reach no server before the backend is declared dead
+    connections: int = 256  # pooled connections
 
 
 @dataclass
@@ -88,8 +112,14 @@ class RetryConfig:
 
 
 @dataclass
+class ReportConfig:
+    enabled: bool = True  # write the diversity report to OUTPUT_DIR/report/ when a run completes
+    sample: int = 5000  # outputs per prompt and model for the text statistics
+
+
+@dataclass
 class RunConfig:
-    backend: str = "torch"  # torch | instant
+    backend: str = "torch"  # torch | instant | sglang | sglang-http
     prompts: list[str] = field(default_factory=lambda: ["faq"])  # names in prompts/ or file paths
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -98,11 +128,14 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     torch: TorchConfig = field(default_factory=TorchConfig)
     instant: InstantConfig = field(default_factory=InstantConfig)
+    sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    http: HTTPConfig = field(default_factory=HTTPConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
-BACKENDS = ("torch", "instant")
+BACKENDS = ("torch", "instant", "sglang", "sglang-http")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -120,6 +153,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}': expected {tp}, got {value!r}")
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a table, got {value!r}")
+        return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):  # a single path or name where a list is expected
@@ -142,7 +179,9 @@ def _apply(obj: Any, data: dict, prefix: str = "") -> None:
         if key not in names:
             raise ConfigError(f"unknown config key '{full}' (known here: {', '.join(sorted(names))})")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, dict) and isinstance(value, dict):  # free-form tables merge key by key
+            setattr(obj, key, {**current, **value})
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give keys inside it")
             _apply(current, value, full + ".")
@@ -196,14 +235,33 @@ def validate(cfg: RunConfig) -> None:
         ("torch.batch_size", cfg.torch.batch_size >= 1),
         ("torch.refill_fraction", 0 < cfg.torch.refill_fraction <= 1),
         ("torch.threads", cfg.torch.threads >= 0),
+        ("torch.prefill_tokens", cfg.torch.prefill_tokens >= 1),
         ("instant.completion_tokens", cfg.instant.completion_tokens >= 0),
+        ("instant.delay_ms", cfg.instant.delay_ms >= 0),
+        ("instant.fail_rate", 0 <= cfg.instant.fail_rate <= 1),
+        ("instant.die_after", cfg.instant.die_after >= 0),
         ("shard.count", cfg.shard.count >= 1),
         ("shard.index", 0 <= cfg.shard.index < max(cfg.shard.count, 1)),
         ("retry.max_attempts", cfg.retry.max_attempts >= 1),
+        ("report.sample", cfg.report.sample >= 1),
         ("retry.backoff_seconds", cfg.retry.backoff_seconds >= 0),
         ("model.context", cfg.model.context >= 0),
         ("model.dtype", cfg.model.dtype in ("auto", "float32", "bfloat16", "float16")),
     ]
+    checks += [
+        ("http.api", cfg.http.api in ("native", "openai")),
+        ("http.timeout_s", cfg.http.timeout_s > 0),
+        ("http.retries", cfg.http.retries >= 0),
+        ("http.dead_after", cfg.http.dead_after >= 1),
+        ("http.connections", cfg.http.connections >= 1),
+    ]
+    if cfg.backend == "sglang-http" and not cfg.http.urls:
+        raise ConfigError("config key 'http.urls': backend 'sglang-http' needs one or more server URLs")
+    if cfg.sglang.server_args:
+        from .backends.sglang_args import check_server_args
+        problem = check_server_args(cfg.sglang.server_args)
+        if problem:
+            raise ConfigError(f"config key 'sglang.server_args': {problem}")
     for key, ok in checks:
         if not ok:
             section, name = key.split(".")

@@ -3,7 +3,8 @@
 Files, for shard tag T (`s00003-of-00016`) and part number k:
   <dir>/part-T-k.parquet              committed zstd Parquet part (appears only by atomic rename)
   <dir>/part-T-k.parquet.tmp          the part being written (never read; deleted on recovery)
-  <root>/_journal/<stream>/T-k.jsonl  every row of part k as a JSON line, flushed every few seconds
+  <root>/_journal/<stream>/T-k.arrows every row of part k, as an Arrow IPC stream of record batches,
+                                      flushed every few seconds (appending a batch is a memory copy)
   <root>/_manifest/<stream>/T.jsonl   one line per committed part: name, rows, bytes, time
 
 Part k and journal k hold the same rows. Commit order: close the .tmp, fsync, rename, append to the
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .reader import id_hash
@@ -69,9 +71,11 @@ class PartSink:
             d.mkdir(parents=True, exist_ok=True)
         self.row_group_rows, self.file_max_bytes, self.level = row_group_rows, file_max_bytes, compression_level
         self.k = 0
-        self.buffer: list[dict] = []
+        self.buffer: list[pa.RecordBatch] = []
+        self.buffered = 0
         self.writer: pq.ParquetWriter | None = None
-        self.journal = None
+        self.journal = None  # the open journal file
+        self.journal_ipc: pa.ipc.RecordBatchStreamWriter | None = None
         self.part_rows = 0
         self.rows_total = 0  # rows stored (committed + journaled), recovered ones included
         self.counts: dict[str, int] = {}  # rows per value of `count_column` (finish reasons), this shard
@@ -81,7 +85,7 @@ class PartSink:
         return self.data_dir / f"part-{self.shard_tag}-{k:05d}.parquet"
 
     def _journal(self, k: int) -> Path:
-        return self.journal_dir / f"{self.shard_tag}-{k:05d}.jsonl"
+        return self.journal_dir / f"{self.shard_tag}-{k:05d}.arrows"
 
     def _numbers(self, folder: Path, pattern: str) -> dict[int, Path]:
         rx = re.compile(pattern.format(tag=re.escape(self.shard_tag)))
@@ -93,12 +97,12 @@ class PartSink:
         return out
 
     # ---- recovery --------------------------------------------------------------------------------
-    def recover(self) -> tuple[DoneSet, list[dict]]:
+    def recover(self) -> tuple[DoneSet, list[pa.RecordBatch]]:
         """Clean up after a crash; return the finished keys and the journaled rows to re-emit."""
         for tmp in self.data_dir.glob(f"part-{self.shard_tag}-*.parquet.tmp"):
             tmp.unlink()
         parts = self._numbers(self.data_dir, r"part-{tag}-(\d+)\.parquet")
-        journals = self._numbers(self.journal_dir, r"{tag}-(\d+)\.jsonl")
+        journals = self._numbers(self.journal_dir, r"{tag}-(\d+)\.arrows")
         self._reconcile_manifest(parts)
         hashes: list[int] = []
         for p in parts.values():
@@ -108,22 +112,24 @@ class PartSink:
             hashes.extend(map(id_hash, keys))
             self.rows_total += len(keys)
             if self.count_column:
-                self._count(table.column(1).to_pylist())
-        replay: list[dict] = []
+                self._count(table.column(1))
+        replay: list[pa.RecordBatch] = []
         for k, j in sorted(journals.items()):
             if k in parts:
                 j.unlink()  # its part was committed before the crash
                 continue
-            replay.extend(_read_journal(j))
-        hashes.extend(id_hash(r[self.key_column]) for r in replay)
+            replay.extend(_read_journal(j, self.schema))
+        for b in replay:
+            hashes.extend(map(id_hash, b.column(self.key_column).to_pylist()))
         self.k = max([*parts, *journals], default=-1) + 1
         self._stale_journals = [j for k, j in journals.items() if k not in parts]
         return DoneSet(hashes), replay
 
-    def replay(self, rows: list[dict]) -> None:
+    def replay(self, batches: list[pa.RecordBatch]) -> None:
         """Re-emit recovered rows into a new journal (flushed) before deleting the old ones."""
-        if rows:
-            self.add(rows)
+        for b in batches:
+            self.add(b)
+        if batches:
             self.flush(sync=True)
         for j in self._stale_journals:
             j.unlink()
@@ -150,31 +156,34 @@ class PartSink:
             os.fsync(fh.fileno())
 
     # ---- writing ---------------------------------------------------------------------------------
-    def add(self, rows: list[dict]) -> None:
+    def add(self, batch: pa.RecordBatch) -> None:
         if self.journal is None:
-            self.journal = open(self._journal(self.k), "ab", buffering=1 << 20)
-        self.journal.write(b"".join(orjson.dumps(r, default=str) + b"\n" for r in rows))
-        self.buffer.extend(rows)
-        self.rows_total += len(rows)
+            self.journal = open(self._journal(self.k), "wb", buffering=1 << 20)
+            self.journal_ipc = pa.ipc.new_stream(self.journal, self.schema)
+        self.journal_ipc.write_batch(batch)
+        self.buffer.append(batch)
+        self.buffered += batch.num_rows
+        self.rows_total += batch.num_rows
         if self.count_column:
-            self._count(r[self.count_column] for r in rows)
-        if len(self.buffer) >= self.row_group_rows:
+            self._count(batch.column(self.count_column))
+        if self.buffered >= self.row_group_rows:
             self._write_group()
 
-    def _count(self, values) -> None:
-        for v in values:
-            self.counts[v] = self.counts.get(v, 0) + 1
+    def _count(self, values: pa.Array | pa.ChunkedArray) -> None:
+        for item in pc.value_counts(values).to_pylist():
+            v = item["values"]
+            self.counts[v] = self.counts.get(v, 0) + item["counts"]
 
     def _write_group(self) -> None:
         if not self.buffer:
             return
-        table = pa.Table.from_pylist(self.buffer, schema=self.schema)
+        table = pa.Table.from_batches(self.buffer, schema=self.schema)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self._tmp(), self.schema, compression="zstd",
                                            compression_level=self.level)
-        self.writer.write_table(table, row_group_size=len(self.buffer))
-        self.part_rows += len(self.buffer)
-        self.buffer = []
+        self.writer.write_table(table, row_group_size=table.num_rows)
+        self.part_rows += table.num_rows
+        self.buffer, self.buffered = [], 0
         if self._tmp().stat().st_size >= self.file_max_bytes:
             self.commit()
 
@@ -201,8 +210,9 @@ class PartSink:
         os.replace(self._tmp(), final)
         _fsync_dir(self.data_dir)
         self._manifest_append(final, self.part_rows)
+        self.journal_ipc.close()
         self.journal.close()
-        self.journal = None
+        self.journal = self.journal_ipc = None
         self._journal(self.k).unlink()
         self.k += 1
         self.part_rows = 0
@@ -211,14 +221,15 @@ class PartSink:
         self.commit()
 
 
-def _read_journal(path: Path) -> list[dict]:
-    rows = []
-    data = path.read_bytes()
-    for i, line in enumerate(data.splitlines()):
-        try:
-            rows.append(orjson.loads(line))
-        except orjson.JSONDecodeError:
-            # Only the last line can be torn by a crash; anything else is real damage.
-            if i != len(data.splitlines()) - 1:
-                raise RuntimeError(f"{path}: journal line {i + 1} is damaged; inspect it before resuming") from None
-    return rows
+def _read_journal(path: Path, schema: pa.Schema) -> list[pa.RecordBatch]:
+    """The batches of a journal; a batch torn by a crash (only the last can be) is dropped."""
+    batches: list[pa.RecordBatch] = []
+    try:
+        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
+            for batch in reader:
+                batches.append(batch)
+    except (pa.ArrowInvalid, OSError) as exc:
+        log.info("%s: ignoring a torn last batch after %d batches (%s)", path, len(batches), exc)
+    if batches and batches[0].schema != schema:
+        raise RuntimeError(f"{path}: journal schema differs from this run's output schema; inspect it before resuming")
+    return batches

@@ -15,6 +15,7 @@ class Metrics:
     requests_done: int = 0  # generated in this process
     requests_skipped: int = 0  # already done by an earlier run, or rejected input
     failed: int = 0
+    retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
@@ -76,6 +77,7 @@ class Metrics:
             "requests_generated": self.requests_done,
             "requests_skipped": self.requests_skipped,
             "failed": self.failed,
+            "retries": self.retries,
             "rejected_rows": self.rejected,
             "truncated": self.truncated,
             "input_tokens": self.prompt_tokens,

@@ -56,8 +56,11 @@ def _convert(gguf: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def resolve_model(name: str) -> tuple[Path, str]:
-    """(local directory of a transformers checkpoint, display name) for `model.name`."""
+def resolve_model(name: str, allow_hub: bool = False) -> tuple[Path | str, str]:
+    """(local directory of a transformers checkpoint, display name) for `model.name`.
+
+    With `allow_hub` (the SGLang backends, which run on GPU machines with network access) a name
+    that is not a local directory is passed on as a model hub id."""
     if name == EMBEDDED:
         dest = cache_dir() / "models" / EMBEDDED_NAME
         if not (dest / "config.json").exists():
@@ -70,6 +73,8 @@ def resolve_model(name: str) -> tuple[Path, str]:
         return dest, EMBEDDED_NAME
     path = Path(name).expanduser()
     if not (path / "config.json").exists():
+        if allow_hub and not path.is_absolute() and not name.startswith("."):
+            return name, name.rsplit("/", 1)[-1]
         raise ModelError(
             f"model {name!r}: not 'embedded' and not a local transformers directory with config.json "
             "(this engine does not download from a hub at run time)")

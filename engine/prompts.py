@@ -86,9 +86,13 @@ def load_prompt(name_or_path: str) -> Prompt:
 
 
 def load_prompts(names: list[str]) -> list[Prompt]:
+    from .output import ENGINE_DIRS
+
     prompts = [load_prompt(n) for n in names]
     seen: set[str] = set()
     for p in prompts:
+        if p.name in ENGINE_DIRS or p.name.startswith("_") or "/" in p.name:
+            raise PromptError(f"prompt name {p.name!r} is reserved or not a folder name; rename it in {p.path}")
         if p.name in seen:
             raise PromptError(f"prompt name {p.name!r} is used twice in this run")
         seen.add(p.name)

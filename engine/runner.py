@@ -7,8 +7,8 @@
 """
 from __future__ import annotations
 
+import gc
 import itertools
-import json
 import logging
 import queue
 import signal
@@ -19,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from . import output
 from .backends import make_backend
@@ -30,6 +31,7 @@ from .model_store import resolve_model
 from .prompts import load_prompts
 from .reader import Doc, InputError, Reader, Rejection, id_hash
 from .renderer import Renderer
+from .retry import RetryFeed
 from .scheduler import length_buckets
 from .writer import AsyncWriter, WriterError
 
@@ -44,14 +46,21 @@ class Pending:
     doc: Doc
     prompt: str
     truncated: bool
+    request: Request
 
 
-def sampling_defaults(model_dir: Path, temperature: float | None, top_p: float | None) -> tuple[float, float]:
-    """Run config first, then the model's generation_config.json, then 0.7 / 0.95."""
-    gen = {}
-    path = model_dir / "generation_config.json"
-    if path.exists():
-        gen = json.loads(path.read_text())
+def generation_config(model_dir: Path | str) -> dict:
+    """The keys the model's generation_config.json sets (none when it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_dir).to_diff_dict()
+    except OSError:
+        return {}
+
+
+def sampling_defaults(gen: dict, temperature: float | None, top_p: float | None) -> tuple[float, float]:
+    """Run config first, then the model's generation config, then 0.7 / 0.95."""
     if temperature is None:
         temperature = float(gen["temperature"]) if gen.get("do_sample", True) and "temperature" in gen else 0.7
     if top_p is None:
@@ -144,9 +153,10 @@ class Producer:
                     continue
                 ids, truncated = self.renderer.request_ids(p, doc.text, doc_ids)
                 key = next(self.keys)
-                self.pending[key] = Pending(doc, p, truncated)
                 r = self.renderer.rendered[p]
-                out.append(Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens))
+                req = Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)
+                self.pending[key] = Pending(doc, p, truncated, req)
+                out.append(req)
         return out
 
     def __iter__(self) -> Iterator[Request]:
@@ -165,31 +175,36 @@ class Producer:
 
 
 class RowBuilder:
-    """Completion + its document -> output row (runs on the writer thread)."""
+    """Completions + their documents -> one Arrow record batch of output rows (on the writer thread)."""
 
-    def __init__(self, prompt: str, model: str, tokenizer, renames: dict[str, str]):
-        self.prompt, self.model, self.renames = prompt, model, renames
+    def __init__(self, prompt: str, model: str, tokenizer, schema: pa.Schema, renames: dict[str, str]):
+        self.prompt, self.model, self.schema, self.renames = prompt, model, schema, renames
         self.fast = tokenizer.backend_tokenizer
 
-    def __call__(self, items: list[tuple[Pending, Completion]]) -> list[dict]:
+    def __call__(self, items: list[tuple[Pending, Completion]]) -> pa.RecordBatch:
         to_decode = [c.output_ids for _, c in items if c.text is None and c.output_ids is not None]
         decoded = iter(self.fast.decode_batch(to_decode, skip_special_tokens=True)) if to_decode else iter(())
-        rows = []
-        for p, c in items:
-            text = c.text if c.text is not None else (next(decoded) if c.output_ids is not None else None)
-            row = {"id": p.doc.id, "prompt": self.prompt, "model": self.model, "generation": text,
-                   "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
-                   "completion_tokens": c.completion_tokens, "cached_tokens": c.cached_tokens,
-                   "truncated": p.truncated, "error": c.error, "doc_ref": p.doc.source, "text": p.doc.text}
-            for k, v in p.doc.columns.items():
-                if k in self.renames:
-                    row[self.renames[k]] = v
-            rows.append(row)
-        return rows
+        gens = [c.text if c.text is not None else (next(decoded) if c.output_ids is not None else None)
+                for _, c in items]
+        n = len(items)
+        cols = {
+            "id": [p.doc.id for p, _ in items], "prompt": [self.prompt] * n, "model": [self.model] * n,
+            "generation": gens, "finish_reason": [c.finish_reason for _, c in items],
+            "prompt_tokens": [c.prompt_tokens for _, c in items],
+            "completion_tokens": [c.completion_tokens for _, c in items],
+            "cached_tokens": [c.cached_tokens for _, c in items], "truncated": [p.truncated for p, _ in items],
+            "error": [c.error for _, c in items], "doc_ref": [p.doc.source for p, _ in items],
+            "text": [p.doc.text for p, _ in items],
+        }
+        for src, dst in self.renames.items():
+            cols[dst] = [p.doc.columns.get(src) for p, _ in items]
+        return pa.RecordBatch.from_arrays([pa.array(cols[f.name], type=f.type) for f in self.schema],
+                                          schema=self.schema)
 
 
-def _rejected_rows(items: list[Rejection]) -> list[dict]:
-    return [{"doc_ref": r.source, "id": r.id, "reason": r.reason} for r in items]
+def _rejected_batch(items: list[Rejection]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pydict({"doc_ref": [r.source for r in items], "id": [r.id for r in items],
+                                       "reason": [r.reason for r in items]}, schema=output.REJECTED_SCHEMA)
 
 
 class Run:
@@ -210,11 +225,12 @@ class Run:
 
         cfg = self.cfg
         prompts = load_prompts(cfg.prompts)
-        model_dir, model_name = resolve_model(cfg.model.name)
+        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
         renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt)
-        temperature, top_p = sampling_defaults(model_dir, cfg.sampling.temperature, cfg.sampling.top_p)
+        temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
+                                               cfg.sampling.top_p)
 
         reader = Reader(cfg.input.paths, cfg.input.text_column, cfg.input.id_column, cfg.input.batch_rows,
                         cfg.input.max_doc_chars, cfg.shard.index, cfg.shard.count)
@@ -248,8 +264,8 @@ class Run:
 
         total_rows = reader.total_rows
         metrics = Metrics(total_requests=total_rows * len(prompts) if total_rows is not None else None)
-        builders = {p.name: RowBuilder(p.name, model_name, tokenizer, renames) for p in prompts}
-        builders[output.REJECTED] = _rejected_rows
+        builders = {p.name: RowBuilder(p.name, model_name, tokenizer, schema, renames) for p in prompts}
+        builders[output.REJECTED] = _rejected_batch
 
         def state(complete: bool = False) -> dict:
             per_prompt = {p.name: {"done": sinks[p.name].rows_total, "failed": sinks[p.name].counts.get("error", 0)}
@@ -262,19 +278,27 @@ class Run:
 
         writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
                              on_flush=lambda: output.write_state(out, tag, state()))
-        backend = make_backend(cfg, model_dir, tokenizer, SamplingParams(temperature, top_p, cfg.sampling.seed))
+        backend = make_backend(cfg, model_dir, tokenizer, SamplingParams(temperature, top_p, cfg.sampling.seed), context)
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
 
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if threading.current_thread() is threading.main_thread() else {}
         code, error = EXIT_OK, None
+        # The hot path allocates millions of short-lived lists (token ids) and no reference cycles:
+        # frequent generational collections cost ~10% of host throughput (tools/bench_host.py).
+        gc_threshold = gc.get_threshold()
+        gc.set_threshold(50_000, 20, 100)
         try:
             writer.start()
             backend.start()
             producer.start()
-            for completions in backend.generate(iter(producer), self.stop):
-                self._collect(completions, producer.pending, writer, metrics)
+            feed = RetryFeed(iter(producer), cfg.retry.max_attempts, cfg.retry.backoff_seconds, self.stop)
+            while True:  # another pass serves retries of failures that came back after the input ended
+                for completions in backend.generate(iter(feed), self.stop):
+                    self._collect(completions, producer.pending, writer, metrics, feed)
+                if self.stop.is_set() or not feed.pending:
+                    break
             if self.stop.is_set():
                 code = EXIT_INTERRUPTED
         except Exception as exc:  # the backend or the input failed mid-run: save what is done, then report
@@ -285,9 +309,15 @@ class Run:
             try:
                 backend.close()
             finally:
-                writer.close()  # commits every part; raises if writing failed
-                for s, h in old_handlers.items():
-                    signal.signal(s, h)
+                try:
+                    writer.close()  # commits every part; raises if writing failed
+                except WriterError as exc:
+                    if error is None or not isinstance(error, WriterError):
+                        code, error = EXIT_ERROR, exc
+                finally:
+                    for s, h in old_handlers.items():
+                        signal.signal(s, h)
+                    gc.set_threshold(*gc_threshold)
         complete = code == EXIT_OK
         output.write_state(out, tag, state(complete))
         summary = {"output_dir": str(out), "shard": tag, "model": model_name, "backend": cfg.backend,
@@ -296,15 +326,28 @@ class Run:
                    **metrics.summary(), "input_warnings": reader.warnings}
         name = "summary.json" if cfg.shard.count == 1 else f"summary-{tag}.json"
         (out / name).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if complete and cfg.report.enabled:
+            from .report import write_report
+            report = write_report(out, cfg.report.sample, cfg.sampling.seed)
+            summary["report"] = str(out / "report" / "report.md")
+            summary["report_warnings"] = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"]
+                                          for w in g["warnings"]]
         if error is not None:
             raise RunFailed(code, summary, error) from error
         return code, summary
 
     @staticmethod
-    def _collect(completions: list[Completion], pending: dict[int, Pending], writer, metrics: Metrics) -> None:
+    def _collect(completions: list[Completion], pending: dict[int, Pending], writer, metrics: Metrics,
+                 feed: RetryFeed) -> None:
         by_prompt: dict[str, list] = {}
         ptoks = ctoks = cached = failed = 0
+        done = 0
         for c in completions:
+            if c.finish_reason == "error" and feed.retry(pending[c.key].request):
+                metrics.retries += 1
+                continue
+            feed.succeeded(c.key)
+            done += 1
             p = pending.pop(c.key)
             by_prompt.setdefault(p.prompt, []).append((p, c))
             ptoks += c.prompt_tokens
@@ -314,7 +357,7 @@ class Run:
             metrics.truncated += p.truncated
         for prompt, items in by_prompt.items():
             writer.put(prompt, items)
-        metrics.completed(len(completions), ptoks, ctoks, cached, failed)
+        metrics.completed(done, ptoks, ctoks, cached, failed)
 
 
 class RunFailed(RuntimeError):

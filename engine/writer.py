@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Callable
 
+import pyarrow as pa
+
 from .journal import PartSink
 
 log = logging.getLogger(__name__)
@@ -25,7 +27,7 @@ class WriterError(RuntimeError):
 
 
 class AsyncWriter:
-    def __init__(self, sinks: dict[str, PartSink], build_rows: dict[str, Callable[[list], list[dict]]],
+    def __init__(self, sinks: dict[str, PartSink], build_rows: dict[str, Callable[[list], pa.RecordBatch]],
                  queue_size: int, flush_seconds: float, on_flush: Callable[[], None] | None = None):
         self.sinks, self.build_rows = sinks, build_rows
         self.queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -60,9 +62,9 @@ class AsyncWriter:
                     break
                 if item is not None:
                     stream, items = item
-                    rows = self.build_rows[stream](items)
-                    self.sinks[stream].add(rows)
-                    self.rows_written += len(rows)
+                    batch = self.build_rows[stream](items)
+                    self.sinks[stream].add(batch)
+                    self.rows_written += batch.num_rows
                 if time.monotonic() - last_flush >= self.flush_seconds:
                     for sink in self.sinks.values():
                         sink.flush()

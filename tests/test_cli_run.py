@@ -17,7 +17,7 @@ def test_instant_run_writes_one_row_per_document_and_prompt(tmp_path, tiny_model
     b = write_parquet(tmp_path / "b.parquet", sample_docs(20, start=30))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "run.toml", tiny_model, [a, b], out, prompts=("faq", "table"),
-                       extra="[instant]\ncompletion_tokens = 12\n")
+                       instant={"completion_tokens": 12})
     proc = engine_cli("run", str(cfg), check=True)
     assert "complete:" in proc.stdout and "output" in proc.stdout
     for prompt in ("faq", "table"):
@@ -52,7 +52,7 @@ def test_torch_backend_run_with_tiny_model(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(6))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="torch", prompts=("faq", "math"),
-                       extra="[torch]\nbatch_size = 4\n")
+                       torch={"batch_size": 4})
     engine_cli("run", str(cfg), "--set", "sampling.max_new_tokens=5", check=True)
     for prompt in ("faq", "math"):
         t = read_prompt(out, prompt)

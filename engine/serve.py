@@ -1,0 +1,119 @@
+"""`engine serve`: a small GPU-free server with SGLang's native `/generate` and the OpenAI
+`/v1/completions` shapes, for testing the `sglang-http` backend and pipelines on CPU.
+
+It answers with the instant backend (deterministic, model-free) or, slowly, with the torch backend
+one request at a time. `--delay-ms` and `--fail-rate` (HTTP 500) simulate a loaded or flaky server.
+It is a test double of a real SGLang server's wire format, not a serving engine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .backends.base import Completion, Request
+
+log = logging.getLogger(__name__)
+
+
+class Generator:
+    def __init__(self, backend: str, model_dir: str | None, tokenizer, completion_tokens: int, temperature: float):
+        self.kind, self.lock = backend, threading.Lock()
+        self.tokenizer = tokenizer
+        if backend == "instant":
+            from .backends.instant import InstantBackend
+            self.instant = InstantBackend(completion_tokens)
+        else:
+            from .backends.base import SamplingParams
+            from .backends.torch_backend import TorchBackend
+            eos = {tokenizer.eos_token_id}
+            self.torch = TorchBackend(model_dir, SamplingParams(temperature, 0.95, 0), eos, tokenizer.pad_token_id or 0,
+                                      batch_size=1)
+            self.torch.start()
+
+    def __call__(self, ids: list[int], max_new: int) -> Completion:
+        req = Request(0, "serve", ids, 0, max_new)
+        if self.kind == "instant":
+            return self.instant._complete(req)
+        with self.lock:
+            out = [c for batch in self.torch.generate(iter([req]), threading.Event()) for c in batch]
+        return out[0]
+
+
+def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int):
+    rng = random.Random(seed)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # quiet: tests start many requests
+            log.debug(fmt, *args)
+
+        def _send(self, code: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path in ("/health", "/v1/models"):
+                self._send(200, {"status": "ok", "data": [{"id": "engine-serve"}]})
+            else:
+                self._send(404, {"error": "not found"})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if delay_ms:
+                time.sleep(delay_ms / 1000)
+            if fail_rate and rng.random() < fail_rate:
+                self._send(500, {"error": "injected failure (--fail-rate)"})
+                return
+            t = time.perf_counter()
+            if self.path == "/generate":
+                ids = body.get("input_ids")
+                if ids is None:
+                    ids = gen.tokenizer(body["text"], add_special_tokens=False).input_ids
+                params = body.get("sampling_params", {})
+                c = gen(ids, int(params.get("max_new_tokens", 128)))
+                self._send(200, {
+                    "text": gen.tokenizer.decode(c.output_ids, skip_special_tokens=True), "output_ids": c.output_ids,
+                    "meta_info": {"prompt_tokens": len(ids), "completion_tokens": c.completion_tokens,
+                                  "cached_tokens": 0, "finish_reason": {"type": c.finish_reason},
+                                  "e2e_latency": time.perf_counter() - t}})
+            elif self.path == "/v1/completions":
+                prompt = body["prompt"]
+                ids = prompt if isinstance(prompt, list) else gen.tokenizer(prompt, add_special_tokens=False).input_ids
+                c = gen(ids, int(body.get("max_tokens", 16)))
+                self._send(200, {
+                    "object": "text_completion", "model": body.get("model", "engine-serve"),
+                    "choices": [{"index": 0, "text": gen.tokenizer.decode(c.output_ids, skip_special_tokens=True),
+                                 "finish_reason": c.finish_reason}],
+                    "usage": {"prompt_tokens": len(ids), "completion_tokens": c.completion_tokens,
+                              "total_tokens": len(ids) + c.completion_tokens}})
+            else:
+                self._send(404, {"error": f"no route {self.path}"})
+
+    return Handler
+
+
+def serve(host: str, port: int, backend: str, model: str, completion_tokens: int, delay_ms: float,
+          fail_rate: float, temperature: float = 0.0, seed: int = 0) -> None:
+    from transformers import AutoTokenizer
+
+    from .model_store import resolve_model
+
+    model_dir, _ = resolve_model(model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    gen = Generator(backend, str(model_dir), tok, completion_tokens, temperature)
+    server = ThreadingHTTPServer((host, port), make_handler(gen, delay_ms, fail_rate, seed))
+    server.daemon_threads = True
+    print(f"serving {backend} ({model}) on http://{host}:{server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

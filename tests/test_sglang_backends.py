@@ -1,0 +1,258 @@
+"""SGLang backends on CPU: names checked against the pinned release's source, the in-process
+adapter against a faithful double of `Engine.async_generate`, the HTTP backend against a real
+server on loopback (`engine serve`), including timeouts, retries, a server that dies, and resume."""
+import ast
+import asyncio
+import importlib.util
+import inspect
+import socket
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from engine.backends import sglang_engine
+from engine.backends.sglang_args import check_server_args, sampling_param_names, server_arg_names
+from engine.config import ConfigError, load_config
+from engine.runner import Run
+
+
+def sglang_source() -> Path:
+    spec = importlib.util.find_spec("sglang")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("sglang source not installed (scripts/setup.sh installs sglang==0.5.23 --no-deps)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def test_shipped_names_match_the_pinned_sglang_source():
+    sys.path.insert(0, str(REPO / "tools"))
+    import sglang_api
+
+    pkg = sglang_source()
+    version = (pkg.parent / f"sglang-{sglang_engine.SGLANG_VERSION}.dist-info").exists()
+    assert version, f"installed sglang is not the pinned {sglang_engine.SGLANG_VERSION}"
+    assert sglang_api.server_args(pkg) == set(server_arg_names())
+    assert sglang_api.sampling_params(pkg) == set(sampling_param_names())
+
+
+def test_every_name_the_project_emits_exists_in_sglang():
+    assert set(sglang_engine.SAMPLING_KEYS) <= sampling_param_names()
+    assert {"model_path", "skip_tokenizer_init", "context_length"} <= server_arg_names()
+    for cfg_path in sorted((REPO / "runs").glob("*.toml")):
+        cfg = load_config(cfg_path)  # validates sglang.server_args against the shipped names
+        assert check_server_args(cfg.sglang.server_args) is None, cfg_path
+
+
+def test_async_generate_call_matches_the_real_signature():
+    src = (sglang_source() / "srt" / "entrypoints" / "engine.py").read_text()
+    fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.AsyncFunctionDef) and n.name == "async_generate")
+    real = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    assert {"input_ids", "sampling_params"} <= real
+    ours = set(inspect.signature(FakeEngine.async_generate).parameters) - {"self"}
+    assert ours <= real
+
+
+def test_unknown_server_argument_is_named(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('backend = "sglang"\n[input]\npaths = ["x"]\n[sglang.server_args]\nmem_fraction = 0.9\n')
+    with pytest.raises(ConfigError, match="unknown SGLang server argument 'mem_fraction'.*mem_fraction_static"):
+        load_config(cfg)
+
+
+class FakeEngine:
+    """A double of sglang.Engine 0.5.23 for one GPU-less process: same constructor keywords, same
+    async_generate keywords and return shape (`output_ids`, `meta_info` with prompt/completion/cached
+    tokens and a finish_reason dict). It keeps a radix-like cache: cached_tokens is the longest prefix
+    shared with an earlier request."""
+
+    instances: list["FakeEngine"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.seen: list[list[int]] = []
+        self.calls = 0
+        self.concurrent = self.max_concurrent = 0
+        self.abort_every = kwargs.pop("_abort_every", 0)
+        self.shut = False
+        FakeEngine.instances.append(self)
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, rid=None, stream=False):
+        assert prompt is None and input_ids and self.kwargs["skip_tokenizer_init"] is True
+        self.calls += 1
+        call = self.calls
+        self.concurrent += 1
+        self.max_concurrent = max(self.max_concurrent, self.concurrent)
+        await asyncio.sleep(0.001)
+        self.concurrent -= 1
+        cached = max((_lcp(input_ids, s) for s in self.seen[-64:]), default=0)
+        self.seen.append(input_ids)
+        if self.abort_every and call % self.abort_every == 0:
+            return {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "retracted"},
+                                                    "prompt_tokens": len(input_ids), "completion_tokens": 0}}
+        n = sampling_params["max_new_tokens"]
+        out = (input_ids[::-1] * (n // len(input_ids) + 1))[: n - 1 if call % 2 else n]
+        return {"text": None, "output_ids": out, "meta_info": {
+            "id": rid or str(call), "prompt_tokens": len(input_ids), "completion_tokens": len(out),
+            "cached_tokens": cached, "e2e_latency": 0.01,
+            "finish_reason": {"type": "length", "length": n} if len(out) == n else {"type": "stop", "matched": 2}}}
+
+    def shutdown(self):
+        self.shut = True
+
+
+def _lcp(a, b):
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    FakeEngine.instances.clear()
+    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=FakeEngine))
+    return FakeEngine
+
+
+def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(60))
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang",
+                                   prompts=("faq", "table"), scheduler={"max_in_flight": 8},
+                                   sglang={"server_args": {"mem_fraction_static": 0.9, "schedule_policy": "lpm"}}))
+    code, summary = Run(cfg).execute()
+    assert code == 0
+    (eng,) = fake_sglang.instances
+    assert eng.kwargs["mem_fraction_static"] == 0.9 and eng.kwargs["model_path"] == str(tiny_model)
+    assert eng.kwargs["context_length"] == 1024 and eng.shut
+    assert 1 < eng.max_concurrent <= 8  # the in-flight window is kept full but bounded
+    for prompt in ("faq", "table"):
+        t = pq.read_table(out / prompt)
+        assert sorted(t.column("id").to_pylist()) == sorted(d["id"] for d in sample_docs(60))
+        assert set(t.column("finish_reason").to_pylist()) == {"stop", "length"}
+        assert all(g for g in t.column("generation").to_pylist())
+    assert summary["prefix_cache_hit_rate"] > 0.3  # every request of a prompt shares its prefix
+
+
+def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkeypatch):
+    monkeypatch.setattr(sglang_engine.SGLangEngineBackend, "engine_kwargs",
+                        lambda self: {"model_path": self.model_path, "skip_tokenizer_init": True, "_abort_every": 5})
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(40))
+    out = tmp_path / "out"
+    cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang",
+                                   retry={"backoff_seconds": 0.0}))
+    code, summary = Run(cfg).execute()
+    assert code == 0 and summary["retries"] >= 5 and summary["failed"] == 0
+    assert pq.read_table(out / "faq").num_rows == 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model, *args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--model", str(model),
+                             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+    for _ in range(300):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"engine serve did not start: {proc.stdout.read()}")
+
+
+@pytest.mark.parametrize("api", ["native", "openai"])
+def test_http_backend_against_a_real_server(tmp_path, tiny_model, api):
+    server, url = start_server(tiny_model, "--completion-tokens", "9")
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", sample_docs(40))
+        out = tmp_path / "out"
+        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+                           http={"urls": [url, url], "api": api}, scheduler={"max_in_flight": 16})
+        p = engine_cli("run", str(cfg), check=True)
+        t = pq.read_table(out / "faq")
+        assert t.num_rows == 40 and set(t.column("completion_tokens").to_pylist()) == {9}
+        assert all(g for g in t.column("generation").to_pylist())
+        assert "complete:" in p.stdout
+    finally:
+        server.kill()
+
+
+def test_http_timeouts_and_server_errors_are_retried_then_recorded(tmp_path, tiny_model):
+    server, url = start_server(tiny_model, "--fail-rate", "0.5")
+    slow, slow_url = start_server(tiny_model, "--delay-ms", "3000")
+    try:
+        src = write_jsonl(tmp_path / "in.jsonl", sample_docs(30))
+        out = tmp_path / "out"
+        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+                           http={"urls": [url], "retries": 2, "backoff_s": 0.01}, retry={"backoff_seconds": 0.01})
+        engine_cli("run", str(cfg), check=True)
+        t = pq.read_table(out / "faq")
+        reasons = t.column("finish_reason").to_pylist()
+        assert t.num_rows == 30 and reasons.count("error") <= 3  # 0.5^9 per request: retries win
+        out2 = tmp_path / "out2"
+        cfg2 = write_config(tmp_path / "r2.toml", tiny_model, [write_jsonl(tmp_path / "b.jsonl", sample_docs(3))], out2,
+                            backend="sglang-http", http={"urls": [slow_url], "timeout_s": 0.3, "retries": 1,
+                                                         "backoff_s": 0.01, "dead_after": 100},
+                            retry={"max_attempts": 1})
+        engine_cli("run", str(cfg2), check=True)
+        t2 = pq.read_table(out2 / "faq")
+        assert t2.column("finish_reason").to_pylist() == ["error"] * 3
+        assert all("Timeout" in e for e in t2.column("error").to_pylist())
+    finally:
+        server.kill()
+        slow.kill()
+
+
+def test_server_dying_mid_run_then_resume(tmp_path, tiny_model):
+    server, url = start_server(tiny_model, "--delay-ms", "20")
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(300))
+    out = tmp_path / "out"
+    port = url.rsplit(":", 1)[1]
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+                       http={"urls": [url], "retries": 1, "backoff_s": 0.05, "dead_after": 4, "timeout_s": 5},
+                       scheduler={"max_in_flight": 4}, output={"flush_seconds": 0.2})
+    run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)
+    server.kill()
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 4 and "no server reachable" in err and "resume" in err
+    done = pq.read_table(out / "faq").num_rows
+    assert 0 < done < 300
+    server2 = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", port, "--model",
+                                str(tiny_model)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(4)
+        engine_cli("run", str(cfg), check=True)
+        ids = pq.read_table(out / "faq").column("id").to_pylist()
+        assert sorted(ids) == sorted(d["id"] for d in sample_docs(300))
+        assert "error" not in pq.read_table(out / "faq").column("finish_reason").to_pylist()
+    finally:
+        server2.kill()
+
+
+@pytest.mark.gpu
+@pytest.mark.sglang
+def test_gpu_smoke():
+    sys.path.insert(0, str(REPO / "tools"))
+    import gpu_smoke
+
+    why = gpu_smoke.available()
+    if why:
+        pytest.skip(why)
+    assert gpu_smoke.main(["--docs", "64", "--max-new-tokens", "128"]) == 0
