@@ -143,7 +143,7 @@ class PartSink:
                     listed.add(orjson.loads(line)["part"])
                 except (orjson.JSONDecodeError, KeyError):
                     pass  # a torn last line from a crash
-        for k, p in sorted(parts.items()):
+        for _, p in sorted(parts.items()):
             if p.name not in listed:
                 self._manifest_append(p, pq.ParquetFile(p).metadata.num_rows)
 

@@ -328,10 +328,14 @@ class Run:
         (out / name).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         if complete and cfg.report.enabled:
             from .report import write_report
-            report = write_report(out, cfg.report.sample, cfg.sampling.seed)
-            summary["report"] = str(out / "report" / "report.md")
-            summary["report_warnings"] = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"]
-                                          for w in g["warnings"]]
+            try:
+                report = write_report(out, cfg.report.sample, cfg.sampling.seed)
+            except Exception:  # noqa: BLE001 - the results are complete; a failed analysis must not hide that
+                log.exception("the diversity report failed; make it again with: engine report %s", out)
+            else:
+                summary["report"] = str(out / "report" / "report.md")
+                summary["report_warnings"] = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"]
+                                              for w in g["warnings"]]
         if error is not None:
             raise RunFailed(code, summary, error) from error
         return code, summary

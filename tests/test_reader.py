@@ -1,7 +1,5 @@
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import zstandard
 
 from conftest import sample_docs, write_jsonl, write_parquet
 from engine.reader import InputError, Reader

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from corpus import make_documents, write_corpus  # noqa: E402
+from corpus import make_documents  # noqa: E402
 
 from engine.config import load_config  # noqa: E402
 from engine.model_store import resolve_model  # noqa: E402

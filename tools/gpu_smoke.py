@@ -8,7 +8,6 @@ sglang is missing, so it is safe anywhere. It drives the same code as `engine ru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import shutil
 import sys
 import tempfile
