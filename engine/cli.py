@@ -98,6 +98,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from .config import ConfigError
+    from .launch import SlurmOptions, launch_ray, launch_slurm
+
+    try:
+        if args.scheduler == "slurm":
+            opts = SlurmOptions(gpus_per_shard=int(args.gpus_per_shard if args.gpus_per_shard is not None else 1),
+                                cpus_per_shard=int(args.cpus_per_shard), max_concurrent=args.max_concurrent,
+                                partition=args.partition, account=args.account, qos=args.qos, time=args.time,
+                                signal_seconds=args.signal_seconds, job_name=args.job_name,
+                                extra=tuple(args.sbatch or ()))
+            return launch_slurm(Path(args.config), args.shards, opts, list(args.set or []), args.submit, args.dry_run)
+        return launch_ray(Path(args.config), args.shards, args.address, args.gpus_per_shard, args.cpus_per_shard,
+                          args.max_retries, list(args.set or []))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_serve(args) -> int:
     from .serve import serve
     serve(args.host, args.port, args.backend, args.model, args.completion_tokens, args.delay_ms, args.fail_rate,
@@ -170,6 +189,29 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--distinct-prefix20", type=float, default=0.5,
                     help="warn when fewer than this share of 20-character openings are distinct")
     rp.set_defaults(fn=cmd_report)
+
+    la = sub.add_parser("launch", help="run the shards of a config on Slurm (job array) or Ray")
+    la.add_argument("scheduler", choices=["slurm", "ray"])
+    la.add_argument("config")
+    la.add_argument("--shards", type=int, required=True, help="number of shards (tasks)")
+    la.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every shard")
+    la.add_argument("--gpus-per-shard", type=float, default=None,
+                    help="GPUs per task (slurm default 1; ray default 1 when the cluster has GPUs, else 0)")
+    la.add_argument("--cpus-per-shard", type=float, default=1, help="CPUs per task")
+    la.add_argument("--max-concurrent", type=int, default=0, help="slurm: at most this many tasks at once")
+    la.add_argument("--partition", default="")
+    la.add_argument("--account", default="")
+    la.add_argument("--qos", default="")
+    la.add_argument("--time", default="24:00:00", help="slurm time limit per task")
+    la.add_argument("--signal-seconds", type=int, default=300,
+                    help="slurm: SIGTERM this many seconds before the time limit (flush, requeue)")
+    la.add_argument("--job-name", default="engine")
+    la.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --mem=64G")
+    la.add_argument("--submit", action="store_true", help="slurm: submit with sbatch (else only write the script)")
+    la.add_argument("--dry-run", action="store_true", help="slurm: print the script, write nothing")
+    la.add_argument("--address", default=None, help="ray: cluster address (default: start a local Ray)")
+    la.add_argument("--max-retries", type=int, default=3, help="ray: reruns of an interrupted shard")
+    la.set_defaults(fn=cmd_launch)
 
     sv = sub.add_parser("serve", help="a GPU-free test server with SGLang's /generate and OpenAI /v1/completions")
     sv.add_argument("--host", default="127.0.0.1")

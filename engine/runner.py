@@ -273,6 +273,8 @@ class Run:
             return {"shard": tag, "input_rows": total_rows, "prompts": per_prompt,
                     "rejected": sinks[output.REJECTED].rows_total, "complete": complete,
                     "output_tokens": metrics.completion_tokens, "elapsed_s": round(metrics.elapsed, 1),
+                    "requests_per_s": round(metrics.requests_done / max(metrics.elapsed, 1e-9), 3),
+                    "flush_seconds": cfg.output.flush_seconds,
                     "output_tokens_per_s": round(metrics.completion_tokens / max(metrics.elapsed, 1e-9), 1),
                     "model": model_name, "backend": cfg.backend, "pid_host": _host_pid()}
 

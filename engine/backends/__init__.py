@@ -23,7 +23,7 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
                             device=cfg.model.device, dtype=cfg.model.dtype, threads=t.threads)
     if cfg.backend == "sglang":
         from .sglang_engine import SGLangEngineBackend
-        args = dict(cfg.sglang.server_args)
+        args = default_parallelism(dict(cfg.sglang.server_args), model_dir)
         args.setdefault("context_length", context)
         return SGLangEngineBackend(str(model_dir), args, sampling, cfg.scheduler.max_in_flight)
     if cfg.backend == "sglang-http":
@@ -41,3 +41,43 @@ def _generation_eos(model_dir: Path) -> list[int]:
         return []
     eos = json.loads(path.read_text()).get("eos_token_id")
     return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+
+def estimate_params(model_dir: Path | str) -> int | None:
+    """Rough parameter count from a transformers config (dense layers; MoE experts all counted)."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        return None
+    c = getattr(c, "text_config", None) or c
+    h, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    attn = h * head_dim * (heads * 2 + kv * 2)
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 1
+    inter = getattr(c, "moe_intermediate_size", None) if experts > 1 else None
+    mlp = 3 * h * (inter or c.intermediate_size) * experts
+    embed = vocab * h * (1 if getattr(c, "tie_word_embeddings", False) else 2)
+    return embed + layers * (attn + mlp)
+
+
+def default_parallelism(args: dict, model_dir: Path | str) -> dict:
+    """On a node with several GPUs and a model that fits one of them comfortably, one replica per GPU
+    (data parallelism) unless the config chooses tp_size or dp_size itself."""
+    if "dp_size" in args or "tp_size" in args:
+        return args
+    try:
+        import torch
+        gpus = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA: nothing to decide
+        return args
+    if gpus <= 1:
+        return args
+    params = estimate_params(model_dir)
+    memory = torch.cuda.get_device_properties(0).total_memory
+    if params is not None and params * 2 < 0.4 * memory:  # bf16 weights under 40 % of one GPU: room for KV
+        return {**args, "dp_size": gpus}
+    return args

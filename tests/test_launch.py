@@ -1,0 +1,115 @@
+"""Scale-out: Slurm job-array scripts (checked, and their task body run locally) and Ray shards."""
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from test_recovery import check_exactly_once
+
+PROMPTS = ("faq", "math")
+
+
+def test_slurm_script_directives_and_dry_run(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))],
+                       tmp_path / "out")
+    p = engine_cli("launch", "slurm", str(cfg), "--shards", "8", "--max-concurrent", "3", "--partition", "gpu",
+                   "--account", "proj", "--qos", "high", "--time", "04:00:00", "--sbatch=--mem=64G", "--dry-run",
+                   check=True)
+    script = p.stdout
+    for directive in ("--array=0-7%3", "--partition=gpu", "--account=proj", "--qos=high", "--time=04:00:00",
+                      "--gres=gpu:1", "--signal=B:TERM@300", "--requeue", "--mem=64G", "%A_%a.out"):
+        assert f"#SBATCH {directive}" in script or directive in script, directive
+    assert '--shard "${SLURM_ARRAY_TASK_ID}/8"' in script and "scontrol requeue" in script
+    (tmp_path / "s.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
+    assert not (tmp_path / "out" / "_run").exists()  # a dry run writes nothing
+
+
+def test_slurm_task_body_runs_shards_and_relaunch_skips_complete(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(40))], out,
+                       prompts=PROMPTS)
+    engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    (script,) = (out / "_run").glob("slurm-*.sbatch")
+    for i in range(2):
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_JOB_ID": "4242", "SLURM_JOB_ID": "99"}
+        proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    check_exactly_once(out, {d["id"] for d in sample_docs(40)}, PROMPTS)
+    again = engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    assert "all 2 shards" in again.stdout and "nothing to launch" in again.stdout
+
+
+def test_slurm_relaunch_lists_only_unfinished_shards(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(30))], out)
+    engine_cli("run", str(cfg), "--shard", "1/3", check=True)
+    p = engine_cli("launch", "slurm", str(cfg), "--shards", "3", "--dry-run", check=True)
+    assert "#SBATCH --array=0,2\n" in p.stdout
+
+
+@pytest.fixture
+def ray_available():
+    pytest.importorskip("ray")
+
+
+def _kill_when_started(out, pattern: str, killed: list):
+    deadline = time.time() + 120
+    while time.time() < deadline and not killed:
+        if list((out / "_journal" / "faq").glob("s00001-of-00004-*.arrows")):
+            time.sleep(0.5)
+            r = subprocess.run(["pkill", "-9", "-f", pattern])
+            if r.returncode == 0:
+                killed.append(True)
+                return
+        time.sleep(0.2)
+
+
+def test_ray_runs_shards_retries_a_killed_one_exactly_once(tmp_path, tiny_model, ray_available):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(1200))], out,
+                       prompts=PROMPTS, instant={"delay_ms": 2.0}, output={"flush_seconds": 0.2})
+    killed: list = []
+    killer = threading.Thread(target=_kill_when_started, args=(out, f"{cfg} --shard 1/4", killed))
+    killer.start()
+    p = engine_cli("launch", "ray", str(cfg), "--shards", "4", "--max-retries", "3", timeout=900)
+    killer.join()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert killed, "shard 1 was never killed: the test did not exercise a retry"
+    log = (out / "_logs" / "shard-00001.log").read_text()
+    assert log.count("--- attempt") >= 2  # killed, then run again by Ray, resuming from its journal
+    check_exactly_once(out, {d["id"] for d in sample_docs(1200)}, PROMPTS)
+    status = engine_cli("status", str(out), "--check")
+    assert status.returncode == 0 and "4/4 shards complete" in status.stdout
+
+
+def test_ray_with_the_tiny_model(tmp_path, tiny_model, ray_available):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(24))], out,
+                       backend="torch", prompts=PROMPTS, sampling={"max_new_tokens": 4, "temperature": 0.0})
+    p = engine_cli("launch", "ray", str(cfg), "--shards", "4", timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    check_exactly_once(out, {d["id"] for d in sample_docs(24)}, PROMPTS)
+    again = engine_cli("launch", "ray", str(cfg), "--shards", "4", check=True)
+    assert "nothing to launch" in again.stdout
+
+
+def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, monkeypatch):
+    import types
+
+    import torch
+
+    from engine.backends import default_parallelism, estimate_params
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    assert 0 < estimate_params(tiny_model) < 10**6
+    assert default_parallelism({}, tiny_model) == {"dp_size": 4}
+    assert default_parallelism({"tp_size": 2}, tiny_model) == {"tp_size": 2}
+    monkeypatch.setattr("engine.backends.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
+    assert default_parallelism({}, tiny_model) == {}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert default_parallelism({}, tiny_model) == {}
