@@ -98,13 +98,19 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
     return "\n".join(lines) + "\n"
 
 
-def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[str], submit: bool,
-                 dry_run: bool) -> int:
-    cfg = load_config(config, overrides)
-    out = Path(cfg.output.dir)
+def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[Path, list[int]]:
+    """The run's output directory and its shards still to run (a message when there are none)."""
+    out = Path(load_config(config, overrides).output.dir)
     ids = pending_shards(out, shards)
     if not ids:
         print(f"all {shards} shards of {out} are complete; nothing to launch")
+    return out, ids
+
+
+def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[str], submit: bool,
+                 dry_run: bool) -> int:
+    out, ids = _plan(config, shards, overrides)
+    if not ids:
         return 0
     logs = out / "_logs"
     script = slurm_script(config.resolve(), shards, ids, logs, opts, overrides)
@@ -151,11 +157,8 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
                cpus_per_shard: float, max_retries: int, overrides: list[str]) -> int:
     import ray
 
-    cfg = load_config(config, overrides)
-    out = Path(cfg.output.dir)
-    ids = pending_shards(out, shards)
+    out, ids = _plan(config, shards, overrides)
     if not ids:
-        print(f"all {shards} shards of {out} are complete; nothing to launch")
         return 0
     logs = out / "_logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from conftest import engine_cli, sample_docs, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
 PROMPTS = ("faq", "math")
