@@ -59,6 +59,30 @@ class DoneSet:
         return self.arr[idx] == hashes
 
 
+class SeenIds(DoneSet):
+    """Ids met so far in this run, for duplicate detection, in about 8 bytes an id: recent ids sit in
+    a Python set that is merged into the sorted array every `merge_every` ids."""
+
+    def __init__(self, merge_every: int = 1 << 20):
+        super().__init__()
+        self.recent: set[int] = set()
+        self.merge_every = merge_every
+
+    def first_time(self, hashes: list[int]) -> list[bool]:
+        """For each hash: True when it was not met before (and remember it)."""
+        old = self.contains(np.asarray(hashes, dtype=np.uint64))
+        out = []
+        for h, seen in zip(hashes, old):
+            new = not seen and h not in self.recent
+            if new:
+                self.recent.add(h)
+            out.append(new)
+        if len(self.recent) >= self.merge_every:
+            self.arr = np.union1d(self.arr, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.recent.clear()
+        return out
+
+
 class PartSink:
     def __init__(self, root: Path, stream: str, data_dir: Path, shard_tag: str, schema: pa.Schema, key_column: str,
                  row_group_rows: int, file_max_bytes: int, compression_level: int, count_column: str | None = None):

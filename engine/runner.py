@@ -25,7 +25,7 @@ from . import output
 from .backends import make_backend
 from .backends.base import Completion, Request, SamplingParams
 from .config import RunConfig
-from .journal import DoneSet, PartSink
+from .journal import DoneSet, PartSink, SeenIds
 from .metrics import Metrics
 from .model_store import resolve_model
 from .prompts import load_prompts
@@ -95,7 +95,7 @@ class Producer:
 
     def _run(self) -> None:
         try:
-            seen: set[int] = set()
+            seen = SeenIds()
             window: list[Request] = []
             for batch in self.reader.batches():
                 if self.stop.is_set():
@@ -112,16 +112,15 @@ class Producer:
         finally:
             self._put(_END)
 
-    def _requests(self, batch, seen: set[int]) -> list[Request]:
+    def _requests(self, batch, seen: SeenIds) -> list[Request]:
         rejected = list(batch.rejected)
         docs: list[Doc] = []
         hashes = []
-        for d in batch.docs:
-            h = id_hash(d.id)
-            if h in seen:
+        all_hashes = [id_hash(d.id) for d in batch.docs]
+        for d, h, first in zip(batch.docs, all_hashes, seen.first_time(all_hashes)):
+            if not first:
                 rejected.append(Rejection(d.source, d.id, "duplicate id: an earlier row has the same id"))
                 continue
-            seen.add(h)
             docs.append(d)
             hashes.append(h)
         n_prompts = len(self.prompts)

@@ -114,3 +114,15 @@ def test_empty_file_warns_and_differing_schemas_are_reconciled(tmp_path):
     c = write_parquet(tmp_path / "c.parquet", [{"id": "3", "text": "three", "score": pa.scalar([1, 2]).as_py()}])
     with pytest.raises(InputError, match="c.parquet: column 'score'"):
         read_all([a, c])
+
+
+def test_seen_ids_find_duplicates_across_merges_in_8_bytes_an_id():
+    from engine.journal import SeenIds
+
+    seen = SeenIds(merge_every=4)
+    assert seen.first_time([1, 2, 3, 2]) == [True, True, True, False]
+    assert seen.first_time([4, 5, 1]) == [True, True, False]  # 1 was merged into the array by now
+    assert len(seen.arr) >= 4 and seen.first_time([5, 6]) == [False, True]
+    big = SeenIds(merge_every=100_000)
+    assert all(big.first_time(list(range(200_000))))
+    assert big.arr.nbytes == 200_000 * 8 and not big.recent
