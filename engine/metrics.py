@@ -21,7 +21,6 @@ class Metrics:
     cached_tokens: int = 0
     truncated: int = 0
     rejected: int = 0
-    in_flight: int = 0
 
     log_every: float = 10.0  # seconds between progress lines when stderr is not a terminal
 

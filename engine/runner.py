@@ -43,8 +43,8 @@ _END = object()
 
 @dataclass(slots=True)
 class Pending:
+    """A request handed to the backend, with the document it came from (kept for the output row)."""
     doc: Doc
-    prompt: str
     truncated: bool
     request: Request
 
@@ -116,13 +116,13 @@ class Producer:
         rejected = list(batch.rejected)
         docs: list[Doc] = []
         hashes = []
-        all_hashes = [id_hash(d.id) for d in batch.docs]
-        for d, h, first in zip(batch.docs, all_hashes, seen.first_time(all_hashes)):
-            if not first:
+        batch_hashes = [id_hash(d.id) for d in batch.docs]
+        for d, h, first in zip(batch.docs, batch_hashes, seen.first_time(batch_hashes)):
+            if first:
+                docs.append(d)
+                hashes.append(h)
+            else:
                 rejected.append(Rejection(d.source, d.id, "duplicate id: an earlier row has the same id"))
-                continue
-            docs.append(d)
-            hashes.append(h)
         n_prompts = len(self.prompts)
         if rejected:
             self.metrics.rejected += len(rejected)
@@ -154,7 +154,7 @@ class Producer:
                 key = next(self.keys)
                 r = self.renderer.rendered[p]
                 req = Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)
-                self.pending[key] = Pending(doc, p, truncated, req)
+                self.pending[key] = Pending(doc, truncated, req)
                 out.append(req)
         return out
 
@@ -312,8 +312,8 @@ class Run:
             finally:
                 try:
                     writer.close()  # commits every part; raises if writing failed
-                except WriterError as exc:
-                    if error is None or not isinstance(error, WriterError):
+                except WriterError as exc:  # lost data outranks any other error: report it
+                    if not isinstance(error, WriterError):
                         code, error = EXIT_ERROR, exc
                 finally:
                     for s, h in old_handlers.items():
@@ -354,7 +354,7 @@ class Run:
             feed.succeeded(c.key)
             done += 1
             p = pending.pop(c.key)
-            by_prompt.setdefault(p.prompt, []).append((p, c))
+            by_prompt.setdefault(p.request.prompt, []).append((p, c))
             ptoks += c.prompt_tokens
             ctoks += c.completion_tokens
             cached += c.cached_tokens

@@ -34,7 +34,6 @@ class AsyncWriter:
         self.flush_seconds = flush_seconds
         self.on_flush = on_flush
         self.error: BaseException | None = None
-        self.rows_written = 0
         self.thread = threading.Thread(target=self._loop, name="engine-writer", daemon=True)
 
     def start(self) -> None:
@@ -62,9 +61,7 @@ class AsyncWriter:
                     break
                 if item is not None:
                     stream, items = item
-                    batch = self.build_rows[stream](items)
-                    self.sinks[stream].add(batch)
-                    self.rows_written += batch.num_rows
+                    self.sinks[stream].add(self.build_rows[stream](items))
                 if time.monotonic() - last_flush >= self.flush_seconds:
                     for sink in self.sinks.values():
                         sink.flush()
@@ -78,10 +75,6 @@ class AsyncWriter:
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             log.exception("writer thread failed")
             self.error = exc
-
-    @property
-    def backlog(self) -> int:
-        return self.queue.qsize()
 
     def close(self) -> None:
         """Write everything queued, commit all parts, and wait; raise if the writer failed."""
