@@ -204,7 +204,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _nest(parts: list[str], value: Any) -> dict:
+def nest(parts: list[str], value: Any) -> dict:
     out: dict = {parts[-1]: value}
     for part in reversed(parts[:-1]):
         out = {part: out}
@@ -290,7 +290,7 @@ def _absolute_paths(cfg: RunConfig, data: dict, base: Path) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML run config, apply `--set` overrides, validate."""
-    cfg = RunConfig()
+    data, base = {}, Path.cwd()
     if path is not None:
         path = Path(path)
         try:
@@ -299,11 +299,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file not found: {path}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        _apply(cfg, data)
-        _absolute_paths(cfg, data, path.resolve().parent)
+        base = path.resolve().parent
+    return config_from_dict(data, base, overrides)
+
+
+def config_from_dict(data: dict, base: Path, overrides: list[str] = ()) -> RunConfig:
+    """A run config from already parsed TOML data whose relative paths are relative to `base`."""
+    cfg = RunConfig()
+    _apply(cfg, data)
+    _absolute_paths(cfg, data, base)
     for item in overrides:
         parts, value = parse_override(item)
-        data = _nest(parts, value)
+        data = nest(parts, value)
         _apply(cfg, data)
         _absolute_paths(cfg, data, Path.cwd())
     validate(cfg)

@@ -68,6 +68,30 @@ def sampling_defaults(gen: dict, temperature: float | None, top_p: float | None)
     return temperature, top_p
 
 
+@dataclass
+class ModelSetup:
+    """What a run needs to know about its model before any backend starts."""
+    model_dir: Path | str
+    model_name: str
+    tokenizer: object
+    context: int
+    sampling: SamplingParams
+
+    @classmethod
+    def load(cls, cfg: RunConfig) -> "ModelSetup":
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http"))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
+                                               cfg.sampling.top_p)
+        return cls(model_dir, model_name, tokenizer, context, SamplingParams(temperature, top_p, cfg.sampling.seed))
+
+    def backend(self, cfg: RunConfig):
+        return make_backend(cfg, self.model_dir, self.tokenizer, self.sampling, self.context)
+
+
 class Producer:
     """Everything before the backend, on a background thread (the Rust tokenizer releases the GIL)."""
 
@@ -207,8 +231,13 @@ def _rejected_batch(items: list[Rejection]) -> pa.RecordBatch:
 
 
 class Run:
-    def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False):
+    """One shard of one run. `setup` and a started `backend` may be passed in to reuse them across
+    runs (tools/bench warms a backend up, then measures with it); a passed backend is not closed."""
+
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False,
+                 setup: ModelSetup | None = None, backend=None):
         self.cfg, self.overwrite, self.quiet = cfg, overwrite, quiet
+        self.setup, self.shared_backend = setup, backend
         self.stop = threading.Event()
         self.interrupted_by: str | None = None
 
@@ -220,16 +249,12 @@ class Run:
         self.stop.set()
 
     def execute(self) -> tuple[int, dict]:
-        from transformers import AutoConfig, AutoTokenizer
-
         cfg = self.cfg
         prompts = load_prompts(cfg.prompts)
-        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http"))
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        setup = self.setup or ModelSetup.load(cfg)
+        model_name, tokenizer, context = setup.model_name, setup.tokenizer, setup.context
         renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt)
-        temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
-                                               cfg.sampling.top_p)
+        temperature, top_p = setup.sampling.temperature, setup.sampling.top_p
 
         reader = Reader(cfg.input.paths, cfg.input.text_column, cfg.input.id_column, cfg.input.batch_rows,
                         cfg.input.max_doc_chars, cfg.shard.index, cfg.shard.count)
@@ -279,7 +304,7 @@ class Run:
 
         writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
                              on_flush=lambda: output.write_state(out, tag, state()))
-        backend = make_backend(cfg, model_dir, tokenizer, SamplingParams(temperature, top_p, cfg.sampling.seed), context)
+        backend = self.shared_backend or setup.backend(cfg)
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
 
@@ -292,7 +317,8 @@ class Run:
         gc.set_threshold(50_000, 20, 100)
         try:
             writer.start()
-            backend.start()
+            if self.shared_backend is None:
+                backend.start()
             producer.start()
             feed = RetryFeed(iter(producer), cfg.retry.max_attempts, cfg.retry.backoff_seconds, self.stop)
             while True:  # another pass serves retries of failures that came back after the input ended
@@ -308,7 +334,8 @@ class Run:
             self.stop.set()  # ends the producer thread if it is still reading
             metrics.close()
             try:
-                backend.close()
+                if self.shared_backend is None:
+                    backend.close()
             finally:
                 try:
                     writer.close()  # commits every part; raises if writing failed

@@ -1,0 +1,262 @@
+"""tools/bench: sweep files, one process per config, outcomes, resume after kill -9, report files."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import REPO, sample_docs, write_jsonl
+
+from engine.bench.driver import FAILURE, OK, OOM, TIMEOUT, classify, metrics
+from engine.bench.report import pareto
+from engine.bench.sweep import load_sweep
+from engine.config import ConfigError
+
+
+def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ENGINE_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(["bash", str(REPO / "tools" / "bench"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def write_sweep(path: Path, model: Path, docs: Path, results: Path, timeout_s: float = 120, tiers: str = "",
+                models: str = "", delay_ms: float = 0) -> Path:
+    path.write_text(f"""
+[sweep]
+name = "test"
+results = "{results}"
+timeout_s = {timeout_s}
+gpu_hour_usd = 2.0
+
+[data]
+paths = ["{docs}"]
+docs = 8
+warmup_docs = 2
+
+[run]
+backend = "instant"
+prompts = ["faq"]
+[run.sampling]
+max_new_tokens = 16
+[run.instant]
+completion_tokens = 12
+delay_ms = {delay_ms}
+
+{tiers or '''[tiers.tier1]
+vary = { "instant.completion_tokens" = [4, 8] }
+[tiers.tier2]
+after = "tier1"
+vary = { "scheduler.lookahead" = [64, 128] }'''}
+
+{models or f'''[[models]]
+name = "{model}"
+label = "tiny"
+params_b = 0.001
+quality = 0.5
+reference = {{ default = 10.0, tier1 = 20.0 }}'''}
+""")
+    return path
+
+
+@pytest.fixture
+def docs(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "docs.jsonl", sample_docs(12))
+
+
+def read_results(results: Path) -> list[dict]:
+    return [orjson.loads(x) for x in (results / "results.jsonl").read_bytes().splitlines() if x.strip()]
+
+
+def test_sweep_runs_every_config_and_writes_report(tmp_path, tiny_model, docs):
+    results = tmp_path / "res"
+    sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, results)
+    proc = bench(str(sweep))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = read_results(results)
+    # baseline + 2 tier-1 configs + 2 tier-2 configs on top of tier 1's winner
+    assert [r["tier"] for r in recs] == ["baseline", "tier1", "tier1", "tier2", "tier2"]
+    assert all(r["outcome"] == OK for r in recs), recs
+    for r in recs:  # the measured run is the sample only: warm-up documents are not counted
+        assert r["docs"] == 8 and r["failed"] == 0 and r["sweep"] == "test"
+        assert r["mean_output_tokens"] == r["settings"].get("instant.completion_tokens", 12)
+        assert r["output_tokens"] == 8 * r["mean_output_tokens"]
+        assert r["gpu_hours_per_b"] == pytest.approx(1e9 / r["output_tok_s_gpu"] / 3600, rel=1e-3)
+        assert r["cost_per_b_usd"] == pytest.approx(r["gpu_hours_per_b"] * 2.0, rel=1e-3)
+    # tier 2 starts from the best of baseline + tier 1
+    best = max((r for r in recs if r["tier"] in ("baseline", "tier1")), key=lambda r: r["output_tok_s_gpu"])
+    for r in recs[3:]:
+        assert {k: v for k, v in r["settings"].items() if k != "scheduler.lookahead"} == best["settings"]
+    md = (results / "report.md").read_text()
+    assert "## tiny" in md and "**best**" in md and "speed-up" in md
+    with open(results / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and {r["outcome"] for r in rows} == {"ok"}
+    for name in ("throughput.png", "pareto_size.png", "pareto_quality.png"):
+        assert (results / name).read_bytes()[:4] == b"\x89PNG"
+    # a rerun skips every finished config
+    again = bench(str(sweep))
+    assert again.returncode == 0 and again.stdout.count("done before") == 5
+    assert len(read_results(results)) == 5
+
+
+def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, docs):
+    results = tmp_path / "res"
+    models = f'''
+[[models]]
+name = "{tiny_model}"
+label = "dies"
+set = {{ "instant.die_after" = 3 }}
+[[models]]
+name = "{tiny_model}"
+label = "slow"
+set = {{ "instant.delay_ms" = 1500 }}
+[[models]]
+name = "{tiny_model}"
+label = "fine"
+'''
+    sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, results, timeout_s=12, tiers="# baseline only",
+                        models=models)
+    proc = bench(str(sweep), "--set", "sweep.name=failures")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    by_model = {}
+    for r in read_results(results):
+        by_model.setdefault(r["model"], []).append(r)
+    assert {r["outcome"] for r in by_model["dies"]} == {FAILURE}
+    assert "exit status 4" in by_model["dies"][0]["error"]
+    assert {r["outcome"] for r in by_model["slow"]} == {TIMEOUT}
+    assert {r["outcome"] for r in by_model["fine"]} == {OK}
+    assert [r["sweep"] for r in by_model["fine"]] == ["failures"]
+    md = (results / "report.md").read_text()
+    assert "timeout" in md and "server_failure" in md
+    # --retry-failed reruns only what did not end ok
+    again = bench(str(sweep), "--retry-failed", "--models", "dies")
+    assert again.returncode == 0 and again.stdout.count("running") == 1
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_configs(tmp_path, tiny_model, docs):
+    results = tmp_path / "res"
+    sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, results, delay_ms=150)
+    env = {**os.environ, "ENGINE_PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", str(REPO / "tools" / "bench"), str(sweep)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if (results / "results.jsonl").exists() and len(read_results(results)) >= 2:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)  # let the next config start
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = {r["key"] for r in read_results(results)}
+    assert 2 <= len(finished) < 5
+    time.sleep(1.0)
+    # the config that was running died with the sweep (no orphaned worker still measuring)
+    workers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(str(results))]
+    assert workers == []
+    again = bench(str(sweep))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("done before") == len(finished)
+    recs = read_results(results)
+    assert len(recs) == 5 and len({r["key"] for r in recs}) == 5
+    assert all(r["outcome"] == OK for r in recs)
+
+
+def _cmdline(p: Path) -> str:
+    try:
+        return (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_bad_sweeps_fail_before_running(tmp_path, tiny_model, docs):
+    results = tmp_path / "res"
+    sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, results,
+                        tiers='[tiers.tier1]\nvary = { "torch.batch_sise" = [4, 8] }')
+    proc = bench(str(sweep))
+    assert proc.returncode == 2 and "torch.batch_sise" in proc.stderr and "tiny" in proc.stderr
+    assert not (results / "results.jsonl").exists()
+    sweep = write_sweep(tmp_path / "s2.toml", tiny_model, docs, results,
+                        tiers='[tiers.tier2]\nafter = "tier1"\nvary = { "torch.batch_size" = [4] }')
+    with pytest.raises(ConfigError, match="not an earlier tier"):
+        load_sweep(sweep)
+    sweep = write_sweep(tmp_path / "s3.toml", tiny_model, docs, results,
+                        tiers='[tiers.tier1]\nvary = { "input.paths" = [["x"]] }')
+    with pytest.raises(ConfigError, match="set by the bench"):
+        load_sweep(sweep)
+    proc = bench(str(write_sweep(tmp_path / "s4.toml", tiny_model, docs, results)), "--set", "data.docs=500")
+    assert proc.returncode == 1 and "12 usable documents" in proc.stderr
+
+
+def test_group_values_apply_settings_together(tmp_path, tiny_model, docs):
+    tiers = '''[tiers.tier1]
+vary = { "torch.batch_size" = [4, 8], spec = [{}, { "torch.prefix_cache" = false, "torch.refill_fraction" = 1.0 }] }'''
+    sw = load_sweep(write_sweep(tmp_path / "s.toml", tiny_model, docs, tmp_path / "r", tiers=tiers))
+    configs = sw.expand(sw.models[0], sw.tiers[0], {})
+    assert [c.settings for c in configs] == [
+        {"torch.batch_size": 4}, {"torch.batch_size": 4, "torch.prefix_cache": False, "torch.refill_fraction": 1.0},
+        {"torch.batch_size": 8}, {"torch.batch_size": 8, "torch.prefix_cache": False, "torch.refill_fraction": 1.0}]
+    assert len({c.key for c in configs}) == 4
+
+
+def test_shipped_h100_sweep_is_valid_against_the_pinned_sglang():
+    proc = bench("runs/bench/h100_18models.toml", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert len([ln for ln in proc.stdout.splitlines() if "baseline +" in ln]) == 18
+    sw = load_sweep(REPO / "runs/bench/h100_18models.toml")
+    ref = {m.label: m.reference for m in sw.models}
+    assert ref["SmolLM2-1.7B"] == {"default": 5255, "tier1": 5437, "tier2": 9220}  # FIELD.md
+    assert ref["SmolLM2-135M"]["tier2"] == 45540
+
+
+def test_classify_outcomes():
+    torch_oom = ("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
+                 "GPU 0 has a total capacity of 79.1 GiB")
+    assert classify(1, False, torch_oom)[0] == OOM
+    assert classify(1, False, "RuntimeError: Not enough memory. Please try to increase --mem-fraction-static.")[0] == OOM
+    assert classify(-signal.SIGKILL, False, "loading weights")[0] == OOM
+    assert classify(None, True, "")[0] == TIMEOUT
+    outcome, err = classify(4, False, "x\nerror: BackendDead: sglang scheduler died\n")
+    assert outcome == FAILURE and "exit status 4" in err and "BackendDead" in err
+
+
+def test_metrics_known_answer():
+    result = {"summary": {"wall_seconds": 10.0, "output_tokens": 50_000, "input_tokens": 120_000,
+                          "requests_generated": 100, "failed": 0, "prefix_cache_hit_rate": 0.25},
+              "gpus": 2, "startup_s": 1.0, "warmup_s": 2.0, "device": "H100"}
+    m = metrics(result, 100, 3.0)
+    assert m["output_tok_s"] == 5000 and m["output_tok_s_gpu"] == 2500
+    assert m["input_tok_s"] == 12000 and m["docs_s"] == 10 and m["mean_output_tokens"] == 500
+    assert m["gpu_hours_per_b"] == pytest.approx(111.11, abs=0.01)  # 1e9 / 2500 / 3600
+    assert m["cost_per_b_usd"] == pytest.approx(333.33, abs=0.01)
+
+
+def test_pareto_frontier():
+    # (size, throughput): a model is on the frontier unless another is at least as large and as fast
+    pts = [(0.1, 300.0), (0.3, 200.0), (0.2, 150.0), (1.0, 100.0), (1.0, 50.0)]
+    assert sorted(pareto(pts)) == [0, 1, 3]
+
+
+@pytest.mark.slow
+def test_shipped_cpu_sweep_end_to_end(tmp_path):
+    """The documented command on the shipped CPU sweep: SmolLM2-135M and tiny-random, torch backend."""
+    results = tmp_path / "cpu"
+    proc = bench("runs/bench/cpu.toml", "--set", f"sweep.results={results}", timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = read_results(results)
+    assert len(recs) == 10 and all(r["outcome"] == OK for r in recs), [(r["model"], r.get("error")) for r in recs]
+    assert {r["model"] for r in recs} == {"SmolLM2-135M", "tiny-random"}
+    for r in recs:
+        assert r["docs"] == 12 and 0 < r["mean_output_tokens"] <= 64 and r["prefix_cache_hit"] > 0
+    assert next(r for r in recs if r["model"] == "tiny-random")["params"] < 5e6  # estimated, not given
+    md = (results / "report.md").read_text()
+    assert "## SmolLM2-135M" in md and "## tiny-random" in md
+    with open(results / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 10
+    for name in ("throughput.png", "pareto_size.png"):
+        assert (results / name).stat().st_size > 10_000
