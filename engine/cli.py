@@ -124,6 +124,112 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _ratio(args) -> float:
+    from .handoff import PRESETS
+    if args.ratio is not None:
+        return args.ratio
+    return PRESETS[args.preset]
+
+
+def cmd_mix(args) -> int:
+    from .handoff.mix import run_mix
+    from .handoff.sources import SourceError, generated_prompts, load_tokenizer
+    from .reader import InputError
+
+    if not args.output_dir or not args.mix_in:
+        print("error: engine mix needs OUTPUT_DIR and --mix-in PATH", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        prompts = generated_prompts(Path(args.output_dir), _split(args.prompts))
+        tokenizer, name = load_tokenizer(args.tokenizer)
+        s = run_mix(Path(args.output_dir), args.mix_in, Path(args.out).resolve(), _ratio(args), args.seed, tokenizer, name,
+                    prompts, args.text_column, args.shuffle_window, args.part_rows, args.overwrite,
+                    say=lambda m: print(m, file=sys.stderr))
+    except (SourceError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    g, o = s["sources"]["generated"], s["sources"]["mix-in"]
+    print(f"mix written to {s['out']} ({len(s['parts'])} part(s), zstd Parquet, column `source`)\n"
+          f"  generated  {g['rows']:,} rows  {g['tokens']:,} tokens   (of {s['available']['generated']['tokens']:,})\n"
+          f"  mix-in     {o['rows']:,} rows  {o['tokens']:,} tokens   (of {s['available']['mix-in']['tokens']:,})\n"
+          f"  synthetic share {s['ratio_achieved']:.1%} of tokens (asked {s['ratio_requested']:.0%}), seed {s['seed']}, "
+          f"tokens counted with {s['tokenizer']}")
+    for source, counts in s["skipped"].items():
+        for reason, n in counts.items():
+            print(f"  skipped    {source}: {n:,} x {reason}")
+    return 0
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [x.strip() for x in value.split(",") if x.strip()] if value else None
+
+
+def cmd_export(args) -> int:
+    if args.target == "lighteval":
+        from .handoff.lighteval_export import export_lighteval
+        try:
+            r = export_lighteval(Path(args.out).resolve(), _split(args.tasks), args.checkpoint, args.max_samples)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"tasks file  {r['tasks_file']}\ntask list   {r['task_list']} ({', '.join(r['tasks'])})\n"
+              f"evaluate a checkpoint in transformers format (in the lighteval environment, lighteval 0.13):\n"
+              f"  {r['command']}\nthen compare runs:\n  engine compare {r['results']} OTHER_RESULTS_DIR ...")
+        return 0
+    from .handoff.nanotron import TrainPlan, export_nanotron
+    from .handoff.sources import SourceError
+    from .handoff.token_files import TokenFileError
+    from .reader import InputError
+
+    if not args.output_dir or not args.mix_in:
+        print("error: engine export nanotron needs OUTPUT_DIR and --mix-in PATH", file=sys.stderr)
+        return EXIT_USAGE
+    plan = TrainPlan(args.seq_len, args.micro_batch_size, args.grad_accum, args.gpus, args.train_steps)
+    try:
+        r = export_nanotron(Path(args.output_dir), args.mix_in, args.tokenizer, Path(args.out).resolve(), _ratio(args),
+                            args.seed, plan, _split(args.prompts), args.text_column,
+                            say=lambda m: print(m, file=sys.stderr))
+    except (SourceError, TokenFileError, InputError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"token folders (datatrove format, tokenizer {r['tokenizer']}, vocabulary {r['vocab_size']:,}):")
+    short = False
+    for c, f in zip(r["coverage"], r["folders"]):
+        mark = "ok" if c.ok else "TOO SMALL"
+        short |= not c.ok
+        print(f"  {f.folder}  weight {c.weight:.2f}  {f.documents:,} documents  {f.tokens:,} tokens = "
+              f"{c.samples:,} samples of {plan.sequence_length + 1:,} tokens; training draws {c.needed:,}  [{mark}]")
+    print(f"plan: {plan.train_steps:,} steps x {plan.global_batch} sequences x {plan.sequence_length:,} tokens = "
+          f"{plan.tokens / 1e9:,.2f} B tokens ({plan.gpus} GPUs x micro-batch {plan.micro_batch_size} x "
+          f"accumulation {plan.grad_accum})")
+    for source, counts in r["skipped"].items():
+        for reason, n in counts.items():
+            print(f"skipped {source}: {n:,} x {reason}")
+    print(f"config: {r['config']}\nlaunch (nanotron main checkout, its own environment):\n  {r['launch']}")
+    if short:
+        most = min(c.max_steps for c in r["coverage"])
+        fit = (f"they support at most {most:,} steps at this batch and mix (--train-steps {most})" if most
+               else "they do not hold even one step's worth at this batch and mix")
+        msg = (f"the token folders do not cover the plan, and nanotron stops when a folder runs out of samples: "
+               f"{fit}; generate or mix in more data, or plan a smaller run.")
+        if args.strict:
+            print(f"error: {msg}", file=sys.stderr)
+            return 1
+        print(f"WARNING: {msg}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .handoff.compare import CompareError, compare, markdown
+    try:
+        runs = compare(args.results)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(runs))
+    return 0
+
+
 def cmd_prompts(args) -> int:
     from . import prompts as P
 
@@ -223,6 +329,45 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
     sv.add_argument("--temperature", type=float, default=0.0)
     sv.set_defaults(fn=cmd_serve)
+
+    def mix_args(p, out_help: str) -> None:
+        p.add_argument("output_dir", nargs="?", help="output.dir of an `engine run` (the generated rows)")
+        p.add_argument("--mix-in", nargs="+", metavar="PATH", help="original data: files or globs (.parquet, .jsonl, .jsonl.zst)")
+        p.add_argument("--out", required=True, help=out_help)
+        p.add_argument("--ratio", type=float, help="synthetic share of tokens, e.g. 0.6 (overrides --preset)")
+        p.add_argument("--preset", choices=sorted(PRESET_HELP), default="default",
+                       help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--tokenizer", default="embedded", help="training tokenizer: embedded, a local directory or a hub id")
+        p.add_argument("--prompts", help="comma-separated prompts of the run to use (default: all)")
+        p.add_argument("--text-column", default="text", help="text column of the mix-in files")
+
+    from .handoff import PRESETS
+    PRESET_HELP = {k: f"{v * 100:.0f}%% synthetic" for k, v in PRESETS.items()}
+    mx = sub.add_parser("mix", help="mix generated rows with original data at a token ratio (zstd Parquet)")
+    mix_args(mx, "directory for the mixed Parquet parts and _mix.json (summary)")
+    mx.add_argument("--shuffle-window", type=int, default=100_000, help="rows shuffled together (bounded memory)")
+    mx.add_argument("--part-rows", type=int, default=500_000, help="rows per Parquet part")
+    mx.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    mx.set_defaults(fn=cmd_mix)
+
+    ex = sub.add_parser("export", help="hand-off: nanotron token folders + config, or the lighteval task suite")
+    ex.add_argument("target", choices=["nanotron", "lighteval"])
+    mix_args(ex, "directory for token folders + nanotron.yaml (nanotron), or the tasks file (lighteval)")
+    ex.add_argument("--seq-len", type=int, default=4096)
+    ex.add_argument("--micro-batch-size", type=int, default=4)
+    ex.add_argument("--grad-accum", type=int, default=4)
+    ex.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs of the training run")
+    ex.add_argument("--train-steps", type=int, default=40_000, help="default: ~21 B tokens, the field's ablation")
+    ex.add_argument("--strict", action="store_true", help="exit 1 when the token folders do not cover the plan")
+    ex.add_argument("--tasks", help="lighteval: comma-separated tasks of the suite (default: all)")
+    ex.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="lighteval: the model (transformers format)")
+    ex.add_argument("--max-samples", type=int, default=1000, help="lighteval: documents per task (0: all)")
+    ex.set_defaults(fn=cmd_export)
+
+    cp = sub.add_parser("compare", help="lighteval results of several runs in one table (per task, macro average)")
+    cp.add_argument("results", nargs="+", help="results_*.json files or lighteval output directories")
+    cp.set_defaults(fn=cmd_compare)
 
     pr = sub.add_parser("prompts", help="list, show or render the prompt library")
     pr.add_argument("action", choices=["list", "show", "render"])

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests (tiny random model), CLI tests, integration tests on SmolLM2-135M,
-# and one untimed pass of the kernels_bench microbenchmarks.
+# and one untimed pass of the kernels_bench microbenchmarks; lighteval runs from .venv-eval.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/setup_eval.sh   # lighteval in .venv-eval: the evaluation hand-off tests run it
 exec .venv/bin/python -m pytest "$@"

@@ -110,14 +110,18 @@ def metrics(result: dict, docs: int, gpu_hour_usd: float) -> dict:
     return {
         "output_tok_s_gpu": round(per_gpu, 1), "output_tok_s": round(out_tps, 1),
         "input_tok_s": round(s["input_tokens"] / wall, 1), "docs_s": round(done / wall, 3),
-        "gpu_hours_per_b": round(gpu_hours, 2) if gpu_hours else None,
-        "cost_per_b_usd": round(gpu_hours * gpu_hour_usd, 2) if gpu_hours else None,
+        "gpu_hours_per_b": _sig(gpu_hours) if gpu_hours else None,
+        "cost_per_b_usd": _sig(gpu_hours * gpu_hour_usd) if gpu_hours else None,
         "prefix_cache_hit": s["prefix_cache_hit_rate"],
         "mean_output_tokens": round(s["output_tokens"] / done, 1) if done else 0.0,
         "docs": done, "failed": s["failed"], "output_tokens": s["output_tokens"], "input_tokens": s["input_tokens"],
         "wall_s": s["wall_seconds"], "startup_s": result["startup_s"], "warmup_s": result["warmup_s"],
         "gpus": gpus, "device": result["device"],
     }
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")  # four significant digits: hours per billion tokens span 1e-6 to 1e4
 
 
 def classify(rc: int | None, timed_out: bool, log_text: str) -> tuple[str, str]:

@@ -123,7 +123,7 @@ def write_csv(path: Path, records: list[dict], gpu_hour_usd: float) -> None:
         for r in records:
             row = dict(r)
             if r.get("gpu_hours_per_b"):
-                row["cost_per_b_usd"] = round(r["gpu_hours_per_b"] * gpu_hour_usd, 2)
+                row["cost_per_b_usd"] = float(f"{r['gpu_hours_per_b'] * gpu_hour_usd:.4g}")
             w.writerow(row)
 
 

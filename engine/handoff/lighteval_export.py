@@ -1,0 +1,46 @@
+"""`engine export lighteval`: the early-signal cloze tasks file, its task list, and the command to run.
+
+The tasks file (early_signal_tasks.py, standalone, for lighteval 0.13) is copied next to a task
+list (`task|0` per line, the spec lighteval 0.13 accepts); the command evaluates a checkpoint in
+transformers format with `lighteval accelerate`. lighteval runs in an environment of its own
+(it pins numpy >= 2; nanotron numpy < 2).
+"""
+from __future__ import annotations
+
+import ast
+import shlex
+import shutil
+from pathlib import Path
+
+TASKS_FILE = Path(__file__).with_name("early_signal_tasks.py")
+
+
+def task_names() -> list[str]:
+    """The task names of the shipped tasks file, read without importing lighteval."""
+    tree = ast.parse(TASKS_FILE.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_task" and node.args:
+            names.append(node.args[0].value)
+    return names
+
+
+def export_lighteval(out: Path, tasks: list[str] | None, checkpoint: str, max_samples: int | None,
+                     results: Path | None = None) -> dict:
+    available = task_names()
+    chosen = tasks or available
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)} (the suite has {', '.join(available)})")
+    out.mkdir(parents=True, exist_ok=True)
+    tasks_py = out / TASKS_FILE.name
+    shutil.copyfile(TASKS_FILE, tasks_py)
+    task_list = out / "tasks.txt"
+    task_list.write_text("".join(f"{t}|0\n" for t in chosen))
+    results = results or out / "results"
+    cmd = ["lighteval", "accelerate", f"model_name={checkpoint},dtype=bfloat16", str(task_list),
+           "--custom-tasks", str(tasks_py), "--output-dir", str(results)]
+    if max_samples:
+        cmd += ["--max-samples", str(max_samples)]
+    return {"tasks_file": tasks_py, "task_list": task_list, "tasks": chosen, "command": shlex.join(cmd),
+            "results": results}
