@@ -142,7 +142,8 @@ def cmd_mix(args) -> int:
     try:
         prompts = generated_prompts(Path(args.output_dir), _split(args.prompts))
         tokenizer, name = load_tokenizer(args.tokenizer)
-        s = run_mix(Path(args.output_dir), args.mix_in, Path(args.out).resolve(), _ratio(args), args.seed, tokenizer, name,
+        s = run_mix(Path(args.output_dir), args.mix_in, Path(args.out).resolve(), _ratio(args), args.seed,
+                    tokenizer, name,
                     prompts, args.text_column, args.shuffle_window, args.part_rows, args.overwrite,
                     say=lambda m: print(m, file=sys.stderr))
     except (SourceError, InputError) as exc:
@@ -152,7 +153,8 @@ def cmd_mix(args) -> int:
     print(f"mix written to {s['out']} ({len(s['parts'])} part(s), zstd Parquet, column `source`)\n"
           f"  generated  {g['rows']:,} rows  {g['tokens']:,} tokens   (of {s['available']['generated']['tokens']:,})\n"
           f"  mix-in     {o['rows']:,} rows  {o['tokens']:,} tokens   (of {s['available']['mix-in']['tokens']:,})\n"
-          f"  synthetic share {s['ratio_achieved']:.1%} of tokens (asked {s['ratio_requested']:.0%}), seed {s['seed']}, "
+          f"  synthetic share {s['ratio_achieved']:.1%} of tokens (asked {s['ratio_requested']:.0%}), "
+          f"seed {s['seed']}, "
           f"tokens counted with {s['tokenizer']}")
     for source, counts in s["skipped"].items():
         for reason, n in counts.items():
@@ -332,13 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def mix_args(p, out_help: str) -> None:
         p.add_argument("output_dir", nargs="?", help="output.dir of an `engine run` (the generated rows)")
-        p.add_argument("--mix-in", nargs="+", metavar="PATH", help="original data: files or globs (.parquet, .jsonl, .jsonl.zst)")
+        p.add_argument("--mix-in", nargs="+", metavar="PATH",
+                       help="original data: files or globs (.parquet, .jsonl, .jsonl.zst)")
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--ratio", type=float, help="synthetic share of tokens, e.g. 0.6 (overrides --preset)")
         p.add_argument("--preset", choices=sorted(PRESET_HELP), default="default",
                        help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--tokenizer", default="embedded", help="training tokenizer: embedded, a local directory or a hub id")
+        p.add_argument("--tokenizer", default="embedded",
+                       help="training tokenizer: embedded, a local directory or a hub id")
         p.add_argument("--prompts", help="comma-separated prompts of the run to use (default: all)")
         p.add_argument("--text-column", default="text", help="text column of the mix-in files")
 

@@ -52,6 +52,7 @@ class SamplingConfig:
     temperature: float | None = None  # None: the model's generation config, else 0.7
     top_p: float | None = None  # None: the model's generation config, else 0.95
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks only (fixed-length outputs); real data always stops at EOS
 
 
 @dataclass

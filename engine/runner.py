@@ -86,7 +86,8 @@ class ModelSetup:
         context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
         temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
                                                cfg.sampling.top_p)
-        return cls(model_dir, model_name, tokenizer, context, SamplingParams(temperature, top_p, cfg.sampling.seed))
+        return cls(model_dir, model_name, tokenizer, context,
+                   SamplingParams(temperature, top_p, cfg.sampling.seed, cfg.sampling.ignore_eos))
 
     def backend(self, cfg: RunConfig):
         return make_backend(cfg, self.model_dir, self.tokenizer, self.sampling, self.context)
@@ -265,6 +266,7 @@ class Run:
             "model": model_name, "backend_family": "instant" if cfg.backend == "instant" else "model",
             "prompts": {p.name: p.fingerprint for p in prompts},
             "sampling": {"temperature": temperature, "top_p": top_p, "seed": cfg.sampling.seed,
+                         **({"ignore_eos": True} if cfg.sampling.ignore_eos else {}),
                          "max_new_tokens": {n: r.max_new_tokens for n, r in renderer.rendered.items()}},
             "context": context, "shard_count": cfg.shard.count, "system_prompt": cfg.model.system_prompt,
             "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column},

@@ -103,6 +103,12 @@ def test_sweep_runs_every_config_and_writes_report(tmp_path, tiny_model, docs):
     again = bench(str(sweep))
     assert again.returncode == 0 and again.stdout.count("done before") == 5
     assert len(read_results(results)) == 5
+    # the report alone, re-priced: nothing runs, the cost column follows the new price
+    priced = bench(str(sweep), "--report-only", "--gpu-hour-usd", "4")
+    assert priced.returncode == 0 and "running" not in priced.stdout and "$4.00 per" in priced.stdout
+    with open(results / "results.csv") as f:
+        for row in csv.DictReader(f):
+            assert float(row["cost_per_b_usd"]) == pytest.approx(float(row["gpu_hours_per_b"]) * 4, rel=1e-3)
 
 
 def test_failures_are_recorded_and_the_sweep_goes_on(tmp_path, tiny_model, docs):

@@ -95,7 +95,8 @@ class FakeEngine:
             return {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "retracted"},
                                                     "prompt_tokens": len(input_ids), "completion_tokens": 0}}
         n = sampling_params["max_new_tokens"]
-        out = (input_ids[::-1] * (n // len(input_ids) + 1))[: n - 1 if call % 2 else n]
+        stops_early = call % 2 and not sampling_params.get("ignore_eos")
+        out = (input_ids[::-1] * (n // len(input_ids) + 1))[: n - 1 if stops_early else n]
         return {"text": None, "output_ids": out, "meta_info": {
             "id": rid or str(call), "prompt_tokens": len(input_ids), "completion_tokens": len(out),
             "cached_tokens": cached, "e2e_latency": 0.01,
@@ -139,6 +140,17 @@ def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):
         assert set(t.column("finish_reason").to_pylist()) == {"stop", "length"}
         assert all(g for g in t.column("generation").to_pylist())
     assert summary["prefix_cache_hit_rate"] > 0.3  # every request of a prompt shares its prefix
+
+
+def test_ignore_eos_reaches_sglang(tmp_path, tiny_model, fake_sglang):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(10))
+    cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang",
+                                   sampling={"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}))
+    code, _ = Run(cfg).execute()
+    assert code == 0
+    t = pq.read_table(tmp_path / "out" / "faq")
+    assert set(t.column("finish_reason").to_pylist()) == {"length"}
+    assert set(t.column("completion_tokens").to_pylist()) == {16}
 
 
 def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkeypatch):

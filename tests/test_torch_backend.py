@@ -65,6 +65,19 @@ def test_eos_stops_a_row_and_is_not_returned(tiny_model):
     assert got[k].finish_reason == "stop" and got[k].output_ids == seq[:i] and got[k].completion_tokens == i + 1
 
 
+def test_ignore_eos_runs_every_row_to_max_new_tokens(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = make_requests(tok, 6, 20)
+    ref = reference(tiny_model, reqs)
+    eos = {seq[1] for seq in ref.values()}  # every row would stop at its second token
+    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0, ignore_eos=True), eos_ids=eos, pad_id=0,
+                     dtype="float32")
+    b.start()
+    got = {c.key: c for done in b.generate(iter(reqs), threading.Event()) for c in done}
+    for r in reqs:
+        assert got[r.key].finish_reason == "length" and got[r.key].output_ids == ref[r.key]
+
+
 def test_stop_event_ends_generation_without_yielding_unfinished(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     reqs = make_requests(tok, 20, 30)

@@ -40,6 +40,7 @@ class SamplingParams:
     temperature: float
     top_p: float
     seed: int
+    ignore_eos: bool = False  # benchmarks only: every request runs to its max_new_tokens
 
 
 class BackendDead(RuntimeError):

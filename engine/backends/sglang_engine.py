@@ -20,12 +20,13 @@ log = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.23"
 # Sampling parameter names this module sends (checked against sglang's SamplingParams in tests).
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "sampling_seed")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "sampling_seed", "ignore_eos")
 
 
 def sampling_params(req: Request, sampling: SamplingParams) -> dict:
     return {"max_new_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "sampling_seed": (sampling.seed * 1_000_003 + req.key) % (2 ** 31)}
+            "sampling_seed": (sampling.seed * 1_000_003 + req.key) % (2 ** 31),
+            **({"ignore_eos": True} if sampling.ignore_eos else {})}
 
 
 def completion_from(req: Request, out: dict) -> Completion:

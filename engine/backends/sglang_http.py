@@ -65,7 +65,8 @@ class SGLangHTTPBackend(AsyncWindowBackend):
             return "/generate", {"input_ids": req.input_ids, "sampling_params": params}
         return "/v1/completions", {"model": self.model, "prompt": req.input_ids, "max_tokens": req.max_new_tokens,
                                    "temperature": params["temperature"], "top_p": params["top_p"],
-                                   "seed": params["sampling_seed"]}
+                                   "seed": params["sampling_seed"],
+                                   **({"ignore_eos": True} if self.sampling.ignore_eos else {})}
 
     def _parse(self, req: Request, data: dict) -> Completion:
         if self.api == "native":

@@ -290,7 +290,7 @@ class TorchBackend:
         for i, (req, out) in enumerate(zip(rows.reqs, rows.outs)):
             if not rows.alive[i]:
                 continue
-            if out[-1] in self.eos_ids:
+            if out[-1] in self.eos_ids and not self.sampling.ignore_eos:
                 reason, ids = "stop", out[:-1]
             elif len(out) >= req.max_new_tokens:
                 reason, ids = "length", out

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sweep", help="sweep file, e.g. runs/bench/cpu.toml")
     ap.add_argument("--models", help="comma-separated model labels to run (default: all)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="override a sweep key, e.g. 'data.paths=[\"/data/fw/*.parquet\"]' or run.sampling.max_new_tokens=512")
+                    help="override a sweep key, e.g. 'data.paths=[\"/data/fw/*.parquet\"]' or "
+                         "run.sampling.max_new_tokens=512")
     ap.add_argument("--retry-failed", action="store_true", help="rerun configs recorded as oom/timeout/failure")
     ap.add_argument("--report-only", action="store_true", help="write the report from the results so far")
     ap.add_argument("--dry-run", action="store_true", help="check every config and list them; run nothing")

@@ -78,7 +78,9 @@ def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_us
         f"- sample: {sweep.data.docs} documents measured after {sweep.data.warmup_docs} warm-up documents "
         f"(not counted), from {', '.join(sweep.data.paths)}",
         f"- run: backend `{run.get('backend', 'torch')}`, prompts {run.get('prompts', ['faq'])}, "
-        f"sampling {run.get('sampling', {})}; real end of sequence",
+        f"sampling {run.get('sampling', {})}; "
+        + ("end of sequence IGNORED (fixed-length outputs)" if run.get("sampling", {}).get("ignore_eos")
+           else "real end of sequence"),
         f"- throughput is output tokens/s per {_unit(records)}; cost at ${gpu_hour_usd:,.2f} per "
         f"{_unit(records)}-hour; GPU-h / 1B tok = hours of one {_unit(records)} per billion output tokens",
     ]
@@ -169,7 +171,8 @@ def plot_throughput(path: Path, sweep: Sweep, summary: list[dict], unit: str) ->
                        label=sweep.reference_label if k == 0 else None)
     if values and max(values) / max(min(values), 1e-9) > 10:
         ax.set_yscale("log")
-    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    crowded = len(names) > 4
+    ax.set_xticks(range(len(names)), names, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel(f"output tokens/s per {unit}")
     ax.set_xlabel("model")
     ax.set_title(f"{sweep.name}: best config of each tier")
