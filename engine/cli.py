@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     mix_args(mx, "directory for the mixed Parquet parts and _mix.json (summary)")
     mx.add_argument("--shuffle-window", type=int, default=100_000, help="rows shuffled together (bounded memory)")
     mx.add_argument("--part-rows", type=int, default=500_000, help="rows per Parquet part")
-    mx.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    mx.add_argument("--overwrite", action="store_true", help="replace the parts of an earlier mix in --out")
     mx.set_defaults(fn=cmd_mix)
 
     ex = sub.add_parser("export", help="hand-off: nanotron token folders + config, or the lighteval task suite")

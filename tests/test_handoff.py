@@ -126,6 +126,11 @@ def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, ru
     # an existing output is not overwritten silently; bad input is named
     again = engine_cli(*args, "--out", str(tmp_path / "a"))
     assert again.returncode == 1 and "--overwrite" in again.stderr
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    engine_cli(*args, "--out", str(tmp_path / "a"), "--seed", "1", "--overwrite", check=True)
+    parts = sorted((tmp_path / "a").glob("part-*.parquet"))
+    assert [r for f in parts for r in pq.read_table(f).to_pylist()] == pq.read_table(tmp_path / "c").to_pylist()
+    assert (tmp_path / "a" / "notes.txt").read_text() == "mine"  # only the mix's own files are replaced
     bad = engine_cli("mix", str(out), "--mix-in", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d"),
                      "--tokenizer", str(tiny_model))
     assert bad.returncode == 1 and "nope.jsonl" in bad.stderr

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -155,7 +154,8 @@ def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: 
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
+        for old in [*out.glob("part-*.parquet"), *out.glob("part-*.parquet.tmp"), out / "_mix.json"]:
+            old.unlink(missing_ok=True)  # only what a mix writes: --out may hold other files
     skipped_g, skipped_o = Skipped(), Skipped()
     say(f"counting tokens ({tokenizer_name}) ...")
     tokens = {GENERATED: count_tokens(generated_rows(output_dir, prompts, skipped_g), tokenizer),
