@@ -289,18 +289,22 @@ def _absolute_paths(cfg: RunConfig, data: dict, base: Path) -> None:
         cfg.prompts = [absolute(p) if ("/" in p or p.endswith(".toml")) else p for p in cfg.prompts]
 
 
+def read_toml(path: Path, what: str = "config") -> dict:
+    """A TOML file's data; a missing or malformed file is a ConfigError that names it."""
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a TOML run config, apply `--set` overrides, validate."""
     data, base = {}, Path.cwd()
     if path is not None:
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        base = path.resolve().parent
+        data, base = read_toml(path), path.resolve().parent
     return config_from_dict(data, base, overrides)
 
 

@@ -233,11 +233,13 @@ def test_classify_outcomes():
 
 def test_metrics_known_answer():
     result = {"summary": {"wall_seconds": 10.0, "output_tokens": 50_000, "input_tokens": 120_000,
-                          "requests_generated": 100, "failed": 0, "prefix_cache_hit_rate": 0.25},
+                          "requests_generated": 100, "failed": 0, "prefix_cache_hit_rate": 0.25,
+                          "prompts": ["faq", "math"]},
               "gpus": 2, "startup_s": 1.0, "warmup_s": 2.0, "device": "H100"}
-    m = metrics(result, 100, 3.0)
+    m = metrics(result, 3.0)
     assert m["output_tok_s"] == 5000 and m["output_tok_s_gpu"] == 2500
-    assert m["input_tok_s"] == 12000 and m["docs_s"] == 10 and m["mean_output_tokens"] == 500
+    assert m["docs"] == 50 and m["requests"] == 100 and m["docs_s"] == 5  # 2 prompts: 2 requests a document
+    assert m["input_tok_s"] == 12000 and m["mean_output_tokens"] == 500
     assert m["gpu_hours_per_b"] == 111.1  # 1e9 / 2500 / 3600 = 111.11, four significant digits
     assert m["cost_per_b_usd"] == 333.3
 

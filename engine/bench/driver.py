@@ -99,22 +99,23 @@ class ResultStore:
             os.fsync(f.fileno())
 
 
-def metrics(result: dict, docs: int, gpu_hour_usd: float) -> dict:
+def metrics(result: dict, gpu_hour_usd: float) -> dict:
     s = result["summary"]
     wall = max(s["wall_seconds"], 1e-9)
     gpus = max(int(result["gpus"]), 1)
     out_tps = s["output_tokens"] / wall
     per_gpu = out_tps / gpus
     gpu_hours = 1e9 / per_gpu / 3600 if per_gpu > 0 else None
-    done = s["requests_generated"]
+    done = s["requests_generated"]  # one request per (document, prompt)
+    docs = done / max(len(s.get("prompts") or [None]), 1)
     return {
         "output_tok_s_gpu": round(per_gpu, 1), "output_tok_s": round(out_tps, 1),
-        "input_tok_s": round(s["input_tokens"] / wall, 1), "docs_s": round(done / wall, 3),
+        "input_tok_s": round(s["input_tokens"] / wall, 1), "docs_s": round(docs / wall, 3),
         "gpu_hours_per_b": _sig(gpu_hours) if gpu_hours else None,
         "cost_per_b_usd": _sig(gpu_hours * gpu_hour_usd) if gpu_hours else None,
         "prefix_cache_hit": s["prefix_cache_hit_rate"],
         "mean_output_tokens": round(s["output_tokens"] / done, 1) if done else 0.0,
-        "docs": done, "failed": s["failed"], "output_tokens": s["output_tokens"], "input_tokens": s["input_tokens"],
+        "docs": round(docs), "requests": done, "failed": s["failed"], "output_tokens": s["output_tokens"], "input_tokens": s["input_tokens"],
         "wall_s": s["wall_seconds"], "startup_s": result["startup_s"], "warmup_s": result["warmup_s"],
         "gpus": gpus, "device": result["device"],
     }
@@ -235,11 +236,11 @@ class Driver:
                                       str(result_path)], log_path, self.sweep.timeout_s)
         if result_path.exists():
             result = orjson.loads(result_path.read_bytes())
-            fields = {"outcome": OK, **metrics(result, self.sweep.data.docs, self.sweep.gpu_hour_usd),
+            fields = {"outcome": OK, **metrics(result, self.sweep.gpu_hour_usd),
                       "params": result.get("params")}
-            if fields["failed"] > MAX_FAILED_SHARE * max(fields["docs"], 1):
+            if fields["failed"] > MAX_FAILED_SHARE * max(fields["requests"], 1):
                 fields["outcome"] = FAILURE
-                fields["error"] = f"{fields['failed']} of {fields['docs']} requests failed"
+                fields["error"] = f"{fields['failed']} of {fields['requests']} requests failed"
         else:
             log_text = log_path.read_text(errors="replace")[-20000:]
             outcome, error = classify(rc, timed_out, log_text)

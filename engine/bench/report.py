@@ -16,7 +16,7 @@ from .sweep import BASELINE, Sweep
 
 CSV_COLUMNS = ["model", "model_name", "params_b", "quality", "tier", "knobs", "outcome", "error",
                "output_tok_s_gpu", "output_tok_s", "input_tok_s", "docs_s", "gpus", "gpu_hours_per_b",
-               "cost_per_b_usd", "prefix_cache_hit", "mean_output_tokens", "docs", "failed", "output_tokens",
+               "cost_per_b_usd", "prefix_cache_hit", "mean_output_tokens", "docs", "requests", "failed", "output_tokens",
                "input_tokens", "wall_s", "startup_s", "warmup_s", "reference", "device", "key", "finished_at"]
 
 
@@ -70,6 +70,7 @@ def _tps(r: dict | None) -> str:
 def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_usd: float) -> str:
     tiers = [t.name for t in sweep.tiers]
     devices = sorted({r["device"] for r in records if r.get("device")})
+    unit = "GPU" if _unit(records) == "GPU" else "CPU"
     run = sweep.run
     lines = [
         f"# Bench: {sweep.name}",
@@ -88,7 +89,7 @@ def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_us
         lines.append(f"- published column: {sweep.reference_label}")
     lines += ["", "## Summary", "",
               "| model | params (B) | baseline | " + " | ".join(f"{t} best" for t in tiers) +
-              " | best speed-up | winning settings | GPU-h / 1B tok | $ / 1B tok | published default → best | configs |",
+              f" | best speed-up | winning settings | {unit}-h / 1B tok | $ / 1B tok | published default → best | configs |",
               "|---|---:|---:|" + "---:|" * len(tiers) + "---:|---|---:|---:|---|---|"]
     for s in summary:
         ref = s["reference"]
@@ -101,7 +102,7 @@ def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_us
     for s in summary:
         recs = [r for r in records if r["model"] == s["model"]]
         lines += ["", f"## {s['model']}", "",
-                  "| tier | settings | outcome | output tok/s/GPU | input tok/s | docs/s | GPU-h / 1B | $ / 1B "
+                  f"| tier | settings | outcome | output tok/s/{unit} | input tok/s | docs/s | {unit}-h / 1B | $ / 1B "
                   "| cache hit | mean output | published |",
                   "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in recs:

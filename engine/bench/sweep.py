@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from ..config import ConfigError, config_from_dict, nest, parse_override
+from ..config import ConfigError, config_from_dict, nest, parse_override, read_toml
 
 BASELINE = "baseline"
 RUN_CONTROLLED = ("input.paths", "output.dir", "shard.index", "shard.count")  # set by the bench itself
@@ -172,12 +171,7 @@ def _vary(table: Any, where: str) -> dict[str, list]:
 
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> Sweep:
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "sweep")
     _take(raw, str(path), {"sweep": dict, "data": dict, "run": dict, "tiers": dict, "models": list})
     base = path.resolve().parent
     _absolute(raw, base)
