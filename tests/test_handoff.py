@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from conftest import REPO, engine_cli, make_tiny_model, sample_docs, write_config, write_jsonl
 
 from engine.handoff.token_files import read_metadata, write_token_folder
 
@@ -22,6 +22,21 @@ EVAL_PYTHON = REPO / ".venv-eval" / "bin" / "python"
 def tokenizer(tiny_model):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(tokenizer):
+    """The tiny tokenizer made to add BOS by default (as Llama-style tokenizers do): token files must not."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.post_processor = TemplateProcessing(single="<|im_start|> $A",
+                                                special_tokens=[("<|im_start|>", tokenizer.bos_token_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    assert tok("the cat")["input_ids"][0] == tok.bos_token_id
+    return tok
 
 
 class BigVocab:
@@ -38,11 +53,12 @@ class BigVocab:
 
 
 @pytest.mark.parametrize("big", [False, True], ids=["uint16", "uint32"])
-def test_token_files_are_read_back_exactly_by_datatrove(tmp_path, tokenizer, big):
+def test_token_files_are_read_back_exactly_by_datatrove(tmp_path, bos_tokenizer, big):
     from datatrove.pipeline.tokens.merger import load_doc_ends
     from datatrove.pipeline.tokens.tokenizer import TokenizedFile
     from datatrove.utils.dataset import DatatroveFolderDataset
 
+    tokenizer = bos_tokenizer
     tok = BigVocab(tokenizer) if big else tokenizer
     texts = [d["text"] for d in sample_docs(40)]
     folder = write_token_folder(iter(texts), tok, "tiny-tokenizer", tmp_path / "generated", seed=3, name="000_gen",
@@ -58,7 +74,7 @@ def test_token_files_are_read_back_exactly_by_datatrove(tmp_path, tokenizer, big
     docs = np.split(tokens, ends[:-1])
     expected = {tuple(tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]) for t in texts}
     assert {tuple(d.tolist()) for d in docs} == expected  # every document once, EOS appended, no BOS
-    assert all(d[0] != tokenizer.bos_token_id for d in docs)
+    assert not any(tokenizer.bos_token_id in d for d in docs)  # the tokenizer adds BOS by default; we must not
     firsts = [tokenizer.decode(d[:-1]) for d in docs]
     assert firsts != texts  # shuffled before writing (nanotron reads a folder in order)
     assert read_metadata(Path(str(ds) + ".metadata")) == ("tiny-tokenizer", size, len(tokens))
@@ -233,7 +249,6 @@ for name, task in sorted(tasks.items()):
     # two "checkpoints" evaluated by lighteval, then compared
     results = []
     for seed in (0, 1):
-        from conftest import make_tiny_model
         model = _tiny_model_for_eval_env(make_tiny_model(tmp_path / f"raw{seed}", seed=seed), tmp_path / f"m{seed}")
         cmd = exported.stdout.split("\n")[3].strip().replace("CKPT", str(model))
         cmd = cmd.replace(str(tmp_path / "suite" / "results"), str(tmp_path / f"results{seed}"))

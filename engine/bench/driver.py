@@ -146,6 +146,7 @@ class Driver:
         self.dir = sweep.results
         self.store: ResultStore | None = None
         self.sample: Sample | None = None
+        self.total = self.count = 0  # configs planned / started, for the progress lines
 
     # ---- the plan ------------------------------------------------------------------------------
     def check(self, models: list[ModelEntry]) -> int:
@@ -207,8 +208,7 @@ class Driver:
             self.store = ResultStore(self.dir / "results.jsonl")
             if execute:
                 self.sample = prepare_sample(self.sweep, self.say)
-            self.total = self.check(models)
-            self.count = 0
+            self.total, self.count = self.check(models), 0
             return [rec for m in models for _, rec in self.configs_of(m, execute)]
 
     def run_config(self, c: BenchConfig) -> dict:

@@ -25,7 +25,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import PRESETS  # noqa: F401 - re-exported for callers of this module
 from .sources import GENERATED, MIX_IN, Row, Skipped, SourceError
 
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("id", pa.string()), ("prompt", pa.string()),
@@ -34,10 +33,8 @@ SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("id", pa.st
 
 @dataclass
 class MixPlan:
-    ratio: float  # synthetic share of tokens
     keep: dict[str, np.ndarray]  # per source, one bool per usable row in stream order
-    tokens: dict[str, np.ndarray]  # per source, tokens per usable row
-    target: dict[str, int]
+    target: dict[str, int]  # per source, tokens to take
 
 
 def count_tokens(rows: Iterator[Row], tokenizer, batch: int = 2000) -> np.ndarray:
@@ -78,7 +75,7 @@ def plan_mix(tokens: dict[str, np.ndarray], ratio: float, seed: int) -> MixPlan:
         target = {GENERATED: int(round(o * ratio / (1 - ratio))), MIX_IN: o}
     rng = np.random.default_rng(seed)
     keep = {s: _take(tokens[s], target[s], rng) for s in (GENERATED, MIX_IN)}
-    return MixPlan(ratio, keep, tokens, target)
+    return MixPlan(keep, target)
 
 
 def _selected(rows: Iterator[Row], keep: np.ndarray, tokens: np.ndarray) -> Iterator[tuple[Row, int]]:

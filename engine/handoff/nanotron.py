@@ -42,7 +42,6 @@ class TrainPlan:
 
 @dataclass
 class Coverage:
-    folder: str
     weight: float
     tokens: int
     samples: int  # full training samples (seq_len + 1 tokens) the folder holds
@@ -60,7 +59,7 @@ def coverage(folders: list[TokenFolder], weights: list[float], plan: TrainPlan) 
         samples = f.tokens // (plan.sequence_length + 1)
         needed = math.ceil(plan.train_steps * plan.global_batch * w)
         max_steps = int(samples // (plan.global_batch * w)) if w > 0 else plan.train_steps
-        out.append(Coverage(str(f.folder), w, f.tokens, samples, needed, max_steps))
+        out.append(Coverage(w, f.tokens, samples, needed, max_steps))
     return out
 
 

@@ -34,10 +34,6 @@ class TokenFolder:
     documents: int
     tokens: int
 
-    @property
-    def metadata_name(self) -> str:
-        return f"{self.tokenizer_name}|{self.token_size}"
-
 
 def token_size_for(tokenizer) -> int:
     return 2 if len(tokenizer) <= 2 ** 16 else 4
