@@ -22,7 +22,7 @@ def _shard(value: str) -> tuple[int, int]:
 
 def cmd_run(args) -> int:
     from .config import ConfigError, load_config
-    from .runner import EXIT_INTERRUPTED, EXIT_OK, Run, RunFailed
+    from .runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, Run, RunFailed
 
     overrides = list(args.set or [])
     if args.shard:
@@ -35,14 +35,19 @@ def cmd_run(args) -> int:
     from .prompts import PromptError
     from .renderer import RenderError
     try:
-        code, summary = Run(cfg, overwrite=args.overwrite).execute()
-    except (PromptError, RenderError) as exc:
+        code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors).execute()
+    except (PromptError, RenderError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except RunFailed as exc:
         print_summary(exc.summary)
-        print(f"error: {exc.cause}\nThe run stopped; what finished is saved. Run the same command again to resume.",
-              file=sys.stderr)
+        if exc.code == EXIT_USAGE:
+            print(f"error: {exc.cause}\nNothing was generated; fix the configuration and run again.", file=sys.stderr)
+        elif exc.code == EXIT_TOO_MANY_ERRORS:
+            print(f"error: {exc.cause}\nThe run is not complete.", file=sys.stderr)
+        else:
+            print(f"error: {exc.cause}\nThe run stopped; what finished is saved. Run the same command again to "
+                  f"resume.", file=sys.stderr)
         return exc.code
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -61,7 +66,9 @@ def print_summary(s: dict) -> None:
         f"{'complete' if s['complete'] else 'incomplete'}: {s['output_dir']}  (shard {s['shard']}, model {s['model']}, "
         f"backend {s['backend']})",
         f"  documents  input rows {rows if rows is not None else '?'}; stored per prompt: {stored}; "
-        f"rejected rows {s['rejected_rows']:,}; failed {s['failed']:,}; truncated {s['truncated']:,}",
+        f"rejected rows {s['rejected_rows']:,}; failed {s['failed']:,}"
+        f"{f' ({n:,} in this process)' if (n := s.get('failed_this_process', s['failed'])) != s['failed'] else ''}; "
+        f"truncated {s['truncated']:,}",
         f"  generated  {s['requests_generated']:,} requests in {s['wall_seconds']:.1f} s "
         f"({s['requests_per_s']:.2f} req/s); skipped (done before or rejected) {s['requests_skipped']:,}",
         f"  tokens     input {s['input_tokens']:,}  output {s['output_tokens']:,}  "
@@ -120,7 +127,7 @@ def cmd_launch(args) -> int:
 def cmd_serve(args) -> int:
     from .serve import serve
     serve(args.host, args.port, args.backend, args.model, args.completion_tokens, args.delay_ms, args.fail_rate,
-          args.temperature)
+          args.temperature, served_name=args.served_model_name)
     return 0
 
 
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=_shard, metavar="I/N", help="run shard I of N (same as shard.index/count)")
     run.add_argument("--overwrite", action="store_true",
                      help="delete earlier results in output.dir instead of resuming (needed after a config change)")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="remove the stored error rows (finish_reason = error) and generate those documents again")
     run.set_defaults(fn=cmd_run)
 
     st = sub.add_parser("status", help="progress of a run's output directory, per shard and prompt")
@@ -330,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--delay-ms", type=float, default=0.0, help="simulated latency per request")
     sv.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
     sv.add_argument("--temperature", type=float, default=0.0)
+    sv.add_argument("--served-model-name", default="engine-serve",
+                    help="the one model name /v1/completions accepts (others: HTTP 404, as vLLM)")
     sv.set_defaults(fn=cmd_serve)
 
     def mix_args(p, out_help: str) -> None:

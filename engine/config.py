@@ -51,7 +51,7 @@ class SamplingConfig:
     max_new_tokens: int | None = None  # None: each prompt file's recommended value
     temperature: float | None = None  # None: the model's generation config, else 0.7
     top_p: float | None = None  # None: the model's generation config, else 0.95
-    seed: int = 0
+    seed: int | None = None  # None: no per-request seeds (torch/instant/report use 0); set it for reproducible sampling
     ignore_eos: bool = False  # benchmarks only (fixed-length outputs); real data always stops at EOS
 
 
@@ -89,15 +89,23 @@ class SGLangConfig:
 
 
 @dataclass
+class VLLMConfig:
+    # Keyword arguments of vllm's AsyncEngineArgs (EngineArgs fields of the pinned release); unknown names
+    # are errors. model is set from model.name; prefix caching is on and max_model_len is model.context
+    # unless set here.
+    engine_args: dict = field(default_factory=dict)
+
+
+@dataclass
 class HTTPConfig:
     urls: list[str] = field(default_factory=list)  # SGLang servers (round-robin) or one router URL
     api: str = "native"  # native: SGLang /generate; openai: /v1/completions
-    model: str = "default"  # the "model" field of OpenAI requests
-    timeout_s: float = 600.0
-    retries: int = 3  # tries per request after the first, with exponential backoff
-    backoff_s: float = 1.0
-    dead_after: int = 16  # consecutive requests that reach no server before the backend is declared dead
-    connections: int = 256  # pooled connections
+    model: str = ""  # the "model" field of OpenAI requests; empty: the one model the server serves (/v1/models)
+    timeout_s: float = 600.0  # per HTTP request (a slow healthy server is not dead: keep it generous)
+    retries: int = 3  # extra tries of a request that fails while the servers answer other requests
+    backoff_s: float = 1.0  # first wait before a retry; doubles, at most 30 s
+    dead_after: float = 60.0  # seconds without any successful answer before the run stops (status 4)
+    connections: int = 0  # pooled connections; 0: scheduler.max_in_flight (one per request in flight)
 
 
 @dataclass
@@ -110,6 +118,9 @@ class ShardConfig:
 class RetryConfig:
     max_attempts: int = 3  # tries per request before it is recorded as failed
     backoff_seconds: float = 1.0  # first wait; doubles on every retry
+    # A run whose error rows exceed this share of its rows ends with status 5, not "complete"
+    # (regenerate them with `engine run --retry-errors` once the cause is fixed).
+    max_error_fraction: float = 0.02
 
 
 @dataclass
@@ -120,7 +131,7 @@ class ReportConfig:
 
 @dataclass
 class RunConfig:
-    backend: str = "torch"  # torch | instant | sglang | sglang-http
+    backend: str = "torch"  # torch | instant | sglang | sglang-http | vllm
     prompts: list[str] = field(default_factory=lambda: ["faq"])  # names in prompts/ or file paths
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -130,13 +141,14 @@ class RunConfig:
     torch: TorchConfig = field(default_factory=TorchConfig)
     instant: InstantConfig = field(default_factory=InstantConfig)
     sglang: SGLangConfig = field(default_factory=SGLangConfig)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
     shard: ShardConfig = field(default_factory=ShardConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-BACKENDS = ("torch", "instant", "sglang", "sglang-http")
+BACKENDS = ("torch", "instant", "sglang", "sglang-http", "vllm")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -253,16 +265,22 @@ def validate(cfg: RunConfig) -> None:
         ("http.api", cfg.http.api in ("native", "openai")),
         ("http.timeout_s", cfg.http.timeout_s > 0),
         ("http.retries", cfg.http.retries >= 0),
-        ("http.dead_after", cfg.http.dead_after >= 1),
-        ("http.connections", cfg.http.connections >= 1),
+        ("http.dead_after", cfg.http.dead_after > 0),
+        ("http.connections", cfg.http.connections >= 0),
+        ("retry.max_error_fraction", 0 <= cfg.retry.max_error_fraction <= 1),
     ]
     if cfg.backend == "sglang-http" and not cfg.http.urls:
         raise ConfigError("config key 'http.urls': backend 'sglang-http' needs one or more server URLs")
     if cfg.sglang.server_args:
-        from .backends.sglang_args import check_server_args
+        from .backends.engine_args import check_server_args
         problem = check_server_args(cfg.sglang.server_args)
         if problem:
             raise ConfigError(f"config key 'sglang.server_args': {problem}")
+    if cfg.vllm.engine_args:
+        from .backends.engine_args import check_vllm_engine_args
+        problem = check_vllm_engine_args(cfg.vllm.engine_args)
+        if problem:
+            raise ConfigError(f"config key 'vllm.engine_args': {problem}")
     for key, ok in checks:
         if not ok:
             section, name = key.split(".")

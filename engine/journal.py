@@ -102,6 +102,7 @@ class PartSink:
         self.journal_ipc: pa.ipc.RecordBatchStreamWriter | None = None
         self.part_rows = 0
         self.rows_total = 0  # rows stored (committed + journaled), recovered ones included
+        self.dropped = 0  # error rows removed by recover(drop_errors=True)
         self.counts: dict[str, int] = {}  # rows per value of `count_column` (finish reasons), this shard
 
     # ---- names -----------------------------------------------------------------------------------
@@ -121,13 +122,18 @@ class PartSink:
         return out
 
     # ---- recovery --------------------------------------------------------------------------------
-    def recover(self) -> tuple[DoneSet, list[pa.RecordBatch]]:
-        """Clean up after a crash; return the finished keys and the journaled rows to re-emit."""
+    def recover(self, drop_errors: bool = False) -> tuple[DoneSet, list[pa.RecordBatch]]:
+        """Clean up after a crash; return the finished keys and the journaled rows to re-emit.
+
+        drop_errors (`engine run --retry-errors`): rows whose `count_column` is "error" are removed
+        first (each part rewritten whole and renamed into place), so their keys are not done."""
         for tmp in self.data_dir.glob(f"part-{self.shard_tag}-*.parquet.tmp"):
             tmp.unlink()
         parts = self._numbers(self.data_dir, r"part-{tag}-(\d+)\.parquet")
         journals = self._numbers(self.journal_dir, r"{tag}-(\d+)\.arrows")
         self._reconcile_manifest(parts)
+        if drop_errors and self.count_column:
+            parts = {k: p for k, p in parts.items() if self._drop_errors(p)}
         hashes: list[int] = []
         for p in parts.values():
             cols = [self.key_column] + ([self.count_column] if self.count_column else [])
@@ -142,12 +148,39 @@ class PartSink:
             if k in parts:
                 j.unlink()  # its part was committed before the crash
                 continue
-            replay.extend(_read_journal(j, self.schema))
+            batches = _read_journal(j, self.schema)
+            if drop_errors and self.count_column:
+                kept = [b.filter(pc.not_equal(b.column(self.count_column), "error")) for b in batches]
+                self.dropped += sum(b.num_rows for b in batches) - sum(b.num_rows for b in kept)
+                batches = [b for b in kept if b.num_rows]
+            replay.extend(batches)
         for b in replay:
             hashes.extend(map(id_hash, b.column(self.key_column).to_pylist()))
         self.k = max([*parts, *journals], default=-1) + 1
         self._stale_journals = [j for k, j in journals.items() if k not in parts]
         return DoneSet(hashes), replay
+
+    def _drop_errors(self, part: Path) -> bool:
+        """Rewrite a committed part without its error rows (atomically); False when nothing is left."""
+        flags = pq.read_table(part, columns=[self.count_column]).column(0)
+        errors = pc.sum(pc.equal(flags, "error")).as_py() or 0
+        if not errors:
+            return True
+        table = pq.read_table(part)
+        kept = table.filter(pc.not_equal(table.column(self.count_column), "error"))
+        self.dropped += errors
+        if not kept.num_rows:
+            part.unlink()
+            _fsync_dir(self.data_dir)
+            return False
+        tmp = part.with_suffix(".parquet.tmp")
+        pq.write_table(kept, tmp, compression="zstd", compression_level=self.level, row_group_size=self.row_group_rows)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, part)
+        _fsync_dir(self.data_dir)
+        self._manifest_append(part, kept.num_rows)
+        return True
 
     def replay(self, batches: list[pa.RecordBatch]) -> None:
         """Re-emit recovered rows into a new journal (flushed) before deleting the old ones."""

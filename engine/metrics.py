@@ -21,6 +21,7 @@ class Metrics:
     cached_tokens: int = 0
     truncated: int = 0
     rejected: int = 0
+    last_error: str | None = None
 
     log_every: float = 10.0  # seconds between progress lines when stderr is not a terminal
 

@@ -37,7 +37,8 @@ from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_BACKEND_DEAD = 0, 1, 3, 4
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BACKEND_DEAD, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3, 4, 5
+MIN_ERRORS_TO_STOP = 20  # error rows before a run may stop early for its error share (the end check has no minimum)
 _END = object()
 
 
@@ -81,7 +82,7 @@ class ModelSetup:
     def load(cls, cfg: RunConfig) -> "ModelSetup":
         from transformers import AutoConfig, AutoTokenizer
 
-        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http"))
+        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http", "vllm"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
         temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
@@ -236,8 +237,8 @@ class Run:
     runs (tools/bench warms a backend up, then measures with it); a passed backend is not closed."""
 
     def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False,
-                 setup: ModelSetup | None = None, backend=None):
-        self.cfg, self.overwrite, self.quiet = cfg, overwrite, quiet
+                 setup: ModelSetup | None = None, backend=None, retry_errors: bool = False):
+        self.cfg, self.overwrite, self.quiet, self.retry_errors = cfg, overwrite, quiet, retry_errors
         self.setup, self.shared_backend = setup, backend
         self.stop = threading.Event()
         self.interrupted_by: str | None = None
@@ -281,12 +282,16 @@ class Run:
         sinks[output.REJECTED] = PartSink(out, output.REJECTED, out / output.REJECTED, tag, output.REJECTED_SCHEMA,
                                           "doc_ref", cfg.output.row_group_rows, size, cfg.output.compression_level)
         done: dict[str, DoneSet] = {}
+        dropped = 0
         for name, sink in sinks.items():
-            done[name], replay = sink.recover()
+            done[name], replay = sink.recover(drop_errors=self.retry_errors and name != output.REJECTED)
+            dropped += sink.dropped
             sink.replay(replay)
         already = sum(len(done[p.name]) for p in prompts)
         if resumed:
             log.info("resuming in %s: %d results already stored for this shard", out, already)
+        if dropped:
+            log.info("--retry-errors: %d stored error rows removed; their documents are generated again", dropped)
 
         total_rows = reader.total_rows
         metrics = Metrics(total_requests=total_rows * len(prompts) if total_rows is not None else None)
@@ -326,12 +331,20 @@ class Run:
             while True:  # another pass serves retries of failures that came back after the input ended
                 for completions in backend.generate(iter(feed), self.stop):
                     self._collect(completions, producer.pending, writer, metrics, feed)
+                    if metrics.failed >= MIN_ERRORS_TO_STOP and \
+                            metrics.failed > cfg.retry.max_error_fraction * metrics.requests_done:
+                        raise TooManyErrors(f"{metrics.failed:,} of {metrics.requests_done:,} requests failed "
+                                            f"(more than retry.max_error_fraction = {cfg.retry.max_error_fraction:g})"
+                                            f"; last error: {metrics.last_error}")
                 if self.stop.is_set() or not feed.pending:
                     break
             if self.stop.is_set():
                 code = EXIT_INTERRUPTED
         except Exception as exc:  # the backend or the input failed mid-run: save what is done, then report
-            code, error = (EXIT_ERROR if isinstance(exc, (InputError, WriterError)) else EXIT_BACKEND_DEAD), exc
+            code, error = _exit_code(exc, interrupted=self.interrupted_by is not None), exc
+            if code == EXIT_INTERRUPTED:  # e.g. the engine died of the same Ctrl-C: an interruption, resumable
+                log.info("after %s: %s", self.interrupted_by, exc)
+                error = None
         finally:
             self.stop.set()  # ends the producer thread if it is still reading
             metrics.close()
@@ -348,18 +361,27 @@ class Run:
                     for s, h in old_handlers.items():
                         signal.signal(s, h)
                     gc.set_threshold(*gc_threshold)
+        stored = sum(sinks[p.name].rows_total for p in prompts)
+        failed_rows = sum(sinks[p.name].counts.get("error", 0) for p in prompts)
+        if code == EXIT_OK and failed_rows > cfg.retry.max_error_fraction * stored:
+            code = EXIT_TOO_MANY_ERRORS
+            error = TooManyErrors(f"{failed_rows:,} of {stored:,} stored rows are errors (more than "
+                                  f"retry.max_error_fraction = {cfg.retry.max_error_fraction:g}); see their `error` "
+                                  f"column, fix the cause, then regenerate them with: engine run CONFIG --retry-errors")
         complete = code == EXIT_OK
         output.write_state(out, tag, state(complete))
         summary = {"output_dir": str(out), "shard": tag, "model": model_name, "backend": cfg.backend,
                    "prompts": [p.name for p in prompts], "resumed": resumed, "complete": complete,
                    "input_rows": total_rows, "documents_stored": {p.name: sinks[p.name].rows_total for p in prompts},
-                   **metrics.summary(), "input_warnings": reader.warnings}
+                   **metrics.summary(), "input_warnings": reader.warnings,
+                   # counts of the whole run (every process that worked on this shard), as `engine status` shows
+                   "failed": failed_rows, "failed_this_process": metrics.failed, "error_rows_removed": dropped}
         name = "summary.json" if cfg.shard.count == 1 else f"summary-{tag}.json"
         (out / name).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         if complete and cfg.report.enabled:
             from .report import write_report
             try:
-                report = write_report(out, cfg.report.sample, cfg.sampling.seed)
+                report = write_report(out, cfg.report.sample, cfg.sampling.seed or 0)
             except Exception:  # noqa: BLE001 - the results are complete; a failed analysis must not hide that
                 log.exception("the diversity report failed; make it again with: engine report %s", out)
             else:
@@ -387,11 +409,32 @@ class Run:
             ptoks += c.prompt_tokens
             ctoks += c.completion_tokens
             cached += c.cached_tokens
-            failed += c.finish_reason == "error"
+            if c.finish_reason == "error":
+                failed += 1
+                metrics.last_error = c.error
             metrics.truncated += p.truncated
         for prompt, items in by_prompt.items():
             writer.put(prompt, items)
         metrics.completed(done, ptoks, ctoks, cached, failed)
+
+
+class TooManyErrors(RuntimeError):
+    """More requests failed than `retry.max_error_fraction` allows: the cause is rarely the documents."""
+
+
+def _exit_code(exc: BaseException, interrupted: bool) -> int:
+    from .backends.base import BackendDead
+    from .config import ConfigError
+
+    if isinstance(exc, (InputError, WriterError)):
+        return EXIT_ERROR
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, TooManyErrors):
+        return EXIT_TOO_MANY_ERRORS
+    if interrupted and isinstance(exc, BackendDead):
+        return EXIT_INTERRUPTED
+    return EXIT_BACKEND_DEAD
 
 
 class RunFailed(RuntimeError):

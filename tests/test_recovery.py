@@ -123,7 +123,7 @@ def test_failed_requests_are_retried_then_recorded(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(200))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 0.3},
-                       retry={"max_attempts": 3, "backoff_seconds": 0.01})
+                       retry={"max_attempts": 3, "backoff_seconds": 0.01, "max_error_fraction": 0.2})
     p = engine_cli("run", str(cfg), check=True)
     t = pq.read_table(out / "faq")
     assert t.num_rows == 200 and len(set(t.column("id").to_pylist())) == 200
@@ -137,6 +137,39 @@ def test_failed_requests_are_retried_then_recorded(tmp_path, tiny_model):
     # Failed rows count as done: a rerun generates nothing.
     again = engine_cli("run", str(cfg), check=True)
     assert "generated  0 requests" in again.stdout
+
+
+def test_too_many_error_rows_is_not_complete_and_retry_errors_regenerates_them(tmp_path, tiny_model):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(100))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 0.3},
+                       retry={"max_attempts": 2, "backoff_seconds": 0.01}, output={"row_group_rows": 30})
+    p = engine_cli("run", str(cfg))  # 0.3^2 = 9 % of the rows fail: above the default 2 %
+    assert p.returncode == 5 and "incomplete:" in p.stdout and "--retry-errors" in p.stderr, p.stderr
+    t = pq.read_table(out / "faq")
+    failed = t.column("finish_reason").to_pylist().count("error")
+    assert t.num_rows == 100 and 2 < failed < 20
+    assert engine_cli("status", str(out), "--check").returncode == 1
+    # A plain resume generates nothing, and its summary counts the whole run's failures, as status does.
+    again = engine_cli("run", str(cfg))
+    assert again.returncode == 5 and "generated  0 requests" in again.stdout
+    assert f"failed {failed} (0 in this process)" in again.stdout
+    # --retry-errors: the error rows are removed and those documents generated again, exactly once.
+    fixed = engine_cli("run", str(cfg), "--retry-errors", "--set", "instant.fail_rate=0.0", check=True)
+    assert f"generated  {failed} requests" in fixed.stdout and "complete:" in fixed.stdout
+    check_exactly_once(out, {d["id"] for d in sample_docs(100)}, prompts=("faq",))
+    assert "error" not in pq.read_table(out / "faq").column("finish_reason").to_pylist()
+    assert engine_cli("status", str(out), "--check").returncode == 0
+
+
+def test_a_run_that_mostly_fails_stops_early(tmp_path, tiny_model):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(2000))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 1.0},
+                       retry={"max_attempts": 1}, scheduler={"lookahead": 64})
+    p = engine_cli("run", str(cfg))
+    assert p.returncode == 5 and "injected failure" in p.stderr, p.stderr
+    assert pq.read_table(out / "faq").num_rows < 2000  # it stopped instead of storing 2,000 error rows
 
 
 def test_dead_backend_ends_the_run_resumable(tmp_path, tiny_model):

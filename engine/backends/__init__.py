@@ -10,7 +10,7 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
     if cfg.backend == "instant":
         from .instant import InstantBackend
         i = cfg.instant
-        return InstantBackend(i.completion_tokens, i.delay_ms, i.fail_rate, i.die_after, cfg.sampling.seed)
+        return InstantBackend(i.completion_tokens, i.delay_ms, i.fail_rate, i.die_after, cfg.sampling.seed or 0)
     if cfg.backend == "torch":
         from .torch_backend import TorchBackend
         eos = tokenizer.eos_token_id
@@ -26,6 +26,10 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
         args = default_parallelism(dict(cfg.sglang.server_args), model_dir)
         args.setdefault("context_length", context)
         return SGLangEngineBackend(str(model_dir), args, sampling, cfg.scheduler.max_in_flight)
+    if cfg.backend == "vllm":
+        from .vllm_engine import VLLMEngineBackend
+        return VLLMEngineBackend(str(model_dir), cfg.vllm.engine_args, sampling, cfg.scheduler.max_in_flight, context,
+                                 dtype=cfg.model.dtype, device=cfg.model.device)
     if cfg.backend == "sglang-http":
         from .sglang_http import SGLangHTTPBackend
         h = cfg.http

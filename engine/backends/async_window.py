@@ -23,6 +23,7 @@ class AsyncWindowBackend:
         self.max_in_flight = max_in_flight
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
+        self.tasks: set[asyncio.Task] = set()  # requests in flight (touched on the loop thread only)
 
     # Subclasses implement these three coroutines.
     async def astart(self) -> None:
@@ -45,6 +46,8 @@ class AsyncWindowBackend:
 
     def _submit(self, req: Request, results: queue.Queue) -> None:
         async def one() -> None:
+            task = asyncio.current_task()
+            self.tasks.add(task)
             try:
                 results.put(await self.agenerate(req))
             except BackendDead as exc:
@@ -52,6 +55,8 @@ class AsyncWindowBackend:
             except Exception as exc:  # noqa: BLE001 - a failed request, retried by the runner
                 results.put(Completion(req.key, "error", prompt_tokens=len(req.input_ids),
                                        error=f"{type(exc).__name__}: {exc}"))
+            finally:
+                self.tasks.discard(task)
         asyncio.run_coroutine_threadsafe(one(), self.loop)
 
     def generate(self, requests: Iterator[Request], stop: threading.Event) -> Iterator[list[Completion]]:
@@ -84,11 +89,22 @@ class AsyncWindowBackend:
             if dead is not None:
                 raise dead
 
+    async def _cancel_in_flight(self) -> None:
+        """Cancel every request still in flight and wait for each to unwind (an engine aborts it)."""
+        tasks = list(self.tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     def close(self) -> None:
         if self.loop is None:
             return
         try:
-            self._call(self.aclose(), timeout=60)
+            try:
+                self._call(self._cancel_in_flight(), timeout=30)
+            finally:
+                self._call(self.aclose(), timeout=60)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)

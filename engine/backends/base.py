@@ -39,7 +39,7 @@ class SamplingParams:
     """Run-wide sampling settings; max_new_tokens is per request (it depends on the prompt)."""
     temperature: float
     top_p: float
-    seed: int
+    seed: int | None  # None: no per-request seeds (backends with one global generator use 0)
     ignore_eos: bool = False  # benchmarks only: every request runs to its max_new_tokens
 
 

@@ -25,8 +25,13 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "sampling_seed", "ign
 
 def sampling_params(req: Request, sampling: SamplingParams) -> dict:
     return {"max_new_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "sampling_seed": (sampling.seed * 1_000_003 + req.key) % (2 ** 31),
+            **({"sampling_seed": request_seed(sampling.seed, req.key)} if sampling.seed is not None else {}),
             **({"ignore_eos": True} if sampling.ignore_eos else {})}
+
+
+def request_seed(seed: int, key: int) -> int:
+    """A per-request seed derived from the run's `sampling.seed` (sent only when the user sets one)."""
+    return (seed * 1_000_003 + key) % (2 ** 31)
 
 
 def completion_from(req: Request, out: dict) -> Completion:

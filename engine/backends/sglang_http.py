@@ -1,41 +1,58 @@
-"""`sglang-http`: running SGLang servers (or a router), or any OpenAI-compatible completions server.
+"""`sglang-http`: running SGLang servers (or a router), or any OpenAI-compatible completions server
+(vLLM's `vllm serve`, SGLang's OpenAI routes, ...).
 
 - `http.api = "native"`: SGLang's `/generate` with `input_ids` (the renderer's tokens) and
   `sampling_params`; the response's `output_ids`/`text` and `meta_info` (prompt, completion and cached
   tokens, finish reason, latency) are used as in the in-process backend.
 - `http.api = "openai"`: `/v1/completions` with the token ids as the prompt; `usage` gives the token
-  counts (`prompt_tokens_details.cached_tokens` where the server reports it).
-Several `http.urls` are used round-robin (or give one router URL). Connections are pooled; every
-request has a timeout and is retried with exponential backoff on connection errors, timeouts, 429
-and 5xx; other HTTP errors are failures of that request (retried by the runner, then recorded).
-When every try of `http.dead_after` consecutive requests fails to reach a server, the backend is
-declared dead: the run stops with status 4, resumable, instead of marking the rest failed.
+  counts (`prompt_tokens_details.cached_tokens` where the server reports it: `vllm serve` needs
+  `--enable-prompt-tokens-details`, SGLang `--enable-cache-report`).
+
+Before the first batch every URL is probed (`probe`): reachable, the API shape answers (a one-token
+request), and the model name is one the server serves (`http.model` empty: the server's own, asked
+from `/v1/models` or `/model_info`). A wrong API, model or credential is a configuration error at
+start (status 2), naming what to set.
+
+During the run failures are classified:
+- the request's own (HTTP 400/413/422 and other 4xx, a generation error, an `abort`): a failed
+  completion, retried by the runner and then recorded as an error row;
+- the backend's (connection refused, timeouts, 408/429/5xx): retried with exponential backoff
+  (`http.backoff_s`, doubling, at most 30 s apart) for as long as the servers keep failing; once no
+  request has succeeded for `http.dead_after` seconds the backend is dead and the run stops with
+  status 4, resumable. A request that keeps failing while other requests succeed is the request's
+  own failure after `http.retries` more tries;
+- the configuration's (401/403/404/405 mid-run: a server swapped or a route gone): the run stops at
+  once with status 4, naming the answer. None of these is ever stored as a row.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import time
 
+from ..config import ConfigError
 from .async_window import AsyncWindowBackend
 from .base import BackendDead, Completion, Request, SamplingParams
 from .sglang_engine import completion_from, sampling_params
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}  # the backend's trouble: retried, then "dead"
+FATAL_STATUS = {401: "unauthorised", 403: "forbidden", 404: "not found", 405: "method not allowed"}
+MAX_BACKOFF_S = 30.0
 
 
-class _Transient(Exception):
-    pass
+class ProbeError(ConfigError):
+    """The servers answer, but not to this configuration (API shape, model name, credentials)."""
 
 
 class SGLangHTTPBackend(AsyncWindowBackend):
     name = "sglang-http"
 
     def __init__(self, urls: list[str], api: str, sampling: SamplingParams, max_in_flight: int,
-                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, dead_after: int = 16,
-                 model: str = "default", connections: int = 256):
+                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, dead_after: float = 60.0,
+                 model: str = "", connections: int = 0):
         super().__init__(max_in_flight)
         if api not in ("native", "openai"):
             raise ValueError(f"http.api must be 'native' or 'openai', not {api!r}")
@@ -43,29 +60,86 @@ class SGLangHTTPBackend(AsyncWindowBackend):
             raise ValueError("backend 'sglang-http' needs http.urls (one or more server or router URLs)")
         self.urls, self.api, self.sampling = [u.rstrip("/") for u in urls], api, sampling
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.dead_after, self.model, self.connections = dead_after, model, connections
+        self.dead_after, self.model = dead_after, model
+        # One pooled connection per request in flight, so the window never queues on the pool.
+        self.connections = connections or max_in_flight
         self.next_url = itertools.cycle(self.urls)
-        self.unreachable = 0  # consecutive requests that could not reach any server
+        self.failing_since: float | None = None  # first backend failure since the last success
+        self.last_success = 0.0
         self.client = None
 
     async def astart(self) -> None:
         import httpx
 
         limits = httpx.Limits(max_connections=self.connections, max_keepalive_connections=self.connections)
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)),
-                                        limits=limits)
+        # The pool wait has no limit of its own: a request queued behind the window is not a slow server.
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s),
+                                                              pool=None), limits=limits)
+        try:
+            await self.probe()
+        except BaseException:
+            await self.client.aclose()
+            raise
 
     async def aclose(self) -> None:
         if self.client is not None:
             await self.client.aclose()
 
-    def _payload(self, req: Request) -> tuple[str, dict]:
+    async def probe(self) -> None:
+        """Every URL reachable, speaking the configured API, serving the configured model."""
+        import httpx
+
+        for url in self.urls:
+            try:
+                served = await self._served_models(url)
+                if self.api == "openai":
+                    if not self.model:
+                        if len(served) != 1:
+                            raise ProbeError(f"{url} serves {len(served)} models ({', '.join(served) or 'none'}): "
+                                             f"set http.model to one of them")
+                        self.model = served[0]
+                        log.info("http.model: %s (the model %s serves)", self.model, url)
+                    elif served and self.model not in served:
+                        raise ProbeError(f"{url} does not serve http.model = {self.model!r}; it serves "
+                                         f"{', '.join(served)} (leave http.model empty to use the server's own)")
+                path, payload = self._payload(Request(-1, "probe", [0], 0, 1), probe=True)
+                resp = await self.client.post(url + path, json=payload)
+            except (httpx.TransportError, httpx.TimeoutException) as exc:
+                raise BackendDead(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+            if resp.status_code in (404, 405):
+                other = "openai" if self.api == "native" else "native"
+                raise ProbeError(f"{url}{path}: HTTP {resp.status_code}: this server does not speak http.api = "
+                                 f"{self.api!r} (try http.api = {other!r}): {resp.text[:200]}")
+            if resp.status_code in (401, 403):
+                raise ProbeError(f"{url}{path}: HTTP {resp.status_code} ({FATAL_STATUS[resp.status_code]}): "
+                                 f"the server wants credentials: {resp.text[:200]}")
+            if resp.status_code != 200:
+                raise BackendDead(f"{url}{path}: the probe request failed: HTTP {resp.status_code}: "
+                                  f"{resp.text[:300]}")
+
+    async def _served_models(self, url: str) -> list[str]:
+        """The model names a server answers to (`/v1/models`; SGLang's `/model_info` for the native API)."""
+        paths = ["/v1/models"] if self.api == "openai" else ["/model_info", "/get_model_info", "/v1/models"]
+        for path in paths:
+            resp = await self.client.get(url + path)
+            if resp.status_code != 200:
+                continue
+            data = resp.json()
+            if "data" in data:
+                return [m["id"] for m in data["data"] if "id" in m]
+            name = data.get("served_model_name") or data.get("model_path")
+            return [name] if name else []
+        return []
+
+    def _payload(self, req: Request, probe: bool = False) -> tuple[str, dict]:
         params = sampling_params(req, self.sampling)
+        if probe:
+            params.pop("sampling_seed", None)  # the probe never risks a server that dies on seeds
         if self.api == "native":
             return "/generate", {"input_ids": req.input_ids, "sampling_params": params}
         return "/v1/completions", {"model": self.model, "prompt": req.input_ids, "max_tokens": req.max_new_tokens,
                                    "temperature": params["temperature"], "top_p": params["top_p"],
-                                   "seed": params["sampling_seed"],
+                                   **({"seed": params["sampling_seed"]} if "sampling_seed" in params else {}),
                                    **({"ignore_eos": True} if self.sampling.ignore_eos else {})}
 
     def _parse(self, req: Request, data: dict) -> Completion:
@@ -83,28 +157,32 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         import httpx
 
         path, payload = self._payload(req)
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
+        first_failure, tries = None, 0
+        while True:
             url = next(self.next_url) + path
             try:
                 resp = await self.client.post(url, json=payload)
             except (httpx.TransportError, httpx.TimeoutException) as exc:
                 last = f"{url}: {type(exc).__name__}: {exc}"
-                continue
-            if resp.status_code in RETRYABLE_STATUS:
+            else:
+                if resp.status_code == 200:
+                    self.failing_since, self.last_success = None, time.monotonic()
+                    return self._parse(req, resp.json())
+                if resp.status_code in FATAL_STATUS:
+                    raise BackendDead(f"{url}: HTTP {resp.status_code} ({FATAL_STATUS[resp.status_code]}) in mid-run: "
+                                      f"the server no longer takes this configuration: {resp.text[:200]}")
+                if resp.status_code not in RETRYABLE_STATUS:  # this request's own failure (400, 413, 422, ...)
+                    return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
+                                      error=f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
                 last = f"{url}: HTTP {resp.status_code}: {resp.text[:200]}"
-                self.unreachable = 0
-                continue
-            self.unreachable = 0
-            if resp.status_code != 200:
+            now = time.monotonic()
+            first_failure = first_failure or now
+            self.failing_since = self.failing_since or now
+            tries += 1
+            if now - self.failing_since >= self.dead_after:
+                raise BackendDead(f"no server answered for {now - self.failing_since:.0f} s (http.dead_after = "
+                                  f"{self.dead_after:g}); last: {last}")
+            if tries > self.retries and self.last_success > first_failure:  # others succeed: it is this request
                 return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
-                                  error=f"{url}: HTTP {resp.status_code}: {resp.text[:300]}")
-            return self._parse(req, resp.json())
-        if "HTTP" not in last:
-            self.unreachable += 1
-            if self.unreachable >= self.dead_after:
-                raise BackendDead(f"no server reachable for {self.unreachable} requests in a row; last: {last}")
-        return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
-                          error=f"failed after {self.retries + 1} tries: {last}")
+                                  error=f"failed after {tries} tries while the server answered others: {last}")
+            await asyncio.sleep(min(self.backoff_s * 2 ** (tries - 1), MAX_BACKOFF_S))

@@ -208,9 +208,13 @@ class TorchBackend:
             attn = register()
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation=attn)
         self.model = self.model.to(self.device).eval()
+        # transformers 5.19 (the pinned release, sglang's) calls the cache argument `past_key_values`;
+        # later 5.x releases call it `cache`.
+        import inspect
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         # On CPU the cache is float32 whatever the weights (see cpu_attention.py); on GPUs, the model's dtype.
         self.cache_dtype = torch.float32 if self.device == "cpu" else dtype
-        self.generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed or 0)
 
     def close(self) -> None:
         self.model = None
@@ -221,7 +225,7 @@ class TorchBackend:
         cache = DynamicCache(config=self.model.config)
         cache.layers = list(layers)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+                         **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _empty_layers(self, rows: int, capacity: int) -> list[_Layer]:

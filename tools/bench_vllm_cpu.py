@@ -1,0 +1,246 @@
+"""The engines a CPU user can pick, side by side in one run, on the same documents and settings.
+
+    .venv/bin/python tools/bench_vllm_cpu.py --docs 16 --max-new-tokens 256 --dtype float32
+    .venv/bin/python tools/bench_vllm_cpu.py --only offline,engine-vllm     # a subset
+
+The shipped web-like documents (runs/data/demo_docs.jsonl, cycled under new ids past 20), one prompt
+(`faq`), the model's chat template with its default system prompt, the same sampling, real EOS:
+  offline       vLLM's own offline API: `LLM.chat` on the filled-in template (what a user writes first);
+  engine-vllm   `engine run` with backend = "vllm" (AsyncLLM in-process, our token ids, writer, journal);
+  datatrove     datatrove 0.10.1's InferenceRunner (the field's pipeline) sending /v1/chat/completions
+                to a `vllm serve` on loopback (tools/vllm_cpu_serve.py), writing JSONL;
+  engine-torch  `engine run` with backend = "torch" (our own batched loop);
+  naive         `model.generate` one document at a time (tools/bench_torch_cpu.py's loop).
+Each runs in a process of its own, one after the other (nothing else should run meanwhile). Reported:
+load seconds, generation seconds (load excluded everywhere: the model is loaded and the server up
+before the clock starts), output tokens and output tok/s, and each one's ratio to `offline`. The CPU
+(model name, AVX2 / AVX512-BF16 / AMX) is printed and saved with the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+KINDS = ("offline", "engine-vllm", "datatrove", "engine-torch", "naive")
+
+
+def cpu_label() -> str:
+    flags, name = "", "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and name == "?":
+            name = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = line
+    isa = "AMX" if " amx_bf16" in flags else "AVX512-BF16" if " avx512_bf16" in flags else \
+        "AVX512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
+    return f"{name}, {isa}, {os.cpu_count()} cores"
+
+
+def documents(n: int, dest: Path) -> Path:
+    rows = [json.loads(line) for line in (ROOT / "runs/data/demo_docs.jsonl").read_text().splitlines() if line.strip()]
+    out = [{**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-{i // len(rows)}"} for i in range(n)]
+    dest.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return dest
+
+
+def user_messages(src: Path, prompt: str) -> list[str]:
+    from engine.prompts import load_prompts
+
+    template = load_prompts([prompt])[0].template
+    texts = [json.loads(line)["text"] for line in src.read_text().splitlines()]
+    return [template.replace("{document}", t) for t in texts]
+
+
+# ---- one measurement per process ------------------------------------------------------------------
+def run_offline(a) -> dict:
+    from vllm import LLM, SamplingParams
+
+    t = time.perf_counter()
+    llm = LLM(model=str(a.model_dir), dtype=a.dtype, max_model_len=a.context, enable_prefix_caching=True,
+              kv_cache_memory_bytes=2 * 1024 ** 3)
+    load = time.perf_counter() - t
+    chats = [[{"role": "user", "content": m}] for m in user_messages(a.src, a.prompt)]
+    params = SamplingParams(max_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p)
+    t = time.perf_counter()
+    outs = llm.chat(chats, params, use_tqdm=False)
+    gen = time.perf_counter() - t
+    return {"load_s": load, "gen_s": gen, "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs),
+            "prompt_tokens": sum(len(o.prompt_token_ids) for o in outs)}
+
+
+def _engine(a, backend: str) -> dict:
+    from engine.config import load_config
+    from engine.runner import ModelSetup, Run
+
+    out = a.work / f"out-{backend}"
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(None, [f"input.paths=['{a.src}']", f"output.dir='{out}'", f"backend='{backend}'",
+                             f"prompts=['{a.prompt}']", f"sampling.max_new_tokens={a.max_new_tokens}",
+                             f"sampling.temperature={a.temperature}", f"sampling.top_p={a.top_p}",
+                             f"model.dtype='{a.dtype}'", "report.enabled=false", f"torch.batch_size={a.docs}",
+                             f"vllm.engine_args={{max_model_len = {a.context}}}"])
+    t = time.perf_counter()
+    setup = ModelSetup.load(cfg)
+    be = setup.backend(cfg)
+    be.start()
+    load = time.perf_counter() - t
+    try:
+        t = time.perf_counter()
+        code, summary = Run(cfg, setup=setup, backend=be, quiet=True).execute()
+        gen = time.perf_counter() - t
+    finally:
+        be.close()
+    assert code == 0, summary
+    return {"load_s": load, "gen_s": gen, "output_tokens": summary["output_tokens"],
+            "prompt_tokens": summary["input_tokens"], "prefix_cache_hit_rate": summary["prefix_cache_hit_rate"]}
+
+
+def run_datatrove(a) -> dict:
+    import socket
+
+    import httpx
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.inference.run_inference import InferenceConfig, InferenceRunner
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.perf_counter()
+    server = subprocess.Popen([sys.executable, str(ROOT / "tools/vllm_cpu_serve.py"), str(a.model_dir), "--host",
+                               "127.0.0.1", "--port", str(port), "--served-model-name", "bench", "--dtype", a.dtype,
+                               "--max-model-len", str(a.context), "--disable-uvicorn-access-log"],
+                              stdout=open(a.work / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None:
+                raise RuntimeError(f"vllm serve died: {(a.work / 'serve.log').read_text()[-2000:]}")
+            time.sleep(1)
+        load = time.perf_counter() - t
+        messages = user_messages(a.src, a.prompt)
+        by_text = {json.loads(line)["text"]: m for line, m in zip(a.src.read_text().splitlines(), messages)}
+
+        async def rollout(document, generate):
+            result = await generate({"messages": [{"role": "user", "content": by_text[document.text]}],
+                                     "max_tokens": a.max_new_tokens})
+            return {"text": result.text, "completion_tokens": result.usage["completion_tokens"]}
+
+        out = a.work / "out-datatrove"
+        cfg = InferenceConfig(server_type="endpoint", endpoint_url=f"http://127.0.0.1:{port}", model_name_or_path="bench",
+                              use_chat=True, max_concurrent_generations=500, metric_interval=3600,
+                              default_generation_params={"temperature": a.temperature, "top_p": a.top_p})
+        pipeline = [JsonlReader(str(a.src.parent), glob_pattern=a.src.name),
+                    InferenceRunner(rollout, cfg, JsonlWriter(str(out), compression=None))]
+        t = time.perf_counter()
+        LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=str(a.work / "dt-logs")).run()
+        gen = time.perf_counter() - t
+        tokens = 0
+        for f in out.glob("*.jsonl"):
+            for line in f.read_text().splitlines():
+                for r in json.loads(line)["metadata"]["rollout_results"]:
+                    tokens += r["completion_tokens"]
+        return {"load_s": load, "gen_s": gen, "output_tokens": tokens}
+    finally:
+        os.killpg(server.pid, 9)
+        server.wait()
+
+
+def run_naive(a) -> dict:
+    import torch
+    from bench_torch_cpu import naive
+
+    texts = [json.loads(line)["text"] for line in a.src.read_text().splitlines()]
+    gen, tokens = naive(a.model_dir, a.prompt, texts, a.max_new_tokens, a.temperature, a.top_p, getattr(torch, a.dtype))
+    return {"load_s": None, "gen_s": gen, "output_tokens": tokens}
+
+
+MEASURE = {"offline": run_offline, "engine-vllm": lambda a: _engine(a, "vllm"), "datatrove": run_datatrove,
+           "engine-torch": lambda a: _engine(a, "torch"), "naive": run_naive}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--docs", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--prompt", default="faq")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--only", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    ap.add_argument("--out", default="runs/out/bench")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from engine.model_store import resolve_model
+    a.model_dir = resolve_model("embedded")[0]
+
+    if a.one:
+        a.work = Path(a.work)
+        a.src = a.work / "docs.jsonl"
+        result = MEASURE[a.one](a)
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="bench-vllm-cpu-"))
+    cpu = cpu_label()
+    print(f"CPU: {cpu}; {a.docs} documents, {a.prompt}, {a.max_new_tokens} new tokens, {a.dtype}, "
+          f"temperature {a.temperature}, top_p {a.top_p}", file=sys.stderr)
+    try:
+        documents(a.docs, work / "docs.jsonl")
+        results = {}
+        for kind in [k.strip() for k in a.only.split(",") if k.strip()]:
+            cmd = [sys.executable, __file__, "--one", kind, "--work", str(work), "--docs", str(a.docs),
+                   "--max-new-tokens", str(a.max_new_tokens), "--prompt", a.prompt, "--dtype", a.dtype,
+                   "--temperature", str(a.temperature), "--top-p", str(a.top_p), "--context", str(a.context)]
+            print(f"{kind} ...", file=sys.stderr, flush=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if p.returncode != 0 or line is None:
+                print(f"{kind} failed ({p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
+                results[kind] = {"error": p.stderr[-500:]}
+                continue
+            r = json.loads(line[len("RESULT "):])
+            r["tok_per_s"] = r["output_tokens"] / r["gen_s"]
+            results[kind] = r
+            print(f"{kind}: {r['output_tokens']} tokens in {r['gen_s']:.1f} s = {r['tok_per_s']:.1f} tok/s",
+                  file=sys.stderr, flush=True)
+        base = results.get("offline", {}).get("tok_per_s")
+        print(f"\nCPU: {cpu}\n{'configuration':<14}{'load s':>8}{'gen s':>8}{'out tokens':>12}{'tok/s':>8}{'vs offline':>12}")
+        for k, r in results.items():
+            if "error" in r:
+                print(f"{k:<14}  failed")
+                continue
+            ratio = f"{r['tok_per_s'] / base:.2f}x" if base else "-"
+            load = f"{r['load_s']:.0f}" if r.get("load_s") is not None else "-"
+            print(f"{k:<14}{load:>8}{r['gen_s']:>8.1f}{r['output_tokens']:>12,}{r['tok_per_s']:>8.1f}{ratio:>12}")
+        out = ROOT / a.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"vllm_cpu_{a.dtype}.json").write_text(json.dumps(
+            {"cpu": cpu, "docs": a.docs, "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
+             "temperature": a.temperature, "top_p": a.top_p, "results": results}, indent=2))
+        return 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
