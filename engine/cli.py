@@ -21,6 +21,7 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def cmd_run(args) -> int:
+    logging.getLogger("engine.cli").info("engine run %s: reading the config", args.config)
     from .config import ConfigError, load_config
     from .runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_TOO_MANY_ERRORS, Run, RunFailed
 
@@ -395,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .signals import Interrupted, raise_on_signals, reap_children
+
+    raise_on_signals()  # from the first line: a SIGTERM or Ctrl-C at any moment ends with a documented status
+    try:
+        return _main(argv)
+    except Interrupted as exc:
+        print(f"interrupted ({exc.signame}) before any work was in flight: nothing is lost; run the same "
+              f"command again to resume.", file=sys.stderr)
+        return 3
+    finally:
+        reap_children()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .config import load_config
 from .output import read_states, shard_tag
+from .signals import SIGNALS, Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,15 @@ def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[
     return 0
 
 
+def _term_with_parent() -> None:
+    """Linux: the shard's `engine run` gets SIGTERM (commit, exit 3) when its Ray worker dies."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ShardInterrupted(RuntimeError):
     """A shard stopped in a resumable way (preempted, killed, backend died): Ray runs it again."""
 
@@ -145,7 +156,8 @@ def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: 
         fh.write(f"--- attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         code = subprocess.run(engine_command(Path(config), f"{shard}/{shards}", overrides), cwd=cwd,
-                              stdout=fh, stderr=subprocess.STDOUT).returncode
+                              stdout=fh, stderr=subprocess.STDOUT,
+                              preexec_fn=_term_with_parent).returncode  # noqa: PLW1509
     if code == 0:
         return shard
     if code in RESUMABLE or code < 0:
@@ -166,6 +178,11 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
+    # ray.init installs its own SIGTERM handler (sys.exit), and an exception raised from a handler
+    # inside Ray's Cython calls comes out as SystemError: note the signal here, act on it between waits.
+    received: list[str] = []
+    for s in SIGNALS:
+        signal.signal(s, lambda signum, _f: received.append(signal.Signals(signum).name))
     try:
         if gpus_per_shard is None:  # one GPU per shard where the cluster has GPUs
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
@@ -176,16 +193,12 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
               f"logs in {logs}", flush=True)
         failed = []
         pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            for ref in ready:
-                i = refs[ref]
-                try:
-                    ray.get(ref)
-                    print(f"shard {i}/{shards} complete ({len(refs) - len(pending) - len(failed)} done)", flush=True)
-                except Exception as exc:  # noqa: BLE001 - reported per shard, the others go on
-                    failed.append(i)
-                    print(f"shard {i}/{shards} FAILED: {exc}", file=sys.stderr, flush=True)
+        try:
+            _wait_all(refs, pending, failed, shards, received)
+        except BaseException:  # SIGTERM / Ctrl-C (signals.Interrupted): stop every shard (each commits, exits 3)
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
         if failed:
             print(f"{len(failed)} shard(s) failed: {failed}; fix the cause and launch again (complete shards are "
                   "skipped, failed ones resume)", file=sys.stderr)
@@ -194,3 +207,22 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
         return 0
     finally:
         ray.shutdown()
+
+
+def _wait_all(refs: dict, pending: list, failed: list, shards: int, received: list[str]) -> None:
+    """Wait for every shard, reporting each as it ends; `pending` shrinks in place (for a cancel)."""
+    import ray
+
+    while pending:
+        if received:
+            raise Interrupted(received[0])
+        ready, rest = ray.wait(pending, num_returns=1, timeout=0.5)
+        pending[:] = rest
+        for ref in ready:
+            i = refs[ref]
+            try:
+                ray.get(ref)
+                print(f"shard {i}/{shards} complete ({len(refs) - len(pending) - len(failed)} done)", flush=True)
+            except Exception as exc:  # noqa: BLE001 - reported per shard, the others go on
+                failed.append(i)
+                print(f"shard {i}/{shards} FAILED: {exc}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ import logging
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,7 @@ from .reader import Doc, InputError, Reader, Rejection, id_hash
 from .renderer import Renderer
 from .retry import RetryFeed
 from .scheduler import length_buckets
+from .signals import SIGNALS, Interrupted
 from .writer import AsyncWriter, WriterError
 
 log = logging.getLogger(__name__)
@@ -242,11 +244,16 @@ class Run:
         self.setup, self.shared_backend = setup, backend
         self.stop = threading.Event()
         self.interrupted_by: str | None = None
+        self.finishing = False  # generation is over: a signal no longer changes the outcome
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.stop.is_set():
+        if self.interrupted_by is not None:  # a second signal: abort now (a crash, and crashes are recovered)
             raise KeyboardInterrupt
         self.interrupted_by = signal.Signals(signum).name
+        if self.finishing:
+            log.warning("%s received: the work is complete and saved; ending the diversity report first (seconds)",
+                        self.interrupted_by)
+            return
         log.warning("%s received: finishing writes, then exiting (the run is resumable)", self.interrupted_by)
         self.stop.set()
 
@@ -255,12 +262,15 @@ class Run:
         prompts = load_prompts(cfg.prompts)
         setup = self.setup or ModelSetup.load(cfg)
         model_name, tokenizer, context = setup.model_name, setup.tokenizer, setup.context
+        log.info("model %s: tokenizer and config loaded (context %d)", model_name, context)
         renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt)
         temperature, top_p = setup.sampling.temperature, setup.sampling.top_p
 
         reader = Reader(cfg.input.paths, cfg.input.text_column, cfg.input.id_column, cfg.input.batch_rows,
                         cfg.input.max_doc_chars, cfg.shard.index, cfg.shard.count)
         reader.preflight()
+        log.info("input checked: %d file(s), %s rows for this shard", len(reader.files),
+                 f"{reader.total_rows:,}" if reader.total_rows is not None else "?")
 
         out = Path(cfg.output.dir)
         fingerprint = {
@@ -315,8 +325,8 @@ class Run:
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
 
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if threading.current_thread() is threading.main_thread() else {}
+        on_main = threading.current_thread() is threading.main_thread()
+        old_handlers = {s: signal.getsignal(s) for s in SIGNALS} if on_main else {}
         code, error = EXIT_OK, None
         # The hot path allocates millions of short-lived lists (token ids) and no reference cycles:
         # frequent generational collections cost ~10% of host throughput (tools/bench_host.py).
@@ -325,7 +335,13 @@ class Run:
         try:
             writer.start()
             if self.shared_backend is None:
-                backend.start()
+                log.info("starting the %s backend", cfg.backend)
+                t0 = time.perf_counter()
+                backend.start()  # a signal here raises Interrupted (nothing is in flight yet)
+                log.info("%s backend ready in %.1f s; generating", cfg.backend, time.perf_counter() - t0)
+            if on_main:  # from here on a signal lets the run finish its writes (see _on_signal)
+                for s in SIGNALS:
+                    signal.signal(s, self._on_signal)
             producer.start()
             feed = RetryFeed(iter(producer), cfg.retry.max_attempts, cfg.retry.backoff_seconds, self.stop)
             while True:  # another pass serves retries of failures that came back after the input ended
@@ -340,6 +356,10 @@ class Run:
                     break
             if self.stop.is_set():
                 code = EXIT_INTERRUPTED
+        except Interrupted as exc:  # while the backend started: nothing was in flight
+            self.interrupted_by = exc.signame
+            log.warning("%s received while the backend started: stopping (the run is resumable)", exc.signame)
+            code = EXIT_INTERRUPTED
         except Exception as exc:  # the backend or the input failed mid-run: save what is done, then report
             code, error = _exit_code(exc, interrupted=self.interrupted_by is not None), exc
             if code == EXIT_INTERRUPTED:  # e.g. the engine died of the same Ctrl-C: an interruption, resumable
@@ -358,9 +378,19 @@ class Run:
                     if not isinstance(error, WriterError):
                         code, error = EXIT_ERROR, exc
                 finally:
-                    for s, h in old_handlers.items():
-                        signal.signal(s, h)
                     gc.set_threshold(*gc_threshold)
+        try:
+            return self._finish(code, error, out, tag, state, prompts, sinks, metrics, reader, resumed, dropped,
+                                model_name, total_rows)
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+
+    def _finish(self, code, error, out, tag, state, prompts, sinks, metrics, reader, resumed, dropped, model_name,
+                total_rows) -> tuple[int, dict]:
+        """State file, summary and report (a signal now only skips the report: the work is saved)."""
+        cfg = self.cfg
+        self.finishing = True
         stored = sum(sinks[p.name].rows_total for p in prompts)
         failed_rows = sum(sinks[p.name].counts.get("error", 0) for p in prompts)
         if code == EXIT_OK and failed_rows > cfg.retry.max_error_fraction * stored:
@@ -378,8 +408,12 @@ class Run:
                    "failed": failed_rows, "failed_this_process": metrics.failed, "error_rows_removed": dropped}
         name = "summary.json" if cfg.shard.count == 1 else f"summary-{tag}.json"
         (out / name).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-        if complete and cfg.report.enabled:
+        if complete and cfg.report.enabled and self.interrupted_by is not None:
+            log.warning("%s received: the run is complete; the diversity report is skipped (make it with: "
+                        "engine report %s)", self.interrupted_by, out)
+        elif complete and cfg.report.enabled:
             from .report import write_report
+            log.info("run complete; writing the diversity report")
             try:
                 report = write_report(out, cfg.report.sample, cfg.sampling.seed or 0)
             except Exception:  # noqa: BLE001 - the results are complete; a failed analysis must not hide that

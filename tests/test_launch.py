@@ -88,6 +88,44 @@ def test_ray_runs_shards_retries_a_killed_one_exactly_once(tmp_path, tiny_model,
     assert status.returncode == 0 and "4/4 shards complete" in status.stdout
 
 
+def test_ray_launch_sigterm_stops_every_shard_then_resumes(tmp_path, tiny_model, ray_available):
+    import signal
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(2000))], out,
+                       prompts=PROMPTS, instant={"delay_ms": 3.0}, output={"flush_seconds": 0.2})
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "launch", "ray", str(cfg), "--shards", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600  # readiness: a shard has journaled rows
+    while time.time() < deadline and not list((out / "_journal").rglob("*.arrows")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 3, err[-3000:]
+
+    def shard_processes():
+        found = []
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and str(cfg) in (p / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(p.name)
+            except OSError:
+                pass
+        return found
+    deadline = time.time() + 60  # each shard commits and exits: wait for it
+    while shard_processes() and time.time() < deadline:
+        time.sleep(0.2)
+    assert shard_processes() == [], "a shard's engine run outlived the launcher"
+    p = engine_cli("launch", "ray", str(cfg), "--shards", "2", timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    check_exactly_once(out, {d["id"] for d in sample_docs(2000)}, PROMPTS)
+
+
 def test_ray_with_the_tiny_model(tmp_path, tiny_model, ray_available):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(24))], out,

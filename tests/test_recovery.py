@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl, write_parquet
+from vllm_helpers import stored_rows, wait_for
 
 PROMPTS = ("faq", "math")
 
@@ -68,7 +69,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, tiny_model):
 def test_sigterm_flushes_and_exits_resumable(tmp_path, tiny_model):
     cfg, out, ids = slow_config(tmp_path, tiny_model, n_docs=3000)
     proc = start(cfg)
-    time.sleep(5)
+    wait_for(lambda: stored_rows(out) >= 50, "rows stored (the run in full flow)", 600, proc)
     t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

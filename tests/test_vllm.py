@@ -105,3 +105,23 @@ def test_vllm_run_signals_engine_death_kill_9_then_exactly_once(tmp_path):
     assert "prefix-cache hit 0.0%" not in stdout
     status = engine_cli("status", str(out), "--check")
     assert status.returncode == 0, status.stdout
+
+
+@pytest.mark.parametrize("marker", ["starting the vllm backend", "Loading weights took"])
+def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path, marker):
+    """SIGTERM during vLLM's minute-long start (before its processes exist, and once they load weights)."""
+    need_vllm()
+    from test_signals import Watched
+
+    embedded_model_dir()
+    src, _ = real_docs(tmp_path / "in.jsonl")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", "embedded", [src], out, backend="vllm",
+                       sampling={"max_new_tokens": 16}, vllm={"engine_args": {"max_model_len": 2048}})
+    w = Watched(cfg, merge=True)
+    assert w.wait_line(marker, timeout=START_TIMEOUT), "".join(w.err)[-3000:]
+    w.proc.send_signal(signal.SIGTERM)
+    code, _, err = w.finish(timeout=300)
+    assert code == 3 and "resum" in err, err[-3000:]
+    assert reap_session(w.proc.pid) == [], "vLLM processes outlived an interrupted start"
+    assert not list((out / "faq").glob("*.parquet")) if (out / "faq").is_dir() else True

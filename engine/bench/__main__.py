@@ -16,6 +16,7 @@ def _interrupt(signum, _frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # from the first line: stop the running config's processes too
     ap = argparse.ArgumentParser(prog="tools/bench", description=__doc__)
     ap.add_argument("sweep", help="sweep file, e.g. runs/bench/cpu.toml")
     ap.add_argument("--models", help="comma-separated model labels to run (default: all)")
@@ -26,9 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true", help="write the report from the results so far")
     ap.add_argument("--dry-run", action="store_true", help="check every config and list them; run nothing")
     ap.add_argument("--gpu-hour-usd", type=float, help="price for the cost columns (default: the sweep's)")
-    args = ap.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # stop the running config's processes too, then exit
     try:
+        args = ap.parse_args(argv)
         sweep = load_sweep(args.sweep, args.set or [])
         models = sweep.models
         if args.models:

@@ -1,0 +1,66 @@
+"""SIGTERM and SIGINT at any moment of a command.
+
+Until a run is generating, there is nothing to finish: a signal raises `Interrupted` (a
+BaseException, like KeyboardInterrupt, so no `except Exception` swallows it) wherever the main thread
+is (argument parsing, imports, model load, backend start), the `finally` blocks close what was
+opened, and the command exits with status 3. While a run generates, `Run` replaces these handlers
+with its own graceful one (stop admitting work, commit what finished, exit 3). `reap_children`
+ends whatever child process is still alive when a command ends (an engine whose start-up was cut
+short), so that no engine process outlives us holding memory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A SIGTERM or SIGINT arrived before there was work to finish."""
+
+    def __init__(self, signame: str):
+        super().__init__(f"{signame} received")
+        self.signame = signame
+
+
+def _raise(signum, _frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def raise_on_signals() -> None:
+    """Make SIGTERM and SIGINT raise `Interrupted` in the main thread from now on."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _raise)
+
+
+def reap_children(grace_s: float = 10.0) -> list[str]:
+    """Terminate (then kill) every descendant process still alive; return what was found."""
+    try:
+        import psutil
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return []
+    try:
+        children = psutil.Process(os.getpid()).children(recursive=True)
+    except psutil.Error:
+        return []
+    found = []
+    for c in children:
+        try:
+            found.append(f"{c.pid} {c.name()}")
+            c.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=grace_s)
+    for c in alive:
+        try:
+            c.kill()
+        except psutil.Error:
+            pass
+    if found:
+        log.warning("ended %d child process(es) left behind: %s", len(found), ", ".join(found))
+    return found

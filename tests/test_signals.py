@@ -1,0 +1,92 @@
+"""SIGTERM / SIGINT at any moment of `engine run`: at each stage of start-up, while generating and
+during the final report. Each signal is sent when the run's own log line says it reached that stage
+(a readiness signal, never a sleep), so the test means the same on an idle and on a loaded machine."""
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+
+import pyarrow.parquet as pq
+
+from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from test_recovery import check_exactly_once
+from vllm_helpers import reap_session
+
+PROMPTS = ("faq", "math")
+# (log line that marks the stage, signal, expected status)
+STAGES = [
+    ("reading the config", signal.SIGTERM, 3),              # argument parsing done, before the heavy imports
+    ("tokenizer and config loaded", signal.SIGINT, 3),       # model set up, input not yet checked
+    ("input checked", signal.SIGTERM, 3),                    # before the output directory is recovered
+    ("backend", signal.SIGINT, 3),                           # "starting the instant backend"
+    ("generating", signal.SIGTERM, 3),                       # requests in flight
+    ("writing the diversity report", signal.SIGTERM, 0),    # the run is complete: 0, report skipped
+]
+
+
+class Watched:
+    """`engine run` in its own session, its stderr read line by line on a thread."""
+
+    def __init__(self, cfg, *extra, merge: bool = False):  # merge: watch stdout too (vLLM logs there)
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                                     text=True,
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr or self.proc.stdout:
+            self.err.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_line(self, marker: str, timeout: float = 600) -> bool:
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                return False
+            if marker in line:
+                return True
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        out = self.proc.stdout.read() if self.proc.stderr else ""
+        if not self.proc.stderr:
+            while self.lines.get(timeout=timeout) is not None:
+                pass
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, out, "".join(self.err)
+
+
+def test_a_signal_at_every_stage_ends_with_a_documented_status_then_resumes_exactly_once(tmp_path, tiny_model):
+    n = 2500
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(n))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "run.toml", tiny_model, [src], out, prompts=PROMPTS,
+                       output={"row_group_rows": 40, "flush_seconds": 0.2},
+                       instant={"completion_tokens": 8, "delay_ms": 1.0})
+    stored = []
+    for marker, sig, expected in STAGES:
+        w = Watched(cfg, "--set", "report.enabled=true")
+        reached = w.wait_line(marker)
+        assert reached, f"the run ended before '{marker}':\n{''.join(w.err)[-3000:]}"
+        w.proc.send_signal(sig)
+        code, stdout, err = w.finish()
+        assert code == expected, f"{sig.name} at '{marker}': status {code}\n{err[-3000:]}"
+        assert "Traceback" not in err, err[-3000:]
+        assert reap_session(w.proc.pid) == [], f"processes left after {sig.name} at '{marker}'"
+        if expected == 3:
+            assert "resume" in err
+        rows = sum(pq.read_table(out / p).num_rows for p in PROMPTS) if (out / "faq").is_dir() and \
+            list((out / "faq").glob("*.parquet")) else 0
+        stored.append(rows)
+        # What is on disk is readable and consistent with the state file.
+        st = engine_cli("status", str(out))
+        assert st.returncode == 0
+    assert stored == sorted(stored) and stored[-1] == n * len(PROMPTS)
+    assert "the work is complete and saved" in err or "the diversity report is skipped" in err
+    check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)
+    assert engine_cli("status", str(out), "--check").returncode == 0
