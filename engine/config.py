@@ -6,6 +6,7 @@ names the key (`ConfigError`). Defaults are the values a first run on the embedd
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import types
 import typing
@@ -94,6 +95,11 @@ class VLLMConfig:
     # are errors. model is set from model.name; prefix caching is on and max_model_len is model.context
     # unless set here.
     engine_args: dict = field(default_factory=dict)
+    # CPU only: the cores vLLM's compute threads are bound to (VLLM_CPU_OMP_THREADS_BIND, unless that is
+    # set). "all": every core this process may use (in-process there is no API server to keep a core
+    # for: 1.6x on 2 cores, see the README); "auto": vLLM's default (one core kept for its scheduler);
+    # or a list such as "0-7".
+    cpu_threads_bind: str = "all"
 
 
 @dataclass
@@ -268,6 +274,8 @@ def validate(cfg: RunConfig) -> None:
         ("http.dead_after", cfg.http.dead_after > 0),
         ("http.connections", cfg.http.connections >= 0),
         ("retry.max_error_fraction", 0 <= cfg.retry.max_error_fraction <= 1),
+        ("vllm.cpu_threads_bind", cfg.vllm.cpu_threads_bind in ("all", "auto")
+         or bool(re.fullmatch(r"[0-9,|-]+", cfg.vllm.cpu_threads_bind))),
     ]
     if cfg.backend == "sglang-http" and not cfg.http.urls:
         raise ConfigError("config key 'http.urls': backend 'sglang-http' needs one or more server URLs")

@@ -154,8 +154,21 @@ class PartSink:
                 self.dropped += sum(b.num_rows for b in batches) - sum(b.num_rows for b in kept)
                 batches = [b for b in kept if b.num_rows]
             replay.extend(batches)
+        # A crash between replay() writing its new journal and deleting the old ones leaves the same rows
+        # in two journals: keep the first copy of each key (and none of a key already in a part).
+        in_parts, seen = DoneSet(hashes), set()
+        deduped = []
         for b in replay:
-            hashes.extend(map(id_hash, b.column(self.key_column).to_pylist()))
+            keys = [id_hash(k) for k in b.column(self.key_column).to_pylist()]
+            stored = in_parts.contains(np.asarray(keys, dtype=np.uint64))
+            keep = [not s and h not in seen for h, s in zip(keys, stored)]
+            seen.update(keys)
+            if all(keep):
+                deduped.append(b)
+            elif any(keep):
+                deduped.append(b.filter(pa.array(keep)))
+            hashes.extend(h for h, k in zip(keys, keep) if k)
+        replay = deduped
         self.k = max([*parts, *journals], default=-1) + 1
         self._stale_journals = [j for k, j in journals.items() if k not in parts]
         return DoneSet(hashes), replay

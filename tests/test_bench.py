@@ -249,6 +249,26 @@ def test_shipped_h100_sweep_is_valid_against_the_pinned_sglang():
     assert ref["SmolLM2-135M"]["tier2"] == 45540
 
 
+def test_shipped_vllm_and_engine_sweeps_are_valid_against_the_pinned_releases():
+    """The 18-model sweep on vLLM, the engine axis (SGLang vs vLLM; torch vs vLLM on CPU): every knob is a
+    run-config key and every engine argument exists in vllm 0.32.0 / sglang 0.5.23."""
+    proc = bench("runs/bench/h100_18models_vllm.toml", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert len([ln for ln in proc.stdout.splitlines() if "baseline +" in ln]) == 18
+    sw = load_sweep(REPO / "runs/bench/h100_18models_vllm.toml")
+    assert sw.run["backend"] == "vllm" and {m.label for m in sw.models} == \
+        {m.label for m in load_sweep(REPO / "runs/bench/h100_18models.toml").models}
+    for name, engines in (("engines.toml", {"sglang", "vllm"}), ("engines_cpu.toml", {"torch", "vllm"})):
+        proc = bench(f"runs/bench/{name}", "--dry-run")
+        assert proc.returncode == 0, proc.stderr
+        sw = load_sweep(REPO / "runs/bench" / name)
+        backends = {sw.run["backend"]}
+        for tier in sw.tiers:
+            for c in sw.expand(sw.models[0], tier, {}):
+                backends.add(sw.run_data(c.settings, {})["backend"])
+        assert backends == engines
+
+
 def test_classify_outcomes():
     torch_oom = ("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
                  "GPU 0 has a total capacity of 79.1 GiB")

@@ -232,3 +232,34 @@ def test_write_errors_fail_loudly_and_committed_parts_stay_readable(tmp_path, ti
     monkeypatch.setattr(journal.PartSink, "_write_group", real)
     Run(load_config(cfg)).execute()
     check_exactly_once(out, {d["id"] for d in sample_docs(400)}, prompts=("faq",))
+
+
+def test_rows_in_two_journals_after_a_crash_in_replay_are_kept_once(tmp_path):
+    """replay() writes the recovered rows into a new journal, then deletes the old ones: a crash in
+    between leaves every row in two journals. Recovery keeps one copy."""
+    import shutil
+
+    import pyarrow as pa
+
+    from engine.journal import PartSink
+
+    schema = pa.schema([("id", pa.string()), ("finish_reason", pa.string())])
+
+    def sink():
+        return PartSink(tmp_path, "faq", tmp_path / "faq", "s00000-of-00001", schema, "id", 1000, 1 << 30, 3,
+                        count_column="finish_reason")
+    first = sink()
+    first.recover()
+    first.add(pa.RecordBatch.from_pydict({"id": [f"d{i}" for i in range(10)], "finish_reason": ["stop"] * 10},
+                                         schema=schema))
+    first.flush(sync=True)
+    journal = tmp_path / "_journal" / "faq" / "s00000-of-00001-00000.arrows"
+    first.journal.close()
+    shutil.copy(journal, journal.with_name("s00000-of-00001-00001.arrows"))  # the crash inside replay()
+    again = sink()
+    done, replay = again.recover()
+    assert len(done) == 10 and sum(b.num_rows for b in replay) == 10
+    again.replay(replay)
+    again.close()
+    ids = pq.read_table(tmp_path / "faq").column("id").to_pylist()
+    assert sorted(ids) == sorted(f"d{i}" for i in range(10))

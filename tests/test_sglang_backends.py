@@ -313,3 +313,21 @@ def test_gpu_smoke():
     if why:
         pytest.skip(why)
     assert gpu_smoke.main(["--docs", "64", "--max-new-tokens", "128"]) == 0
+
+
+def test_openai_abort_is_an_error_not_a_success():
+    from engine.backends.base import Request, SamplingParams
+    from engine.backends.sglang_http import SGLangHTTPBackend
+
+    b = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, None), 4)
+    req = Request(7, "faq", [1, 2, 3], 1, 16)
+    aborted = b._parse(req, {"choices": [{"text": "", "finish_reason": "abort"}], "usage": {"prompt_tokens": 3}})
+    assert aborted.finish_reason == "error" and "aborted" in aborted.error
+    ok = b._parse(req, {"choices": [{"text": "hi", "finish_reason": "length"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 16,
+                                  "prompt_tokens_details": {"cached_tokens": 2}}})
+    assert (ok.finish_reason, ok.completion_tokens, ok.cached_tokens) == ("length", 16, 2)
+    # No per-request seed unless sampling.seed is set (vLLM's CPU engine dies on one).
+    assert "seed" not in b._payload(req)[1]
+    seeded = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, 5), 4)
+    assert isinstance(seeded._payload(req)[1]["seed"], int)

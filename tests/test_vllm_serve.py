@@ -56,17 +56,19 @@ def test_wrong_model_or_api_is_a_config_error_before_any_row(tmp_path, server):
 
 
 def test_server_killed_mid_run_then_restarted_and_resumed_exactly_once(tmp_path, server):
-    src, ids = real_docs(tmp_path / "in.jsonl", copies=2)
+    # Six documents, one in flight: the server dies with five or fewer left (which used to end "complete",
+    # exit 0, with error rows: too few requests to count as a dead server).
+    src, ids = real_docs(tmp_path / "in.jsonl", limit=6)
     cfg, out = http_config(tmp_path, server, src, dead_after=10, backoff_s=0.2)
-    proc = start_engine(cfg, "--set", "scheduler.max_in_flight=2")
-    wait_for(lambda: stored_rows(out) >= 2, "rows stored before the server dies", START_TIMEOUT, proc)
+    proc = start_engine(cfg, "--set", "scheduler.max_in_flight=1")
+    wait_for(lambda: stored_rows(out) >= 1, "a row stored before the server dies", START_TIMEOUT, proc)
     server.kill()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 4 and "no server answered" in err and "resume" in err, err[-3000:]
     assert "Task was destroyed" not in err
     reap_session(proc.pid)
     t = pq.read_table(out / "faq")
-    assert 2 <= t.num_rows < len(ids) and "error" not in t.column("finish_reason").to_pylist()
+    assert 1 <= t.num_rows < len(ids) and "error" not in t.column("finish_reason").to_pylist()
     server.start()  # same port
     p = engine_cli("run", str(cfg), timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]

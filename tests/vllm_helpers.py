@@ -33,8 +33,8 @@ def embedded_model_dir() -> Path:
     return Path(resolve_model("embedded")[0])
 
 
-def real_docs(path: Path, copies: int = 1) -> tuple[Path, list[str]]:
-    """The 20 shipped web-like documents, `copies` times under distinct ids."""
+def real_docs(path: Path, copies: int = 1, limit: int | None = None) -> tuple[Path, list[str]]:
+    """The 20 shipped web-like documents, `copies` times under distinct ids (the first `limit` of them)."""
     rows = [orjson.loads(line) for line in DEMO_DOCS.read_bytes().splitlines() if line.strip()]
     out, ids = [], []
     for c in range(copies):
@@ -42,6 +42,7 @@ def real_docs(path: Path, copies: int = 1) -> tuple[Path, list[str]]:
             rid = f"{r['id']}-{c}"
             out.append(orjson.dumps({**r, "id": rid}))
             ids.append(rid)
+    out, ids = out[:limit], ids[:limit]
     path.write_bytes(b"\n".join(out) + b"\n")
     return path, ids
 

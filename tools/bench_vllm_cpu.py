@@ -47,7 +47,12 @@ def cpu_label() -> str:
     return f"{name}, {isa}, {os.cpu_count()} cores"
 
 
-def documents(n: int, dest: Path) -> Path:
+def documents(n: int, dest: Path, mean_chars: int = 0) -> Path:
+    if mean_chars:  # longer web-like documents (tools/corpus.py: sentences of the shipped ones)
+        from corpus import make_documents
+        out = make_documents(n, seed=1, mean_chars=mean_chars, min_chars=mean_chars // 2, max_chars=2 * mean_chars)
+        dest.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in out))
+        return dest
     rows = [json.loads(line) for line in (ROOT / "runs/data/demo_docs.jsonl").read_text().splitlines() if line.strip()]
     out = [{**rows[i % len(rows)], "id": f"{rows[i % len(rows)]['id']}-{i // len(rows)}"} for i in range(n)]
     dest.write_text("".join(json.dumps(r) + "\n" for r in out))
@@ -65,6 +70,11 @@ def user_messages(src: Path, prompt: str) -> list[str]:
 # ---- one measurement per process ------------------------------------------------------------------
 def run_offline(a) -> dict:
     from vllm import LLM, SamplingParams
+
+    from engine.backends.vllm_engine import cpu_bind
+    bind = cpu_bind(a.cpu_bind)
+    if bind:  # the same compute binding as engine-vllm gets (--cpu-bind)
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
     t = time.perf_counter()
     llm = LLM(model=str(a.model_dir), dtype=a.dtype, max_model_len=a.context, enable_prefix_caching=True,
@@ -89,7 +99,7 @@ def _engine(a, backend: str) -> dict:
                              f"prompts=['{a.prompt}']", f"sampling.max_new_tokens={a.max_new_tokens}",
                              f"sampling.temperature={a.temperature}", f"sampling.top_p={a.top_p}",
                              f"model.dtype='{a.dtype}'", "report.enabled=false", f"torch.batch_size={a.docs}",
-                             f"vllm.engine_args={{max_model_len = {a.context}}}"])
+                             f"vllm.engine_args={{max_model_len = {a.context}}}", f"vllm.cpu_threads_bind='{a.cpu_bind}'"])
     t = time.perf_counter()
     setup = ModelSetup.load(cfg)
     be = setup.backend(cfg)
@@ -151,12 +161,16 @@ def run_datatrove(a) -> dict:
         t = time.perf_counter()
         LocalPipelineExecutor(pipeline=pipeline, tasks=1, workers=1, logging_dir=str(a.work / "dt-logs")).run()
         gen = time.perf_counter() - t
-        tokens = 0
-        for f in out.glob("*.jsonl"):
+        tokens = docs = 0
+        for f in out.rglob("*.jsonl*"):
             for line in f.read_text().splitlines():
+                docs += 1
                 for r in json.loads(line)["metadata"]["rollout_results"]:
                     tokens += r["completion_tokens"]
-        return {"load_s": load, "gen_s": gen, "output_tokens": tokens}
+        if not docs:
+            logs = "\n".join(p.read_text()[-3000:] for p in (a.work / "dt-logs").rglob("*.log"))
+            raise RuntimeError(f"datatrove wrote no documents; its logs:\n{logs}")
+        return {"load_s": load, "gen_s": gen, "output_tokens": tokens, "documents": docs}
     finally:
         os.killpg(server.pid, 9)
         server.wait()
@@ -184,6 +198,12 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--top-p", type=float, default=0.95)
     ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--mean-chars", type=int, default=0,
+                    help="0: the shipped documents (~370 prompt tokens); N: web-like documents of N characters on "
+                         "average (tools/corpus.py; 4500 gives ~1,200-token prompts)")
+    ap.add_argument("--cpu-bind", default="all",
+                    help="vLLM compute cores for offline and engine-vllm: all (the engine's default), auto (vLLM's: "
+                         "one core kept for the scheduler) or a list; `vllm serve` (datatrove) keeps vLLM's default")
     ap.add_argument("--only", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
     ap.add_argument("--out", default="runs/out/bench")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, JSON on stdout
@@ -203,14 +223,16 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-cpu-"))
     cpu = cpu_label()
     print(f"CPU: {cpu}; {a.docs} documents, {a.prompt}, {a.max_new_tokens} new tokens, {a.dtype}, "
-          f"temperature {a.temperature}, top_p {a.top_p}", file=sys.stderr)
+          f"temperature {a.temperature}, top_p {a.top_p}; vLLM compute cores: {a.cpu_bind}; "
+          f"documents: {'shipped' if not a.mean_chars else f'~{a.mean_chars} characters'}", file=sys.stderr)
     try:
-        documents(a.docs, work / "docs.jsonl")
+        documents(a.docs, work / "docs.jsonl", a.mean_chars)
         results = {}
         for kind in [k.strip() for k in a.only.split(",") if k.strip()]:
             cmd = [sys.executable, __file__, "--one", kind, "--work", str(work), "--docs", str(a.docs),
                    "--max-new-tokens", str(a.max_new_tokens), "--prompt", a.prompt, "--dtype", a.dtype,
-                   "--temperature", str(a.temperature), "--top-p", str(a.top_p), "--context", str(a.context)]
+                   "--temperature", str(a.temperature), "--top-p", str(a.top_p), "--context", str(a.context),
+                   "--cpu-bind", a.cpu_bind]
             print(f"{kind} ...", file=sys.stderr, flush=True)
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -234,8 +256,8 @@ def main(argv=None) -> int:
             print(f"{k:<14}{load:>8}{r['gen_s']:>8.1f}{r['output_tokens']:>12,}{r['tok_per_s']:>8.1f}{ratio:>12}")
         out = ROOT / a.out
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"vllm_cpu_{a.dtype}.json").write_text(json.dumps(
-            {"cpu": cpu, "docs": a.docs, "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
+        (out / f"vllm_cpu_{a.dtype}_{a.cpu_bind}.json").write_text(json.dumps(
+            {"cpu": cpu, "cpu_bind": a.cpu_bind, "mean_chars": a.mean_chars, "docs": a.docs, "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
              "temperature": a.temperature, "top_p": a.top_p, "results": results}, indent=2))
         return 0
     finally:

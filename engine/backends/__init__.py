@@ -29,7 +29,8 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
     if cfg.backend == "vllm":
         from .vllm_engine import VLLMEngineBackend
         return VLLMEngineBackend(str(model_dir), cfg.vllm.engine_args, sampling, cfg.scheduler.max_in_flight, context,
-                                 dtype=cfg.model.dtype, device=cfg.model.device)
+                                 dtype=cfg.model.dtype, device=cfg.model.device,
+                                 cpu_threads_bind=cfg.vllm.cpu_threads_bind)
     if cfg.backend == "sglang-http":
         from .sglang_http import SGLangHTTPBackend
         h = cfg.http

@@ -149,6 +149,9 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         usage = data.get("usage") or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         reason = choice.get("finish_reason")
+        if reason == "abort":  # SGLang's OpenAI route reports a retracted/aborted request this way: not a success
+            return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
+                              error=f"aborted by the server: {choice.get('text', '')[:200]}")
         return Completion(req.key, "length" if reason == "length" else "stop", text=choice.get("text", ""),
                           prompt_tokens=int(usage.get("prompt_tokens", len(req.input_ids))),
                           completion_tokens=int(usage.get("completion_tokens", 0)), cached_tokens=int(cached))

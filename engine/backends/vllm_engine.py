@@ -76,9 +76,9 @@ class VLLMEngineBackend(AsyncWindowBackend):
     name = "vllm"
 
     def __init__(self, model_path: str, engine_args: dict, sampling: SamplingParams, max_in_flight: int,
-                 context: int, dtype: str = "auto", device: str = "auto"):
+                 context: int, dtype: str = "auto", device: str = "auto", cpu_threads_bind: str = "all"):
         super().__init__(max_in_flight)
-        self.model_path, self.sampling = model_path, sampling
+        self.model_path, self.sampling, self.cpu_threads_bind = model_path, sampling, cpu_threads_bind
         self.on_cpu = device == "cpu" or (device == "auto" and not _cuda())
         if self.on_cpu and sampling.seed is not None:
             from ..config import ConfigError
@@ -97,6 +97,11 @@ class VLLMEngineBackend(AsyncWindowBackend):
     def _build(self) -> None:
         if self.on_cpu:  # before vLLM picks its platform: never the AVX512 kernels by accident on AVX2
             os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+            ranks = int(self.kwargs.get("tensor_parallel_size", 1)) * int(self.kwargs.get("pipeline_parallel_size", 1))
+            bind = cpu_bind(self.cpu_threads_bind) if ranks == 1 else None  # several ranks: vLLM splits cores
+            if bind and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # inherited by the engine-core process
+                log.info("vLLM CPU compute threads bound to cores %s (vllm.cpu_threads_bind)", bind)
         try:
             from vllm import SamplingParams as VSamplingParams
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -134,6 +139,16 @@ class VLLMEngineBackend(AsyncWindowBackend):
         if self.engine is not None:  # the loop never started (start-up interrupted after the build)
             self.engine.shutdown()
             self.engine = None
+
+
+def cpu_bind(setting: str) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for `vllm.cpu_threads_bind` ("all", "auto" or a core list)."""
+    if setting == "auto":
+        return None
+    if setting != "all":
+        return setting
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return ",".join(map(str, cores))
 
 
 def _cuda() -> bool:
