@@ -70,7 +70,7 @@ class TorchConfig:
     refill_fraction: float = 0.5  # admit new requests once this share of the batch has finished
     prefix_cache: bool = True  # reuse the KV cache of each prompt's shared prefix
     prefill_tokens: int = 4096  # rows x prompt length per prefill forward pass
-    threads: int = 0  # torch intra-op threads; 0: torch's default
+    threads: int = 0  # torch intra-op threads; 0: one per core not busy with other work at start (CPU)
 
 
 @dataclass
@@ -96,9 +96,9 @@ class VLLMConfig:
     # unless set here.
     engine_args: dict = field(default_factory=dict)
     # CPU only: the cores vLLM's compute threads are bound to (VLLM_CPU_OMP_THREADS_BIND, unless that is
-    # set). "all": every core this process may use (in-process there is no API server to keep a core
-    # for: 1.6x on 2 cores, see the README); "auto": vLLM's default (one core kept for its scheduler);
-    # or a list such as "0-7".
+    # set). "all": every core this process may use that is not busy with other work at start-up
+    # (in-process there is no API server to keep a core for: 1.6x on 2 cores, see the README);
+    # "auto": vLLM's default (one core kept for its scheduler); or a list such as "0-7".
     cpu_threads_bind: str = "all"
 
 

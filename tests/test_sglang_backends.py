@@ -5,6 +5,7 @@ import ast
 import asyncio
 import importlib.util
 import inspect
+import signal
 import socket
 import subprocess
 import sys
@@ -331,3 +332,30 @@ def test_openai_abort_is_an_error_not_a_success():
     assert "seed" not in b._payload(req)[1]
     seeded = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, 5), 4)
     assert isinstance(seeded._payload(req)[1]["seed"], int)
+
+
+def test_http_sigterm_cancels_in_flight_requests_quietly_and_a_5xx_storm_is_not_rows(tmp_path, tiny_model):
+    server, url = start_server(tiny_model, "--delay-ms", "200")
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(200))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+                       http={"urls": [url]}, scheduler={"max_in_flight": 8}, output={"flush_seconds": 0.1})
+    try:
+        run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: stored_rows(out) >= 8, "rows stored", 300, run)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 3 and "resume" in err, err
+        assert "Task was destroyed" not in err and "Traceback" not in err  # in-flight tasks cancelled, awaited
+    finally:
+        server.kill()
+    # A server that answers every request with HTTP 500: the backend's failure, found by the probe: status 4.
+    storm, storm_url = start_server(tiny_model, "--fail-rate", "1.0")
+    try:
+        out2 = tmp_path / "out2"
+        p = engine_cli("run", str(cfg), "--set", f'http.urls=["{storm_url}"]', "--set", f'output.dir="{out2}"')
+        assert p.returncode == 4 and "HTTP 500" in p.stderr, p.stderr
+        assert not list((out2 / "faq").glob("*.parquet"))
+    finally:
+        storm.kill()

@@ -191,10 +191,13 @@ class TorchBackend:
     def start(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        elif self.device == "cpu":  # as many threads as there are cores not busy with other work
+            from ..cpu_load import free_cores
+            torch.set_num_threads(min(torch.get_num_threads(), len(free_cores())))
         auto = torch.bfloat16 if self.device.startswith("cuda") or cpu_has_bf16() else torch.float32
         dtype = {"auto": auto,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.dtype]

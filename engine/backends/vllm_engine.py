@@ -147,8 +147,8 @@ def cpu_bind(setting: str) -> str | None:
         return None
     if setting != "all":
         return setting
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return ",".join(map(str, cores))
+    from ..cpu_load import free_cores
+    return ",".join(map(str, free_cores()))  # every core not busy with other work
 
 
 def _cuda() -> bool:
