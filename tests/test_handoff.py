@@ -106,7 +106,8 @@ def run_output(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("run")
     docs = write_jsonl(root / "docs.jsonl", sample_docs(60))
     cfg = write_config(root / "run.toml", tiny_model, [docs], root / "out", backend="instant", prompts=("faq", "math"),
-                       instant={"completion_tokens": 40, "fail_rate": 0.05}, retry={"max_attempts": 1},
+                       instant={"completion_tokens": 40, "fail_rate": 0.05},
+                       retry={"max_attempts": 1, "max_error_fraction": 0.5},
                        sampling={"max_new_tokens": 64, "temperature": 0.0})
     engine_cli("run", str(cfg), check=True)
     failed = sum((pq.read_table(p, columns=["finish_reason"]).column(0).to_pylist().count("error"))
