@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .config import load_config
 from .output import read_states, shard_tag
-from .signals import SIGNALS, Interrupted
+from .signals import SIGNALS, Interrupted, signal_on_parent_death
 
 log = logging.getLogger(__name__)
 
@@ -132,15 +132,6 @@ def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[
     return 0
 
 
-def _term_with_parent() -> None:
-    """Linux: the shard's `engine run` gets SIGTERM (commit, exit 3) when its Ray worker dies."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 class ShardInterrupted(RuntimeError):
     """A shard stopped in a resumable way (preempted, killed, backend died): Ray runs it again."""
 
@@ -157,7 +148,7 @@ def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: 
         fh.flush()
         code = subprocess.run(engine_command(Path(config), f"{shard}/{shards}", overrides), cwd=cwd,
                               stdout=fh, stderr=subprocess.STDOUT,
-                              preexec_fn=_term_with_parent).returncode  # noqa: PLW1509
+                              preexec_fn=signal_on_parent_death(signal.SIGTERM)).returncode  # noqa: PLW1509
     if code == 0:
         return shard
     if code in RESUMABLE or code < 0:

@@ -271,6 +271,9 @@ class Run:
         reader.preflight()
         log.info("input checked: %d file(s), %s rows for this shard", len(reader.files),
                  f"{reader.total_rows:,}" if reader.total_rows is not None else "?")
+        # Made (not started) before the output directory is touched: a backend that refuses this
+        # configuration (e.g. sampling.seed on vLLM's CPU engine) leaves no fingerprint behind.
+        backend = self.shared_backend or setup.backend(cfg)
 
         out = Path(cfg.output.dir)
         fingerprint = {
@@ -321,7 +324,6 @@ class Run:
 
         writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
                              on_flush=lambda: output.write_state(out, tag, state()))
-        backend = self.shared_backend or setup.backend(cfg)
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
 

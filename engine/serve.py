@@ -65,8 +65,6 @@ def make_handler(gen: Generator, delay_ms: float, fail_rate: float, seed: int, s
                 self._send(200, {"status": "ok"})
             elif self.path == "/v1/models":
                 self._send(200, {"object": "list", "data": [{"id": served_name, "object": "model"}]})
-            elif self.path in ("/model_info", "/get_model_info"):  # SGLang's
-                self._send(200, {"model_path": served_name, "served_model_name": served_name, "is_generation": True})
             else:
                 self._send(404, {"error": "not found"})
 

@@ -38,6 +38,18 @@ def raise_on_signals() -> None:
             signal.signal(s, _raise)
 
 
+def signal_on_parent_death(sig: int):
+    """A `preexec_fn` for subprocesses: Linux sends `sig` to the child when its parent dies (prctl
+    PR_SET_PDEATHSIG), so that a killed sweep or Ray worker takes its engine run with it."""
+    def preexec() -> None:
+        try:
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    return preexec
+
+
 def reap_children(grace_s: float = 10.0) -> list[str]:
     """Terminate (then kill) every descendant process still alive; return what was found."""
     try:

@@ -1,10 +1,19 @@
-"""Shared fixtures: a tiny random Llama with a tokenizer trained here, and input files."""
+"""Shared fixtures: a tiny random Llama with a tokenizer trained here, input files, and the waiting helpers.
+
+No test waits on a sleep being long enough: `wait_for` polls a readiness signal (rows in a state
+file, a port answering, a log line, a process ending) under a generous deadline, so the suite passes
+on a loaded machine."""
 from __future__ import annotations
 
 import json
 import os
+import queue
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import orjson
@@ -109,3 +118,88 @@ def engine_cli(*args: str, timeout: float = 600, env: dict | None = None, check:
     if check and proc.returncode != 0:
         raise AssertionError(f"engine {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def stored_rows(out: Path) -> int:
+    from engine.output import read_states
+    return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
+
+
+def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.2):
+    """Poll `cond` until true; fail (naming `what`) on the deadline, or if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{out}\n{(err or '')[-4000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def session_processes(sid: int) -> list:
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out
+
+
+def reap_session(sid: int, timeout: float = 60) -> list[str]:
+    """Wait for every process of the session to end; kill what is left; return what had to be killed."""
+    try:
+        wait_for(lambda: not session_processes(sid), "the session's processes to end", timeout)
+        return []
+    except AssertionError:
+        left = session_processes(sid)
+        names = [f"{p.pid}:{p.name()}" for p in left]
+        os.killpg(sid, signal.SIGKILL)
+        return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Watched:
+    """`engine run` in its own session, its stderr read line by line on a thread."""
+
+    def __init__(self, cfg, *extra, merge: bool = False):  # merge: watch stdout too (vLLM logs there)
+        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
+                                     text=True,
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue = queue.Queue()
+        self.err: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stderr or self.proc.stdout:
+            self.err.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_line(self, marker: str, timeout: float = 600) -> bool:
+        while True:
+            line = self.lines.get(timeout=timeout)
+            if line is None:
+                return False
+            if marker in line:
+                return True
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        out = self.proc.stdout.read() if self.proc.stderr else ""
+        if not self.proc.stderr:
+            while self.lines.get(timeout=timeout) is not None:
+                pass
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, out, "".join(self.err)

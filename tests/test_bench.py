@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import REPO, sample_docs, write_jsonl
+from conftest import REPO, sample_docs, wait_for, write_jsonl
 
 from engine.bench.driver import FAILURE, OK, OOM, TIMEOUT, classify, metrics
 from engine.bench.report import pareto
@@ -151,24 +150,18 @@ def test_killed_sweep_resumes_without_rerunning_finished_configs(tmp_path, tiny_
     env = {**os.environ, "ENGINE_PYTHON": sys.executable}
     proc = subprocess.Popen(["bash", str(REPO / "tools" / "bench"), str(sweep)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if (results / "results.jsonl").exists() and len(read_results(results)) >= 2:
-            break
-        time.sleep(0.2)
-    time.sleep(1.0)  # let the next config start
+    def recorded() -> int:
+        return len(read_results(results)) if (results / "results.jsonl").exists() else 0
+    wait_for(lambda: recorded() >= 2, "two finished configs", 300, proc)
+    # the next config is running: its log exists and it has no record yet
+    wait_for(lambda: len(list((results / "configs").glob("*/log.txt"))) > recorded(), "a config running", 300, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {r["key"] for r in read_results(results)}
     assert 2 <= len(finished) < 5
 
     # the config that was running died with the sweep (no orphaned worker still measuring)
-    def workers():
-        return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(str(results))]
-    deadline = time.time() + 60  # dying takes a moment on a loaded machine: wait for it, do not guess
-    while workers() and time.time() < deadline:
-        time.sleep(0.2)
-    assert workers() == []
+    wait_for(lambda: not sweep_workers(results), "the running config to die with the sweep", 60)
     again = bench(str(sweep))
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("done before") == len(finished)
@@ -182,24 +175,20 @@ def test_sigterm_stops_the_sweep_and_its_running_config(tmp_path, tiny_model, do
     sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, results, delay_ms=150)
     proc = subprocess.Popen([sys.executable, "-m", "engine.bench", str(sweep)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
-    deadline = time.time() + 600  # readiness: a finished config on disk, then the next one is running
-    while time.time() < deadline and not ((results / "results.jsonl").exists() and read_results(results)):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    wait_for(lambda: (results / "results.jsonl").exists() and read_results(results), "a finished config", 600, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3 and "resume" in err, err[-2000:]
     finished = {r["key"] for r in read_results(results)}
 
-    def workers():
-        return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(str(results))]
-    deadline = time.time() + 60
-    while workers() and time.time() < deadline:
-        time.sleep(0.2)
-    assert workers() == []
+    wait_for(lambda: not sweep_workers(results), "the running config to stop with the sweep", 60)
     again = bench(str(sweep))
     assert again.returncode == 0 and again.stdout.count("done before") == len(finished)
     assert len(read_results(results)) == 5
+
+
+def sweep_workers(results: Path) -> list[Path]:
+    return [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(str(results))]
 
 
 def _cmdline(p: Path) -> str:

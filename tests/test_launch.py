@@ -2,11 +2,10 @@
 import os
 import subprocess
 import threading
-import time
 
 import pytest
 
-from conftest import engine_cli, sample_docs, write_config, write_jsonl
+from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
 PROMPTS = ("faq", "math")
@@ -59,15 +58,13 @@ def ray_available():
 
 
 def _kill_when_started(out, pattern: str, killed: list):
-    deadline = time.time() + 120
-    while time.time() < deadline and not killed:
-        if list((out / "_journal" / "faq").glob("s00001-of-00004-*.arrows")):
-            time.sleep(0.5)
-            r = subprocess.run(["pkill", "-9", "-f", pattern])
-            if r.returncode == 0:
-                killed.append(True)
-                return
-        time.sleep(0.2)
+    """kill -9 shard 1 once it has journaled rows (its readiness signal), from a thread."""
+    try:
+        wait_for(lambda: list((out / "_journal" / "faq").glob("s00001-of-00004-*.arrows")), "shard 1 started", 600)
+    except AssertionError:
+        return  # the test then fails on `killed`, saying so
+    if subprocess.run(["pkill", "-9", "-f", pattern]).returncode == 0:
+        killed.append(True)
 
 
 def test_ray_runs_shards_retries_a_killed_one_exactly_once(tmp_path, tiny_model, ray_available):
@@ -100,10 +97,7 @@ def test_ray_launch_sigterm_stops_every_shard_then_resumes(tmp_path, tiny_model,
                        prompts=PROMPTS, instant={"delay_ms": 3.0}, output={"flush_seconds": 0.2})
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "launch", "ray", str(cfg), "--shards", "2"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600  # readiness: a shard has journaled rows
-    while time.time() < deadline and not list((out / "_journal").rglob("*.arrows")):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    wait_for(lambda: list((out / "_journal").rglob("*.arrows")), "a shard with journaled rows", 600, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 3, err[-3000:]
@@ -117,10 +111,7 @@ def test_ray_launch_sigterm_stops_every_shard_then_resumes(tmp_path, tiny_model,
             except OSError:
                 pass
         return found
-    deadline = time.time() + 60  # each shard commits and exits: wait for it
-    while shard_processes() and time.time() < deadline:
-        time.sleep(0.2)
-    assert shard_processes() == [], "a shard's engine run outlived the launcher"
+    wait_for(lambda: not shard_processes(), "every shard's engine run to stop with the launcher", 60)
     p = engine_cli("launch", "ray", str(cfg), "--shards", "2", timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr
     check_exactly_once(out, {d["id"] for d in sample_docs(2000)}, PROMPTS)

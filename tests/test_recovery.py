@@ -10,8 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl, write_parquet
-from vllm_helpers import stored_rows, wait_for
+from conftest import REPO, engine_cli, sample_docs, stored_rows, wait_for, write_config, write_jsonl, write_parquet
 
 PROMPTS = ("faq", "math")
 

@@ -6,18 +6,15 @@ import asyncio
 import importlib.util
 import inspect
 import signal
-import socket
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
-from vllm_helpers import stored_rows, wait_for
+from conftest import REPO, engine_cli, free_port, sample_docs, stored_rows, wait_for, write_config, write_jsonl
 from engine.backends import sglang_engine
 from engine.backends.engine_args import check_server_args, sampling_param_names, server_arg_names
 from engine.config import ConfigError, load_config
@@ -167,27 +164,24 @@ def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkey
     assert pq.read_table(out / "faq").num_rows == 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model, *args, port: int | None = None) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--model", str(model),
                              *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
-    deadline = time.monotonic() + 300  # readiness, not a sleep: a loaded machine starts it slowly
-    while time.monotonic() < deadline and proc.poll() is None:
+
+    def ready():
         try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
+            return httpx.get(url + "/health", timeout=1).status_code == 200
         except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"engine serve did not start: {proc.stdout.read()}")
+            return False
+    try:
+        wait_for(ready, f"engine serve on {url}", 300, proc, poll=0.1)  # a loaded machine starts it slowly
+    except AssertionError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def test_http_configuration_errors_are_found_at_start(tmp_path, tiny_model):

@@ -1,18 +1,12 @@
 """SIGTERM / SIGINT at any moment of `engine run`: at each stage of start-up, while generating and
 during the final report. Each signal is sent when the run's own log line says it reached that stage
 (a readiness signal, never a sleep), so the test means the same on an idle and on a loaded machine."""
-import os
-import queue
 import signal
-import subprocess
-import sys
-import threading
 
 import pyarrow.parquet as pq
 
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from conftest import Watched, engine_cli, reap_session, sample_docs, write_config, write_jsonl
 from test_recovery import check_exactly_once
-from vllm_helpers import reap_session
 
 PROMPTS = ("faq", "math")
 # (log line that marks the stage, signal, expected status)
@@ -24,41 +18,6 @@ STAGES = [
     ("generating", signal.SIGTERM, 3),                       # requests in flight
     ("writing the diversity report", signal.SIGTERM, 0),    # the run is complete: 0, report skipped
 ]
-
-
-class Watched:
-    """`engine run` in its own session, its stderr read line by line on a thread."""
-
-    def __init__(self, cfg, *extra, merge: bool = False):  # merge: watch stdout too (vLLM logs there)
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
-                                     text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue = queue.Queue()
-        self.err: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stderr or self.proc.stdout:
-            self.err.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_line(self, marker: str, timeout: float = 600) -> bool:
-        while True:
-            line = self.lines.get(timeout=timeout)
-            if line is None:
-                return False
-            if marker in line:
-                return True
-
-    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
-        out = self.proc.stdout.read() if self.proc.stderr else ""
-        if not self.proc.stderr:
-            while self.lines.get(timeout=timeout) is not None:
-                pass
-        self.proc.wait(timeout=timeout)
-        return self.proc.returncode, out, "".join(self.err)
 
 
 def test_a_signal_at_every_stage_ends_with_a_documented_status_then_resumes_exactly_once(tmp_path, tiny_model):

@@ -7,9 +7,8 @@ import signal
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import engine_cli, write_config
-from vllm_helpers import (engine_core, embedded_model_dir, need_vllm, real_docs, reap_session, start_engine,
-                          stored_rows, wait_for, START_TIMEOUT)
+from conftest import Watched, engine_cli, reap_session, stored_rows, wait_for, write_config
+from vllm_helpers import START_TIMEOUT, embedded_model_dir, engine_core, need_vllm, real_docs, start_engine
 from engine.backends.engine_args import vllm_engine_arg_names
 from engine.config import ConfigError, load_config
 
@@ -45,6 +44,9 @@ def test_seed_on_vllm_cpu_is_refused_before_anything_starts(tmp_path):
                        sampling={"max_new_tokens": 8, "seed": 1})
     p = engine_cli("run", str(cfg), timeout=300)
     assert p.returncode == 2 and "sampling.seed" in p.stderr and "CPU Generator" in p.stderr
+    # Refused before the output directory was touched: the same config without the seed is a fresh run,
+    # not a resume refused for a changed sampling.seed.
+    assert not (tmp_path / "out" / "_run").exists()
 
 
 def test_vllm_run_signals_engine_death_kill_9_then_exactly_once(tmp_path):
@@ -111,8 +113,6 @@ def test_vllm_run_signals_engine_death_kill_9_then_exactly_once(tmp_path):
 def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path, marker):
     """SIGTERM during vLLM's minute-long start (before its processes exist, and once they load weights)."""
     need_vllm()
-    from test_signals import Watched
-
     embedded_model_dir()
     src, _ = real_docs(tmp_path / "in.jsonl")
     out = tmp_path / "out"
@@ -124,4 +124,4 @@ def test_sigterm_while_vllm_starts_leaves_no_process(tmp_path, marker):
     code, _, err = w.finish(timeout=300)
     assert code == 3 and "resum" in err, err[-3000:]
     assert reap_session(w.proc.pid) == [], "vLLM processes outlived an interrupted start"
-    assert not list((out / "faq").glob("*.parquet")) if (out / "faq").is_dir() else True
+    assert not list(out.glob("faq/*.parquet"))

@@ -5,9 +5,8 @@ error rows) then restarted and resumed exactly once."""
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import engine_cli, write_config
-from vllm_helpers import (VLLMServer, embedded_model_dir, need_vllm, real_docs, reap_session, start_engine,
-                          stored_rows, wait_for, START_TIMEOUT)
+from conftest import engine_cli, reap_session, stored_rows, wait_for, write_config
+from vllm_helpers import START_TIMEOUT, VLLMServer, embedded_model_dir, need_vllm, real_docs, start_engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

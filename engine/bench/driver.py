@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..reader import Reader
+from ..signals import signal_on_parent_death
 from .sweep import BASELINE, BenchConfig, ModelEntry, Sweep
 
 OK, OOM, TIMEOUT, FAILURE, NOT_RUN = "ok", "oom", "timeout", "server_failure", "not_run"
@@ -274,7 +275,7 @@ def _run_process(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int 
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads here
+                                preexec_fn=signal_on_parent_death(signal.SIGKILL))  # noqa: PLW1509 - no threads here
         try:
             return proc.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
@@ -283,15 +284,6 @@ def _run_process(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int 
         except BaseException:  # the sweep itself is interrupted: take the config's processes down with it
             _kill_group(proc)
             raise
-
-
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGKILL if the sweep is killed (kill -9), instead of running on unseen."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
