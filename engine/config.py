@@ -52,6 +52,9 @@ class SamplingConfig:
     max_new_tokens: int | None = None  # None: each prompt file's recommended value
     temperature: float | None = None  # None: the model's generation config, else 0.7
     top_p: float | None = None  # None: the model's generation config, else 0.95
+    top_k: int | None = None  # None: the model's generation config, else off (0 = off)
+    min_p: float | None = None  # None: the model's generation config, else off (0 = off)
+    repetition_penalty: float | None = None  # None: the model's generation config, else off (1 = off)
     seed: int | None = None  # None: no per-request seeds (torch/instant/report use 0); set it for reproducible sampling
     ignore_eos: bool = False  # benchmarks only (fixed-length outputs); real data always stops at EOS
 
@@ -241,6 +244,9 @@ def validate(cfg: RunConfig) -> None:
         ("sampling.max_new_tokens", cfg.sampling.max_new_tokens is None or cfg.sampling.max_new_tokens >= 1),
         ("sampling.temperature", cfg.sampling.temperature is None or cfg.sampling.temperature >= 0),
         ("sampling.top_p", cfg.sampling.top_p is None or 0 < cfg.sampling.top_p <= 1),
+        ("sampling.top_k", cfg.sampling.top_k is None or cfg.sampling.top_k >= 0),
+        ("sampling.min_p", cfg.sampling.min_p is None or 0 <= cfg.sampling.min_p <= 1),
+        ("sampling.repetition_penalty", cfg.sampling.repetition_penalty is None or cfg.sampling.repetition_penalty > 0),
         ("input.batch_rows", cfg.input.batch_rows >= 1),
         ("input.max_doc_chars", cfg.input.max_doc_chars >= 1),
         ("output.row_group_rows", cfg.output.row_group_rows >= 1),

@@ -44,7 +44,7 @@ def chat_text(tokenizer, user_content: str, system_prompt: str = "") -> str:
 
 class Renderer:
     def __init__(self, tokenizer, prompts: list[Prompt], context: int, max_new_tokens: int | None,
-                 system_prompt: str = ""):
+                 system_prompt: str = "", reserve: int = 0):
         self.tokenizer = tokenizer
         self.fast = tokenizer.backend_tokenizer  # the Rust tokenizer: batch encode without Python overhead
         self.context = context
@@ -56,10 +56,11 @@ class Renderer:
             before, after = text.split(SENTINEL)
             new = max_new_tokens or prompt.max_new_tokens
             prefix, suffix = self._ids(before), self._ids(after)
-            budget = context - new - len(prefix) - len(suffix)
+            budget = context - reserve - new - len(prefix) - len(suffix)
             if budget < 16:
                 raise RenderError(f"prompt {prompt.name!r}: context {context} leaves {budget} tokens for the document "
-                                  f"after {new} new tokens and {len(prefix) + len(suffix)} template tokens")
+                                  f"after {new} new tokens and {len(prefix) + len(suffix)} template tokens"
+                                  + (f" ({reserve} kept free for the backend)" if reserve else ""))
             self.rendered[prompt.name] = RenderedPrompt(prompt, tuple(prefix), tuple(suffix), new, budget)
 
     def _ids(self, text: str) -> list[int]:

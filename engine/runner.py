@@ -23,7 +23,7 @@ import orjson
 import pyarrow as pa
 
 from . import output
-from .backends import make_backend
+from .backends import context_reserve, make_backend
 from .backends.base import Completion, Request, SamplingParams
 from .config import RunConfig
 from .journal import DoneSet, PartSink, SeenIds
@@ -71,6 +71,22 @@ def sampling_defaults(gen: dict, temperature: float | None, top_p: float | None)
     return temperature, top_p
 
 
+def resolve_sampling(gen: dict, s) -> SamplingParams:
+    """Every sampling knob from the run config's `[sampling]` first, then the model's generation
+    config (as vLLM applies it by default: temperature, top_p, top_k, min_p, repetition_penalty),
+    then off. One resolution for every backend, so SGLang, vLLM, HTTP and torch sample alike."""
+    temperature, top_p = sampling_defaults(gen, s.temperature, s.top_p)
+
+    def pick(name, value, cast, off):
+        if value is not None:
+            return cast(value)
+        return cast(gen[name]) if gen.get(name) is not None else off
+    return SamplingParams(temperature, top_p, s.seed, s.ignore_eos,
+                          top_k=max(0, pick("top_k", s.top_k, int, 0)),
+                          min_p=pick("min_p", s.min_p, float, 0.0),
+                          repetition_penalty=pick("repetition_penalty", s.repetition_penalty, float, 1.0))
+
+
 @dataclass
 class ModelSetup:
     """What a run needs to know about its model before any backend starts."""
@@ -86,11 +102,9 @@ class ModelSetup:
 
         model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http", "vllm"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        context = cfg.model.context or AutoConfig.from_pretrained(model_dir).max_position_embeddings
-        temperature, top_p = sampling_defaults(generation_config(model_dir), cfg.sampling.temperature,
-                                               cfg.sampling.top_p)
-        return cls(model_dir, model_name, tokenizer, context,
-                   SamplingParams(temperature, top_p, cfg.sampling.seed, cfg.sampling.ignore_eos))
+        # get_text_config: multimodal checkpoints (Gemma-3 4B+) keep it in their text config
+        context = cfg.model.context or AutoConfig.from_pretrained(model_dir).get_text_config().max_position_embeddings
+        return cls(model_dir, model_name, tokenizer, context, resolve_sampling(generation_config(model_dir), cfg.sampling))
 
     def backend(self, cfg: RunConfig):
         return make_backend(cfg, self.model_dir, self.tokenizer, self.sampling, self.context)
@@ -263,7 +277,8 @@ class Run:
         setup = self.setup or ModelSetup.load(cfg)
         model_name, tokenizer, context = setup.model_name, setup.tokenizer, setup.context
         log.info("model %s: tokenizer and config loaded (context %d)", model_name, context)
-        renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt)
+        renderer = Renderer(tokenizer, prompts, context, cfg.sampling.max_new_tokens, cfg.model.system_prompt,
+                            reserve=context_reserve(cfg.backend))
         temperature, top_p = setup.sampling.temperature, setup.sampling.top_p
 
         reader = Reader(cfg.input.paths, cfg.input.text_column, cfg.input.id_column, cfg.input.batch_rows,
@@ -279,7 +294,7 @@ class Run:
         fingerprint = {
             "model": model_name, "backend_family": "instant" if cfg.backend == "instant" else "model",
             "prompts": {p.name: p.fingerprint for p in prompts},
-            "sampling": {"temperature": temperature, "top_p": top_p, "seed": cfg.sampling.seed,
+            "sampling": {"temperature": temperature, "top_p": top_p, "seed": cfg.sampling.seed, **setup.sampling.extra(),
                          **({"ignore_eos": True} if cfg.sampling.ignore_eos else {}),
                          "max_new_tokens": {n: r.max_new_tokens for n, r in renderer.rendered.items()}},
             "context": context, "shard_count": cfg.shard.count, "system_prompt": cfg.model.system_prompt,

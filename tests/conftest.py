@@ -173,11 +173,11 @@ def free_port() -> int:
 class Watched:
     """`engine run` in its own session, its stderr read line by line on a thread."""
 
-    def __init__(self, cfg, *extra, merge: bool = False):  # merge: watch stdout too (vLLM logs there)
+    def __init__(self, cfg, *extra, merge: bool = False, env: dict | None = None):  # merge: stdout too (vLLM logs there)
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
                                      text=True,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.lines: queue.Queue = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

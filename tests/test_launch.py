@@ -128,19 +128,25 @@ def test_ray_with_the_tiny_model(tmp_path, tiny_model, ray_available):
     assert "nothing to launch" in again.stdout
 
 
-def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, monkeypatch):
-    import types
-
-    import torch
+def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, monkeypatch, tmp_path):
+    import os
 
     from engine.backends import default_parallelism, estimate_params
 
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 * 2**30))
+    # The GPUs are counted by nvidia-smi, not torch.cuda (which would initialise CUDA in the run's process).
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\nprintf '81559\\n81559\\n81559\\n81559\\n'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert 0 < estimate_params(tiny_model) < 10**6
     assert default_parallelism({}, tiny_model) == {"dp_size": 4}
     assert default_parallelism({"tp_size": 2}, tiny_model) == {"tp_size": 2}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert default_parallelism({}, tiny_model) == {"dp_size": 2}
     monkeypatch.setattr("engine.backends.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
     assert default_parallelism({}, tiny_model) == {}
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr("engine.backends.estimate_params", lambda d: 10**6)
     assert default_parallelism({}, tiny_model) == {}

@@ -2,19 +2,20 @@
 adapter against a faithful double of `Engine.async_generate`, the HTTP backend against a real
 server on loopback (`engine serve`), including timeouts, retries, a server that dies, and resume."""
 import ast
-import asyncio
 import importlib.util
 import inspect
+import json
+import os
 import signal
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, engine_cli, free_port, sample_docs, stored_rows, wait_for, write_config, write_jsonl
+from conftest import (REPO, Watched, engine_cli, free_port, reap_session, sample_docs, stored_rows, wait_for,
+                      write_config, write_jsonl)
 from engine.backends import sglang_engine
 from engine.backends.engine_args import check_server_args, sampling_param_names, server_arg_names
 from engine.config import ConfigError, load_config
@@ -52,7 +53,7 @@ def test_async_generate_call_matches_the_real_signature():
     fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.AsyncFunctionDef) and n.name == "async_generate")
     real = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
     assert {"input_ids", "sampling_params"} <= real
-    ours = set(inspect.signature(FakeEngine.async_generate).parameters) - {"self"}
+    ours = set(inspect.signature(load_double().Engine.async_generate).parameters) - {"self", "_"}
     assert ours <= real
 
 
@@ -63,62 +64,32 @@ def test_unknown_server_argument_is_named(tmp_path):
         load_config(cfg)
 
 
-class FakeEngine:
-    """A double of sglang.Engine 0.5.23 for one GPU-less process: same constructor keywords, same
-    async_generate keywords and return shape (`output_ids`, `meta_info` with prompt/completion/cached
-    tokens and a finish_reason dict). It keeps a radix-like cache: cached_tokens is the longest prefix
-    shared with an earlier request."""
-
-    instances: list["FakeEngine"] = []
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.seen: list[list[int]] = []
-        self.calls = 0
-        self.concurrent = self.max_concurrent = 0
-        self.abort_every = kwargs.pop("_abort_every", 0)
-        self.shut = False
-        FakeEngine.instances.append(self)
-
-    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, rid=None, stream=False):
-        assert prompt is None and input_ids and self.kwargs["skip_tokenizer_init"] is True
-        self.calls += 1
-        call = self.calls
-        self.concurrent += 1
-        self.max_concurrent = max(self.max_concurrent, self.concurrent)
-        await asyncio.sleep(0.001)
-        self.concurrent -= 1
-        cached = max((_lcp(input_ids, s) for s in self.seen[-64:]), default=0)
-        self.seen.append(input_ids)
-        if self.abort_every and call % self.abort_every == 0:
-            return {"output_ids": [], "meta_info": {"finish_reason": {"type": "abort", "message": "retracted"},
-                                                    "prompt_tokens": len(input_ids), "completion_tokens": 0}}
-        n = sampling_params["max_new_tokens"]
-        stops_early = call % 2 and not sampling_params.get("ignore_eos")
-        out = (input_ids[::-1] * (n // len(input_ids) + 1))[: n - 1 if stops_early else n]
-        return {"text": None, "output_ids": out, "meta_info": {
-            "id": rid or str(call), "prompt_tokens": len(input_ids), "completion_tokens": len(out),
-            "cached_tokens": cached, "e2e_latency": 0.01,
-            "finish_reason": {"type": "length", "length": n} if len(out) == n else {"type": "stop", "matched": 2}}}
-
-    def shutdown(self):
-        self.shut = True
+DOUBLES = REPO / "tests" / "doubles"
 
 
-def _lcp(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def load_double():
+    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring)."""
+    sys.modules.pop("sglang", None)
+    sys.path.insert(0, str(DOUBLES))
+    try:
+        import sglang
+    finally:
+        sys.path.remove(str(DOUBLES))
+    assert sglang.__file__.startswith(str(DOUBLES))
+    return sglang
 
 
 @pytest.fixture
 def fake_sglang(monkeypatch):
-    FakeEngine.instances.clear()
-    monkeypatch.setitem(sys.modules, "sglang", types.SimpleNamespace(Engine=FakeEngine))
-    return FakeEngine
+    quit_handler = signal.getsignal(signal.SIGQUIT)
+    double = load_double()
+    double.instances.clear()
+    monkeypatch.setitem(sys.modules, "sglang", double)
+    yield double
+    for eng in double.instances:
+        if not eng.shut:
+            eng.shutdown()
+    signal.signal(signal.SIGQUIT, quit_handler)
 
 
 def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):
@@ -152,9 +123,12 @@ def test_ignore_eos_reaches_sglang(tmp_path, tiny_model, fake_sglang):
     assert set(t.column("completion_tokens").to_pylist()) == {16}
 
 
-def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkeypatch):
-    monkeypatch.setattr(sglang_engine.SGLangEngineBackend, "engine_kwargs",
-                        lambda self: {"model_path": self.model_path, "skip_tokenizer_init": True, "_abort_every": 5})
+@pytest.mark.parametrize("status", ["none", "400", "503"])
+def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkeypatch, status):
+    # SGLang returns an abort without a status code as a dict, and raises one with a status code:
+    # ValueError for 400, HTTPException otherwise (tokenizer_manager.py:1891-1923).
+    monkeypatch.setenv("SGLANG_DOUBLE_ABORT_EVERY", "5")
+    monkeypatch.setenv("SGLANG_DOUBLE_ABORT_STATUS", status)
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(40))
     out = tmp_path / "out"
     cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang",
@@ -162,6 +136,135 @@ def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkey
     code, summary = Run(cfg).execute()
     assert code == 0 and summary["retries"] >= 5 and summary["failed"] == 0
     assert pq.read_table(out / "faq").num_rows == 40
+
+
+def double_env(tmp_path, **extra) -> dict:
+    """Environment of an `engine run` subprocess that imports the double as `sglang`."""
+    path = os.pathsep.join(p for p in (str(DOUBLES), os.environ.get("PYTHONPATH", "")) if p)
+    return {"PYTHONPATH": path, "SGLANG_DOUBLE_PIDFILE": str(tmp_path / "scheduler.pid"), **extra}
+
+
+def slow_sglang_run(tmp_path, model, n=60):
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(n))
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", model, [src], out, backend="sglang", scheduler={"max_in_flight": 2},
+                       output={"flush_seconds": 0.2}, report={"enabled": False})
+    return src, out, cfg
+
+
+def exactly_once(out, n):
+    ids = pq.read_table(out / "faq").column("id").to_pylist()
+    assert sorted(ids) == sorted(d["id"] for d in sample_docs(n))
+
+
+def test_our_logging_survives_sglang_start(tmp_path, tiny_model):
+    # sglang.Engine re-runs logging.basicConfig(force=True) at its log_level ("error" by default).
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(6))
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang")
+    p = engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
+    assert "sglang backend ready" in p.stderr and "writing the diversity report" in p.stderr, p.stderr
+    assert "INFO engine.runner" in p.stderr  # our format, not SGLang's
+
+
+def test_a_crashed_sglang_process_is_status_4_with_the_run_saved_then_resume(tmp_path, tiny_model):
+    # SGLang's watchdog SIGQUITs its caller when a child dies; the default handler SIGKILLs the caller.
+    src, out, cfg = slow_sglang_run(tmp_path, tiny_model)
+    env = double_env(tmp_path, SGLANG_DOUBLE_DELAY_S="0.4")
+    w = Watched(cfg, env=env)
+    wait_for(lambda: stored_rows(out) > 0, "rows stored", 300, w.proc)
+    os.kill(int((tmp_path / "scheduler.pid").read_text()), signal.SIGKILL)
+    code, _, err = w.finish()
+    assert code == 4, err[-3000:]
+    assert "an SGLang process died" in err and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False and 0 < sum(summary["documents_stored"].values()) < 60
+    assert reap_session(w.proc.pid) == []
+    p = engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
+    assert "resuming" in p.stderr
+    exactly_once(out, 60)
+
+
+def test_ctrl_c_to_the_process_group_is_status_3_not_a_sigkill(tmp_path, tiny_model):
+    # Ctrl-C (or scancel) reaches SGLang's children too: they die of it and the watchdog SIGQUITs us.
+    src, out, cfg = slow_sglang_run(tmp_path, tiny_model)
+    w = Watched(cfg, env=double_env(tmp_path, SGLANG_DOUBLE_DELAY_S="0.4"))
+    wait_for(lambda: stored_rows(out) > 0, "rows stored", 300, w.proc)
+    os.killpg(w.proc.pid, signal.SIGINT)
+    code, _, err = w.finish()
+    assert code == 3, err[-3000:]
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    assert reap_session(w.proc.pid) == []
+    engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
+    exactly_once(out, 60)
+
+
+def test_sglang_failing_at_start_is_4_for_a_dead_process_and_2_for_a_refused_argument(tmp_path, tiny_model):
+    src, out, cfg = slow_sglang_run(tmp_path, tiny_model, n=4)
+    p = engine_cli("run", str(cfg), env=double_env(tmp_path, SGLANG_DOUBLE_FAIL_LOAD="1"))
+    assert p.returncode == 4, p.stderr[-3000:]  # was: SIGKILLed by SGLang's launch-phase SIGQUIT handler
+    assert "an SGLang process died while the engine started" in p.stderr
+    p = engine_cli("run", str(cfg), "--set", "sglang.server_args.schedule_conservativeness=-1", env=double_env(tmp_path))
+    assert p.returncode == 2 and "SGLang refused to start" in p.stderr, p.stderr[-3000:]
+
+
+def long_docs(n: int) -> list[dict]:
+    # no line or word break: truncated to exactly the document budget
+    return [{"id": f"long-{i}", "text": "".join(f"w{(i * 31 + j) % 997}" for j in range(3000))} for i in range(n)]
+
+
+def test_full_budget_documents_get_every_new_token_under_sglangs_cap(tmp_path, tiny_model, fake_sglang):
+    # SGLang caps max_new_tokens at context - 2 - input: the renderer keeps those 2 tokens free.
+    src = write_jsonl(tmp_path / "in.jsonl", long_docs(4))
+    cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang",
+                                   sampling={"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}))
+    code, summary = Run(cfg).execute()
+    assert code == 0 and summary["truncated"] == 4
+    t = pq.read_table(tmp_path / "out" / "faq")
+    assert set(t.column("completion_tokens").to_pylist()) == {16}
+    assert set(t.column("prompt_tokens").to_pylist()) == {1024 - 16 - 2}
+
+
+def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, fake_sglang):
+    import shutil
+
+    from engine.backends.base import Request
+    from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.backends.torch_backend import TorchBackend
+    from engine.runner import ModelSetup
+
+    model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
+    gen = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").exists() else {}
+    gen.update({"do_sample": True, "temperature": 0.6, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1})
+    (model / "generation_config.json").write_text(json.dumps(gen))
+    src = write_jsonl(tmp_path / "in.jsonl", sample_docs(4))
+    path = write_config(tmp_path / "r.toml", model, [src], tmp_path / "out", backend="sglang",
+                        sampling={"max_new_tokens": 16})
+    path.write_text(path.read_text().replace("temperature = 0.0\n", ""))  # the model's temperature
+    cfg = load_config(path)
+    setup = ModelSetup.load(cfg)
+    s = setup.sampling
+    assert (s.temperature, s.top_k, s.min_p, s.repetition_penalty) == (0.6, 20, 0.05, 1.1)
+    # every backend gets the same resolved parameters
+    assert isinstance(setup.backend(load_config(path, ["backend=torch"])), TorchBackend)
+    assert setup.backend(load_config(path, ["backend=torch"])).sampling is s
+    req = Request(0, "faq", [5, 6, 7], 2, 16)
+    http = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", s, 4)
+    assert {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}.items() <= http._payload(req)[1].items()
+    native = SGLangHTTPBackend(["http://127.0.0.1:1"], "native", s, 4)
+    assert native._payload(req)[1]["sampling_params"]["top_k"] == 20
+    code, _ = Run(cfg).execute()
+    assert code == 0
+    (eng,) = fake_sglang.instances
+    tok_eos = setup.tokenizer.eos_token_id
+    for sp in eng.requests:
+        assert (sp["top_k"], sp["min_p"], sp["repetition_penalty"], sp["temperature"]) == (20, 0.05, 1.1, 0.6)
+        assert tok_eos in sp["stop_token_ids"]
+    fingerprint = json.loads((tmp_path / "out" / "_run" / "fingerprint.json").read_text())
+    assert {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}.items() <= fingerprint["sampling"].items()
+    # The run config overrides the model's values; 0 / 1 switch a knob off.
+    over = load_config(path, ["sampling.top_k=0", "sampling.repetition_penalty=1.0", "sampling.min_p=0.1"])
+    s2 = ModelSetup.load(over).sampling
+    assert s2.extra() == {"min_p": 0.1}
 
 
 def start_server(model, *args, port: int | None = None) -> tuple[subprocess.Popen, str]:
@@ -353,3 +456,39 @@ def test_http_sigterm_cancels_in_flight_requests_quietly_and_a_5xx_storm_is_not_
         assert not list((out2 / "faq").glob("*.parquet"))
     finally:
         storm.kill()
+
+
+def test_server_args_sglang_would_ignore_are_flagged_or_fixed(caplog):
+    from engine.backends import guard_server_args
+
+    args = {"schedule_policy": "lpm", "max_running_requests": 1024}
+    with caplog.at_level("WARNING"):
+        assert guard_server_args(args, 4096) == args
+    assert "has no effect here" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        guard_server_args(args, 1100)  # 76 waiting: LPM works
+    assert not caplog.text
+    ngram = {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 8}
+    assert guard_server_args(ngram, 512)["speculative_ngram_max_bfs_breadth"] == 8  # else num_steps = 8 // 10 = 0
+    assert "speculative_ngram_max_bfs_breadth" not in guard_server_args({**ngram, "speculative_num_draft_tokens": 12}, 1)
+    for cfg_path in ("tier1.toml", "tier2.toml", "prod_smollm2_1.7b_h100.toml"):
+        assert load_config(REPO / "runs" / cfg_path).sglang.server_args["schedule_policy"] == "fcfs"
+
+
+def test_gpu_acceptance_script_runs_every_item_against_the_double(tmp_path, tiny_model):
+    """tools/gpu_acceptance.py is the first thing run on a GPU machine: here each of its items runs
+    against the SGLang double, so the script itself works before a GPU ever sees it."""
+    env = {**os.environ, **double_env(tmp_path, SGLANG_DOUBLE_DELAY_S="0.3", SGLANG_DOUBLE_MAX_RUNNING="2"),
+           "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, "tools/gpu_acceptance.py", "--no-gpu-check", "--model", str(tiny_model),
+                        "--docs", "6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    for item in ("2/5 end to end", "4 our logging", "7 stops", "9 full-budget", "11 top_k", "13 NGRAM",
+                 "15 runs/tier1.toml", "15 runs/tier2.toml", "16 scheduler killed -> 4", "16 resume",
+                 "17 Ctrl-C to the group -> 3 (#1)", "17 resume after Ctrl-C (#2)", "19 nothing left",
+                 "20 argument refused"):
+        assert any(line.startswith("PASS") and item in line for line in lines), (item, p.stdout)
+    assert any(line.startswith("INFO") and "29 tok/s per GPU" in line for line in lines)
+    assert "0 failed" in p.stdout

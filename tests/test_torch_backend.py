@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.backends.base import Request, SamplingParams
-from engine.backends.torch_backend import TorchBackend, sample
+from engine.backends.torch_backend import TorchBackend, penalize, sample
 
 
 def make_requests(tok, n, max_new, prefix_len=12):
@@ -94,8 +94,31 @@ def test_stop_event_ends_generation_without_yielding_unfinished(tiny_model):
 def test_nucleus_sampling_keeps_only_the_top_mass():
     g = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 400]) + 1e-12)
-    picks = {int(sample(logits, 1.0, 0.7, g)) for _ in range(300)}
+    picks = {int(sample(logits, SamplingParams(1.0, 0.7, None), g)) for _ in range(300)}
     assert picks == {0, 1}
     flat = torch.zeros((2, 1000))  # a nucleus wider than the top-k shortcut
-    assert len({int(t) for _ in range(50) for t in sample(flat, 1.0, 0.9, g)}) > 20
-    assert sample(torch.tensor([[0.1, 3.0, 0.2]]), 0.0, 0.9, g).tolist() == [1]
+    assert len({int(t) for _ in range(50) for t in sample(flat, SamplingParams(1.0, 0.9, None), g)}) > 20
+    assert sample(torch.tensor([[0.1, 3.0, 0.2]]), SamplingParams(0.0, 0.9, None), g).tolist() == [1]
+
+
+def test_top_k_min_p_and_repetition_penalty_as_transformers_applies_them():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04] + [0.0] * 400]) + 1e-12)
+    draw = lambda s, n=400: {int(sample(logits, s, g)) for _ in range(n)}
+    assert draw(SamplingParams(1.0, 1.0, None, top_k=2)) == {0, 1}
+    # top-p within the renormalised top 3 (0.4/0.9, 0.3/0.9 reach 0.7): two tokens, not three
+    assert draw(SamplingParams(1.0, 0.7, None, top_k=3)) == {0, 1}
+    # min-p 0.4: tokens with at least 0.4 x 0.4 = 0.16 probability
+    assert draw(SamplingParams(1.0, 1.0, None, min_p=0.4)) == {0, 1, 2}
+    flat = torch.zeros((1, 1000))  # min-p alone over the whole vocabulary: every token stays
+    assert len({int(sample(flat, SamplingParams(1.0, 1.0, None, min_p=0.5), g)) for _ in range(50)}) > 20
+    # Repetition penalty: a seen token's positive logit is divided, a negative one multiplied.
+    rep = SamplingParams(0.0, 1.0, None, repetition_penalty=2.0)
+    pos = torch.tensor([[3.0, 2.0, -1.0], [3.0, 2.0, -1.0]])
+    assert sample(pos, rep, g, [[0], [1, 1]]).tolist() == [1, 0]  # 3/2 < 2; row 2: 2/2 < 3
+    assert penalize(torch.tensor([[3.0, 2.0, -1.0]]), [[2]], 2.0).tolist() == [[3.0, 2.0, -2.0]]
+    from transformers import RepetitionPenaltyLogitsProcessor
+    scores = torch.randn(2, 50)
+    hist = [[1, 5, 5, 7], [3]]
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([hist[0], [3, 3, 3, 3]]), scores.clone())
+    assert torch.allclose(penalize(scores, hist, 1.3), theirs)

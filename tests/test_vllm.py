@@ -27,6 +27,19 @@ def test_shipped_engine_arg_names_match_the_installed_vllm():
         set(vllm_engine_arg_names())
 
 
+def test_generation_config_sampling_knobs_reach_vllms_own_sampling_params():
+    need_vllm()
+    from engine.backends.base import Request, SamplingParams
+    from engine.backends.vllm_engine import vllm_sampling
+
+    req = Request(3, "faq", [1, 2, 3], 1, 32)
+    sp = vllm_sampling(req, SamplingParams(0.6, 0.9, None, top_k=20, min_p=0.05, repetition_penalty=1.1))
+    assert (sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.repetition_penalty) == \
+        (32, 0.6, 0.9, 20, 0.05, 1.1)
+    off = vllm_sampling(req, SamplingParams(0.6, 0.9, None))
+    assert (off.top_k, off.min_p, off.repetition_penalty) in ((0, 0.0, 1.0), (-1, 0.0, 1.0))
+
+
 def test_unknown_engine_argument_is_a_config_error(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('backend = "vllm"\n[input]\npaths = ["x"]\n[vllm.engine_args]\nmax_num_seq = 8\n')

@@ -1,4 +1,5 @@
 """GPU smoke test of the in-process SGLang path: one GPU, a few hundred documents, end to end.
+(The acceptance checks of the SGLang review are tools/gpu_acceptance.py: run that first.)
 
     .venv/bin/python tools/gpu_smoke.py [--model embedded|HUB_ID|DIR] [--docs 512] [--set key=value ...]
 
@@ -61,7 +62,10 @@ def main(argv=None) -> int:
                                  f"sampling.max_new_tokens={args.max_new_tokens}", "scheduler.max_in_flight=1024",
                                  *args.set])
         code, s = Run(cfg).execute()
-        gpus = max(1, int(cfg.sglang.server_args.get("tp_size", 1)) * int(cfg.sglang.server_args.get("dp_size", 1)))
+        from engine.bench.worker import gpus_used
+        from engine.model_store import resolve_model
+
+        gpus = gpus_used(cfg, resolve_model(cfg.model.name, allow_hub=True)[0], None)  # dp_size defaults to every GPU
         print(f"device {torch.cuda.get_device_name(0)} x{gpus}; model {s['model']}; {s['requests_generated']} requests")
         print(f"output {s['output_tokens_per_s'] / gpus:,.0f} tok/s/GPU; input {s['input_tokens_per_s'] / gpus:,.0f} "
               f"tok/s/GPU; prefix-cache hit rate {s['prefix_cache_hit_rate']:.1%}; wall {s['wall_seconds']:.1f} s "

@@ -1,9 +1,14 @@
 """Backends, one per module, behind the protocol in base.py; `make_backend` picks one by name."""
 from __future__ import annotations
 
+import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 from .base import Backend, SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams, context: int) -> Backend:
@@ -11,10 +16,10 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
         from .instant import InstantBackend
         i = cfg.instant
         return InstantBackend(i.completion_tokens, i.delay_ms, i.fail_rate, i.die_after, cfg.sampling.seed or 0)
+    eos = tokenizer.eos_token_id
+    eos_ids = set(_generation_eos(model_dir)) | ({eos} if eos is not None else set())
     if cfg.backend == "torch":
         from .torch_backend import TorchBackend
-        eos = tokenizer.eos_token_id
-        eos_ids = set(_generation_eos(model_dir)) | ({eos} if eos is not None else set())
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         t = cfg.torch
         return TorchBackend(str(model_dir), sampling, eos_ids, pad, batch_size=t.batch_size,
@@ -23,9 +28,10 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
                             device=cfg.model.device, dtype=cfg.model.dtype, threads=t.threads)
     if cfg.backend == "sglang":
         from .sglang_engine import SGLangEngineBackend
-        args = default_parallelism(dict(cfg.sglang.server_args), model_dir)
+        args = guard_server_args(default_parallelism(dict(cfg.sglang.server_args), model_dir),
+                                 cfg.scheduler.max_in_flight)
         args.setdefault("context_length", context)
-        return SGLangEngineBackend(str(model_dir), args, sampling, cfg.scheduler.max_in_flight)
+        return SGLangEngineBackend(str(model_dir), args, sampling, cfg.scheduler.max_in_flight, stop_ids=list(eos_ids))
     if cfg.backend == "vllm":
         from .vllm_engine import VLLMEngineBackend
         return VLLMEngineBackend(str(model_dir), cfg.vllm.engine_args, sampling, cfg.scheduler.max_in_flight, context,
@@ -37,6 +43,36 @@ def make_backend(cfg, model_dir: Path | str, tokenizer, sampling: SamplingParams
         return SGLangHTTPBackend(h.urls, h.api, sampling, cfg.scheduler.max_in_flight, h.timeout_s, h.retries,
                                  h.backoff_s, h.dead_after, h.model, h.connections)
     raise ValueError(f"unknown backend {cfg.backend!r}")
+
+
+LPM_MAX_WAITING = 128  # SGLang's WAITING_QUEUE_PREFIX_MATCH_MAX (schedule_policy.py:137)
+
+
+def guard_server_args(args: dict, max_in_flight: int) -> dict:
+    """Server arguments that SGLang 0.5.23 would take silently but not act on as written."""
+    policy = str(args.get("schedule_policy", "fcfs"))
+    running = int(args.get("max_running_requests") or 0)
+    if policy in ("lpm", "dfs-weight") and running and max_in_flight - running > LPM_MAX_WAITING:
+        log.warning("sglang.server_args.schedule_policy = %r has no effect here: SGLang switches to FCFS when more "
+                    "than %d requests wait, and scheduler.max_in_flight %d - max_running_requests %d leaves ~%d "
+                    "waiting (the radix cache still reuses the shared template prefix)", policy, LPM_MAX_WAITING,
+                    max_in_flight, running, max_in_flight - running)
+    drafts = args.get("speculative_num_draft_tokens")
+    if str(args.get("speculative_algorithm", "")).upper() == "NGRAM" and drafts is not None \
+            and "speculative_ngram_max_bfs_breadth" not in args and int(drafts) < 10:
+        # SGLang sets speculative_num_steps = draft tokens // breadth (default 10): 0 below 10 drafts,
+        # a path SGLang itself never takes by default; a breadth of the draft count keeps it at 1.
+        args = {**args, "speculative_ngram_max_bfs_breadth": int(drafts)}
+    return args
+
+
+def context_reserve(backend: str) -> int:
+    """Tokens of the context a backend will not generate into (SGLang: 2, see sglang_engine.CONTEXT_RESERVE):
+    the renderer leaves them out of the document budget so a full-budget request gets all its new tokens."""
+    if backend in ("sglang", "sglang-http"):
+        from .sglang_engine import CONTEXT_RESERVE
+        return CONTEXT_RESERVE
+    return 0
 
 
 def _generation_eos(model_dir: Path) -> list[int]:
@@ -74,15 +110,29 @@ def default_parallelism(args: dict, model_dir: Path | str) -> dict:
     (data parallelism) unless the config chooses tp_size or dp_size itself."""
     if "dp_size" in args or "tp_size" in args:
         return args
-    try:
-        import torch
-        gpus = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no usable CUDA: nothing to decide
-        return args
-    if gpus <= 1:
+    memories = gpu_memories()
+    if len(memories) <= 1:
         return args
     params = estimate_params(model_dir)
-    memory = torch.cuda.get_device_properties(0).total_memory
-    if params is not None and params * 2 < 0.4 * memory:  # bf16 weights under 40 % of one GPU: room for KV
-        return {**args, "dp_size": gpus}
+    if params is not None and params * 2 < 0.4 * min(memories):  # bf16 weights under 40 % of one GPU: room for KV
+        return {**args, "dp_size": len(memories)}
     return args
+
+
+def gpu_memories() -> list[int]:
+    """Total memory (bytes) of each visible GPU, from nvidia-smi: asking torch.cuda would initialise CUDA
+    in this process, and SGLang's schedulers want all of every GPU's memory (review finding 31)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    mems = [int(float(x)) * 1024 ** 2 for x in out.split() if x.strip()]
+    import os
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # nvidia-smi lists every GPU of the node
+        mems = [m for i, m in enumerate(mems) if str(i) in {v.strip() for v in visible.split(",") if v.strip()}]
+    return mems

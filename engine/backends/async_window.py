@@ -35,6 +35,11 @@ class AsyncWindowBackend:
     async def aclose(self) -> None:
         pass
 
+    def dead(self) -> str | None:
+        """Why the engine can serve no more requests, when the subclass knows it without waiting for
+        them (SGLang's requests never time out once its scheduler is gone)."""
+        return None
+
     def start(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"engine-{self.name}-loop", daemon=True)
@@ -72,6 +77,9 @@ class AsyncWindowBackend:
                 in_flight += 1
             if in_flight == 0 or stop.is_set():
                 return  # on stop, requests still in flight are dropped: a resumed run redoes them
+            reason = self.dead()
+            if reason is not None:
+                raise BackendDead(reason)
             try:
                 batch = [results.get(timeout=0.2)]
             except queue.Empty:

@@ -41,6 +41,17 @@ class SamplingParams:
     top_p: float
     seed: int | None  # None: no per-request seeds (backends with one global generator use 0)
     ignore_eos: bool = False  # benchmarks only: every request runs to its max_new_tokens
+    top_k: int = 0  # 0: off (the whole vocabulary)
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: float = 1.0  # 1: off
+
+    def extra(self) -> dict:
+        """The sampling knobs beyond temperature/top_p that are switched on, under the names SGLang,
+        vLLM and the OpenAI-compatible servers all use (sent only when on, so a server that lacks
+        one still serves runs that do not use it)."""
+        return {**({"top_k": self.top_k} if self.top_k > 0 else {}),
+                **({"min_p": self.min_p} if self.min_p > 0 else {}),
+                **({"repetition_penalty": self.repetition_penalty} if self.repetition_penalty != 1.0 else {})}
 
 
 class BackendDead(RuntimeError):

@@ -6,12 +6,31 @@ in-flight window. `meta_info` gives prompt, completion and cached tokens (the pr
 is cached / prompt tokens), the finish reason and the latency.
 
 Written against sglang 0.5.23 (the `[sglang]` extra pins it); tests check every server argument and
-sampling parameter name against that release's source. `Engine.shutdown()` kills every child
-process of the caller: the engine's helpers are threads, and nothing else is spawned.
+sampling parameter name against that release's source, and run the backend against a double of
+`sglang.Engine` (tests/doubles/sglang) that reproduces what the real one does to its caller
+(../shared/reviews/sglang-0.5.23-first-contact.md):
+
+- it re-configures the root logger at its `log_level` (`force=True`): we pass "warning" and put our
+  logging back right after it starts;
+- a child that fails makes SGLang SIGQUIT its caller, whose default handler SIGKILLs the whole
+  process tree, us included (no state file, no resumable status): we install our own
+  `custom_sigquit_handler` (module-level: ServerArgs is pickled to the children), which only notes
+  the death; `generate` then raises BackendDead (status 4), or the run exits 3 when it was already
+  stopping (Ctrl-C reaches SGLang's children too, and they die of it);
+- an Engine request never times out, so a dead engine is noticed through that note, not by waiting;
+- it caps `max_new_tokens` at `context - 2 - input` (see `CONTEXT_RESERVE`: the renderer keeps 2
+  tokens free); with `skip_tokenizer_init` it stops only on the config files' EOS, so we send the
+  same stop ids the torch backend uses;
+- only the async API is used, from the one loop thread: a synchronous call (`generate`,
+  `flush_cache`, ...) binds SGLang's handle loop to `Engine.loop` and later requests hang.
+
+`Engine.shutdown()` kills every child process of the caller: the engine's helpers are threads, and
+nothing else is spawned.
 """
 from __future__ import annotations
 
 import logging
+import threading
 
 from .async_window import AsyncWindowBackend
 from .base import BackendDead, Completion, Request, SamplingParams
@@ -19,12 +38,24 @@ from .base import BackendDead, Completion, Request, SamplingParams
 log = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.23"
+# SGLang caps max_new_tokens at max_req_len - input - 1 with max_req_len = context - 1
+# (scheduler.py:2709, tp_worker.py:568): a request at the full budget gets 2 tokens fewer.
+CONTEXT_RESERVE = 2
+_CHILD_DIED = threading.Event()
+
+
+def on_child_died(signum, frame) -> None:
+    """SGLang's SIGQUIT: one of its processes failed (its watchdog, or the process itself, signals us).
+    Module-level, because SGLang pickles its ServerArgs (this handler included) to its children."""
+    _CHILD_DIED.set()
 # Sampling parameter names this module sends (checked against sglang's SamplingParams in tests).
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "sampling_seed", "ignore_eos")
+SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "sampling_seed",
+                 "ignore_eos", "stop_token_ids")
 
 
-def sampling_params(req: Request, sampling: SamplingParams) -> dict:
-    return {"max_new_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+def sampling_params(req: Request, sampling: SamplingParams, stop_ids: list[int] | None = None) -> dict:
+    return {**({"stop_token_ids": stop_ids} if stop_ids else {}),"max_new_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            **sampling.extra(),
             **({"sampling_seed": request_seed(sampling.seed, req.key)} if sampling.seed is not None else {}),
             **({"ignore_eos": True} if sampling.ignore_eos else {})}
 
@@ -55,18 +86,23 @@ class SGLangEngineBackend(AsyncWindowBackend):
     name = "sglang"
 
     def __init__(self, model_path: str, server_args: dict, sampling: SamplingParams, max_in_flight: int,
-                 engine_factory=None):
+                 engine_factory=None, stop_ids: list[int] | None = None):
         super().__init__(max_in_flight)
         self.model_path, self.server_args, self.sampling = model_path, dict(server_args), sampling
-        self.engine_factory = engine_factory  # tests pass a double of sglang.Engine
+        self.stop_ids = sorted(stop_ids or [])  # EOS of generation_config.json and the tokenizer (see module doc)
+        self.engine_factory = engine_factory
         self.engine = None
 
     def engine_kwargs(self) -> dict:
-        return {"model_path": self.model_path, "skip_tokenizer_init": True, **self.server_args}
+        return {"model_path": self.model_path, "skip_tokenizer_init": True, "log_level": "warning",
+                "custom_sigquit_handler": on_child_died, **self.server_args}
 
     def start(self) -> None:
-        # sglang.Engine installs signal handlers while it launches, which Python allows only on the
-        # main thread: build it here (the runner's thread), then serve requests from the loop thread.
+        # Built on the main thread (the runner's): there SGLang installs our SIGQUIT handler, and the
+        # children it spawns die with the thread that made them (PR_SET_PDEATHSIG), so not a helper thread.
+        # Requests are then served from the loop thread only.
+        from ..config import ConfigError
+
         factory = self.engine_factory
         if factory is None:
             try:
@@ -75,16 +111,48 @@ class SGLangEngineBackend(AsyncWindowBackend):
                 raise BackendDead(f"backend 'sglang' needs sglang {SGLANG_VERSION}: pip install -e '.[sglang]' "
                                   f"on a GPU machine ({exc})") from exc
             factory = sglang.Engine
-        log.info("starting sglang.Engine(%s)", ", ".join(f"{k}={v!r}" for k, v in self.engine_kwargs().items()))
-        self.engine = factory(**self.engine_kwargs())
+        kwargs = self.engine_kwargs()
+        log.info("starting sglang.Engine(%s)", ", ".join(f"{k}={getattr(v, '__name__', v)!r}" for k, v in kwargs.items()))
+        _CHILD_DIED.clear()
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        try:
+            self.engine = factory(**kwargs)
+        except Exception as exc:
+            if _CHILD_DIED.is_set():  # a scheduler failed while loading (out of memory, a broken GPU...)
+                raise BackendDead(f"an SGLang process died while the engine started: {exc}") from exc
+            # Raised by Engine() itself: its argument checks (asserts, ValueErrors): requeueing cannot help.
+            raise ConfigError(f"SGLang refused to start with this configuration: {type(exc).__name__}: {exc}") \
+                from exc
+        finally:
+            # SGLang re-ran logging.basicConfig(force=True) at its log_level: ours back, SGLang's own at its level.
+            for h in list(root.handlers):
+                root.removeHandler(h)
+            for h in handlers:
+                root.addHandler(h)
+            root.setLevel(level)
+            logging.getLogger("sglang").setLevel(str(kwargs.get("log_level", "warning")).upper())
         super().start()
 
+    def dead(self) -> str | None:
+        if _CHILD_DIED.is_set():
+            return ("an SGLang process died (SGLang signalled SIGQUIT; its error is in the log above); "
+                    "the requests in flight are redone on resume")
+        return None
+
     async def agenerate(self, req: Request) -> Completion:
-        out = await self.engine.async_generate(input_ids=req.input_ids, sampling_params=sampling_params(req, self.sampling))
+        out = await self.engine.async_generate(input_ids=req.input_ids,
+                                               sampling_params=sampling_params(req, self.sampling, self.stop_ids))
         return completion_from(req, out)
 
     def close(self) -> None:
-        super().close()
-        if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+        try:
+            super().close()
+        finally:
+            if self.engine is not None:
+                engine, self.engine = self.engine, None
+                try:
+                    engine.shutdown()
+                except Exception as exc:  # noqa: BLE001 - e.g. a child not reaped in 60 s: the work is saved
+                    log.error("sglang.Engine.shutdown() failed (%s: %s); leftover processes are killed at exit",
+                              type(exc).__name__, exc)

@@ -132,6 +132,7 @@ class SGLangHTTPBackend(AsyncWindowBackend):
             return "/generate", {"input_ids": req.input_ids, "sampling_params": params}
         return "/v1/completions", {"model": self.model, "prompt": req.input_ids, "max_tokens": req.max_new_tokens,
                                    "temperature": params["temperature"], "top_p": params["top_p"],
+                                   **self.sampling.extra(),
                                    **({"seed": params["sampling_seed"]} if "sampling_seed" in params else {}),
                                    **({"ignore_eos": True} if self.sampling.ignore_eos else {})}
 

@@ -142,23 +142,45 @@ def _pad_left(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], length - mask.shape[1])), mask], dim=1)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Next token per row from [rows, vocab] logits: greedy at temperature 0, else nucleus sampling.
+def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -> torch.Tensor:
+    """Repetition penalty as transformers, vLLM and SGLang apply it: every token already in a row's
+    prompt or output has its logit divided by `penalty` (multiplied when negative)."""
+    width = max(map(len, histories))
+    idx = torch.tensor([h + h[:1] * (width - len(h)) for h in histories], device=logits.device)  # pad: a repeat
+    seen = logits.gather(1, idx)
+    return logits.scatter(1, idx, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator,
+           histories: list[list[int]] | None = None) -> torch.Tensor:
+    """Next token per row from [rows, vocab] logits: repetition penalty, then greedy at temperature 0,
+    else temperature, top-k, top-p (nucleus) and min-p, in transformers' order.
 
     The nucleus is looked for among the 256 most likely tokens first (a top-k is far cheaper than
     sorting the vocabulary every step); only rows whose nucleus is wider fall back to a full sort,
     so the distribution is exactly top-p either way."""
-    if temperature <= 0:
+    if s.repetition_penalty != 1.0 and histories:
+        logits = penalize(logits, histories, s.repetition_penalty)
+    if s.temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
+    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
+    vocab = probs.shape[-1]
+    k = s.top_k if 0 < s.top_k < vocab else 0
+    if not k and s.top_p >= 1.0 and s.min_p <= 0:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    k = min(256, probs.shape[-1])
-    top, order = probs.topk(k, dim=-1)
-    if not bool((top.sum(dim=-1) >= top_p).all()):
-        top, order = probs.sort(dim=-1, descending=True)
-    outside = top.cumsum(dim=-1) - top > top_p  # keep the smallest set whose mass reaches top_p
-    choice = torch.multinomial(top.masked_fill(outside, 0.0), 1, generator=generator)
+    if k:
+        top, order = probs.topk(k, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True)  # the nucleus is taken within the top k
+    else:
+        top, order = probs.topk(min(256, vocab), dim=-1)
+        if s.top_p >= 1.0 or not bool((top.sum(dim=-1) >= s.top_p).all()):
+            top, order = probs.sort(dim=-1, descending=True)
+    if s.top_p < 1.0:
+        outside = top.cumsum(dim=-1) - top > s.top_p  # keep the smallest set whose mass reaches top_p
+        top = top.masked_fill(outside, 0.0)
+    if s.min_p > 0:
+        top = top.masked_fill(top < s.min_p * top[:, :1], 0.0)  # the most likely token always stays
+    choice = torch.multinomial(top, 1, generator=generator)
     return order.gather(-1, choice).squeeze(-1)
 
 
@@ -274,7 +296,7 @@ class TorchBackend:
                 layer.n = plen
                 layer._view()
         logits = self._forward(ids, mask, pos, layers)
-        first = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+        first = sample(logits, self.sampling, self.generator, [r.input_ids for r in group])
         now = time.perf_counter()
         return _Rows(layers, mask, pos[:, -1] + 1, first, list(group), [[int(t)] for t in first],
                      [now] * n, [plen] * n)
@@ -283,7 +305,9 @@ class TorchBackend:
     def _step(self, rows: _Rows) -> _Rows:
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.reqs), 1))], dim=1)
         logits = self._forward(rows.last[:, None], rows.mask, rows.pos[:, None], rows.layers)
-        nxt = sample(logits, self.sampling.temperature, self.sampling.top_p, self.generator)
+        histories = ([r.input_ids + o for r, o in zip(rows.reqs, rows.outs)]
+                     if self.sampling.repetition_penalty != 1.0 else None)
+        nxt = sample(logits, self.sampling, self.generator, histories)
         for out, t, alive in zip(rows.outs, nxt.tolist(), rows.alive):
             if alive:
                 out.append(t)

@@ -50,7 +50,8 @@ def vllm_sampling(req: Request, sampling: SamplingParams):
     from vllm.sampling_params import RequestOutputKind
 
     kw = {"max_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-          "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY, "ignore_eos": sampling.ignore_eos}
+          "detokenize": False, "output_kind": RequestOutputKind.FINAL_ONLY, "ignore_eos": sampling.ignore_eos,
+          **sampling.extra()}
     if sampling.seed is not None:  # vLLM's CPU engine dies on per-request seeds: only when asked for
         kw["seed"] = request_seed(sampling.seed, req.key)
     return VSamplingParams(**kw)
