@@ -133,10 +133,13 @@ def cmd_serve(args) -> int:
 
 
 def _ratio(args) -> float:
+    """The synthetic share, checked before any token is counted (that can take hours on real data)."""
     from .handoff import PRESETS
-    if args.ratio is not None:
-        return args.ratio
-    return PRESETS[args.preset]
+    from .handoff.sources import SourceError
+    ratio = args.ratio if args.ratio is not None else PRESETS[args.preset]
+    if not 0 < ratio < 1:
+        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
+    return ratio
 
 
 def cmd_mix(args) -> int:
@@ -148,12 +151,13 @@ def cmd_mix(args) -> int:
         print("error: engine mix needs OUTPUT_DIR and --mix-in PATH", file=sys.stderr)
         return EXIT_USAGE
     try:
-        prompts = generated_prompts(Path(args.output_dir), _split(args.prompts))
+        ratio = _ratio(args)
+        prompts = generated_prompts(Path(args.output_dir), _prompts_for_preset(args))
         tokenizer, name = load_tokenizer(args.tokenizer)
-        s = run_mix(Path(args.output_dir), args.mix_in, Path(args.out).resolve(), _ratio(args), args.seed,
+        s = run_mix(Path(args.output_dir).resolve(), args.mix_in, Path(args.out).resolve(), ratio, args.seed,
                     tokenizer, name,
                     prompts, args.text_column, args.shuffle_window, args.part_rows, args.overwrite,
-                    say=lambda m: print(m, file=sys.stderr))
+                    say=lambda m: print(m, file=sys.stderr), keep_truncated=args.keep_truncated)
     except (SourceError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -163,10 +167,11 @@ def cmd_mix(args) -> int:
           f"  mix-in     {o['rows']:,} rows  {o['tokens']:,} tokens   (of {s['available']['mix-in']['tokens']:,})\n"
           f"  synthetic share {s['ratio_achieved']:.1%} of tokens (asked {s['ratio_requested']:.0%}), "
           f"seed {s['seed']}, "
-          f"tokens counted with {s['tokenizer']}")
+          f"tokens counted with {s['tokenizer']}\n"
+          f"  prompts    {', '.join(s['prompts'])}")
     for source, counts in s["skipped"].items():
         for reason, n in counts.items():
-            print(f"  skipped    {source}: {n:,} x {reason}")
+            print(f"  left out   {source}: {n:,} x {reason}")
     return 0
 
 
@@ -178,35 +183,42 @@ def cmd_export(args) -> int:
     if args.target == "lighteval":
         from .handoff.lighteval_export import export_lighteval
         try:
-            r = export_lighteval(Path(args.out).resolve(), _split(args.tasks), args.checkpoint, args.max_samples)
+            r = export_lighteval(Path(args.out).resolve(), _split(args.tasks), args.checkpoint, args.max_samples,
+                                 Path(args.results).resolve() if args.results else None)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
         print(f"tasks file  {r['tasks_file']}\ntask list   {r['task_list']} ({', '.join(r['tasks'])})\n"
-              f"evaluate a checkpoint in transformers format (in the lighteval environment, lighteval 0.13):\n"
-              f"  {r['command']}\nthen compare runs:\n  engine compare {r['results']} OTHER_RESULTS_DIR ...")
+              f"1. convert the nanotron checkpoint to transformers format (the command `engine export nanotron` "
+              f"printed; in the nanotron checkout)\n"
+              f"2. evaluate it (in the lighteval environment, lighteval 0.13):\n  {r['command']}\n"
+              f"3. compare runs:\n  engine compare {r['results']} OTHER_RESULTS_DIR ... [--baseline NAME]")
         return 0
-    from .handoff.nanotron import TrainPlan, export_nanotron
+    from .handoff.nanotron import CoverageError, TrainPlan, export_nanotron
     from .handoff.sources import SourceError
     from .handoff.token_files import TokenFileError
     from .reader import InputError
 
-    if not args.output_dir or not args.mix_in:
-        print("error: engine export nanotron needs OUTPUT_DIR and --mix-in PATH", file=sys.stderr)
-        return EXIT_USAGE
     plan = TrainPlan(args.seq_len, args.micro_batch_size, args.grad_accum, args.gpus, args.train_steps)
     try:
-        r = export_nanotron(Path(args.output_dir), args.mix_in, args.tokenizer, Path(args.out).resolve(), _ratio(args),
-                            args.seed, plan, _split(args.prompts), args.text_column,
-                            say=lambda m: print(m, file=sys.stderr))
+        ratio = _ratio(args)
+        prompts = _prompts_for_preset(args)
+        r = export_nanotron(Path(args.output_dir), args.mix_in, args.tokenizer, Path(args.out).resolve(), ratio,
+                            args.seed, plan, prompts, args.text_column, say=lambda m: print(m, file=sys.stderr),
+                            eos_token=args.eos_token, keep_truncated=args.keep_truncated,
+                            allow_repeat=args.allow_repeat, overwrite=args.overwrite)
+        error = None
+    except CoverageError as exc:
+        error, r = exc.args[0], exc.args[1]
     except (SourceError, TokenFileError, InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"token folders (datatrove format, tokenizer {r['tokenizer']}, vocabulary {r['vocab_size']:,}):")
-    short = False
+    tok = (f"{Path(args.out).resolve() / 'tokenizer'} (recorded as 'tokenizer', relative to the export)"
+           if r["tokenizer"] == "tokenizer" else r["tokenizer"])
+    print(f"token folders (datatrove format; tokenizer {tok}, vocabulary {r['vocab_size']:,}, "
+          f"document separator id {r['eos_id']}; prompts {', '.join(r['prompts'])}):")
     for c, f in zip(r["coverage"], r["folders"]):
-        mark = "ok" if c.ok else "TOO SMALL"
-        short |= not c.ok
+        mark = "ok" if c.ok else ("REPEATED" if r["repeat"] else "TOO SMALL")
         print(f"  {f.folder}  weight {c.weight:.2f}  {f.documents:,} documents  {f.tokens:,} tokens = "
               f"{c.samples:,} samples of {plan.sequence_length + 1:,} tokens; training draws {c.needed:,}  [{mark}]")
     print(f"plan: {plan.train_steps:,} steps x {plan.global_batch} sequences x {plan.sequence_length:,} tokens = "
@@ -214,19 +226,34 @@ def cmd_export(args) -> int:
           f"accumulation {plan.grad_accum})")
     for source, counts in r["skipped"].items():
         for reason, n in counts.items():
-            print(f"skipped {source}: {n:,} x {reason}")
-    print(f"config: {r['config']}\nlaunch (nanotron main checkout, its own environment):\n  {r['launch']}")
-    if short:
-        most = min(c.max_steps for c in r["coverage"])
-        fit = (f"they support at most {most:,} steps at this batch and mix (--train-steps {most})" if most
-               else "they do not hold even one step's worth at this batch and mix")
-        msg = (f"the token folders do not cover the plan, and nanotron stops when a folder runs out of samples: "
-               f"{fit}; generate or mix in more data, or plan a smaller run.")
-        if args.strict:
-            print(f"error: {msg}", file=sys.stderr)
-            return 1
-        print(f"WARNING: {msg}", file=sys.stderr)
+            print(f"left out {source}: {n:,} x {reason}")
+    if error is not None:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"config: {r['config']} (paths relative to its directory)\n"
+          f"install (an environment of its own): {r['install']}\n"
+          f"train:\n  {r['launch']}\n"
+          f"convert the final checkpoint for lighteval:\n  {r['convert']}")
+    if r["repeat"] and any(not c.ok for c in r["coverage"]):
+        print("WARNING: --allow-repeat: nanotron's older loader repeats the small folders and returns no positions "
+              "(document masking off)", file=sys.stderr)
     return 0
+
+
+def _prompts_for_preset(args) -> list[str] | None:
+    """--prompts, else the preset's prompt when the run has it (--preset faq mixes faq rows, not math ones)."""
+    from .handoff.sources import generated_prompts
+
+    chosen = _split(args.prompts)
+    if chosen or args.preset == "default" or args.ratio is not None:
+        return chosen
+    found = generated_prompts(Path(args.output_dir))
+    if args.preset in found:
+        if len(found) > 1:
+            print(f"--preset {args.preset}: using the run's {args.preset} rows only (of {', '.join(found)}; "
+                  f"--prompts to choose)", file=sys.stderr)
+        return [args.preset]
+    return None
 
 
 def cmd_compare(args) -> int:
@@ -345,41 +372,55 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(fn=cmd_serve)
 
     def mix_args(p, out_help: str) -> None:
-        p.add_argument("output_dir", nargs="?", help="output.dir of an `engine run` (the generated rows)")
-        p.add_argument("--mix-in", nargs="+", metavar="PATH",
+        p.add_argument("output_dir", help="output.dir of an `engine run` (the generated rows)")
+        p.add_argument("--mix-in", nargs="+", metavar="PATH", required=True,
                        help="original data: files or globs (.parquet, .jsonl, .jsonl.zst)")
         p.add_argument("--out", required=True, help=out_help)
         p.add_argument("--ratio", type=float, help="synthetic share of tokens, e.g. 0.6 (overrides --preset)")
         p.add_argument("--preset", choices=sorted(PRESET_HELP), default="default",
-                       help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+                       help="; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items())
+                       + " (a preset named after a prompt of the run takes that prompt's rows only)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--tokenizer", default="embedded",
-                       help="training tokenizer: embedded, a local directory or a hub id")
-        p.add_argument("--prompts", help="comma-separated prompts of the run to use (default: all)")
+        p.add_argument("--prompts", help="comma-separated prompts of the run to use (default: the preset's, else all)")
         p.add_argument("--text-column", default="text", help="text column of the mix-in files")
+        p.add_argument("--keep-truncated", action="store_true",
+                       help="keep generations cut at max_new_tokens (finish_reason=length; left out by default)")
+        p.add_argument("--overwrite", action="store_true", help="replace what an earlier mix/export wrote in --out")
 
     from .handoff import PRESETS
     PRESET_HELP = {k: f"{v * 100:.0f}%% synthetic" for k, v in PRESETS.items()}
     mx = sub.add_parser("mix", help="mix generated rows with original data at a token ratio (zstd Parquet)")
     mix_args(mx, "directory for the mixed Parquet parts and _mix.json (summary)")
+    mx.add_argument("--tokenizer", default="embedded", help="tokenizer the tokens are counted with")
     mx.add_argument("--shuffle-window", type=int, default=100_000, help="rows shuffled together (bounded memory)")
     mx.add_argument("--part-rows", type=int, default=500_000, help="rows per Parquet part")
-    mx.add_argument("--overwrite", action="store_true", help="replace the parts of an earlier mix in --out")
     mx.set_defaults(fn=cmd_mix)
 
     ex = sub.add_parser("export", help="hand-off: nanotron token folders + config, or the lighteval task suite")
-    ex.add_argument("target", choices=["nanotron", "lighteval"])
-    mix_args(ex, "directory for token folders + nanotron.yaml (nanotron), or the tasks file (lighteval)")
-    ex.add_argument("--seq-len", type=int, default=4096)
-    ex.add_argument("--micro-batch-size", type=int, default=4)
-    ex.add_argument("--grad-accum", type=int, default=4)
-    ex.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs of the training run")
-    ex.add_argument("--train-steps", type=int, default=40_000, help="default: ~21 B tokens, the field's ablation")
-    ex.add_argument("--strict", action="store_true", help="exit 1 when the token folders do not cover the plan")
-    ex.add_argument("--tasks", help="lighteval: comma-separated tasks of the suite (default: all)")
-    ex.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="lighteval: the model (transformers format)")
-    ex.add_argument("--max-samples", type=int, default=1000, help="lighteval: documents per task (0: all)")
-    ex.set_defaults(fn=cmd_export)
+    targets = ex.add_subparsers(dest="target", required=True, metavar="{nanotron,lighteval}")
+    nt = targets.add_parser("nanotron", help="token folders + nanotron.yaml (nanotron 1dfee7f5 + datatrove 2c895af7)")
+    mix_args(nt, "directory for token folders + nanotron.yaml (self-contained: paths are relative to it)")
+    nt.add_argument("--tokenizer", default="embedded",
+                    help="training tokenizer: embedded (SmolLM2's vocabulary, as a base tokenizer), a local directory "
+                         "or a hub id; a hub id is recorded as is when its EOS is the separator, anything else is "
+                         "saved into OUT/tokenizer")
+    nt.add_argument("--eos-token", help="document separator (default: <|endoftext|> when the vocabulary has it)")
+    nt.add_argument("--seq-len", type=int, default=4096)
+    nt.add_argument("--micro-batch-size", type=int, default=4)
+    nt.add_argument("--grad-accum", type=int, default=4)
+    nt.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs of the training run")
+    nt.add_argument("--train-steps", type=int, default=40_000, help="default: ~21 B tokens, the field's ablation")
+    nt.add_argument("--allow-repeat", action="store_true",
+                    help="a plan larger than the folders: let nanotron repeat them (its older loader; no document "
+                         "masking) instead of an error")
+    nt.set_defaults(fn=cmd_export)
+    le = targets.add_parser("lighteval", help="the early-signal cloze suite for lighteval 0.13 and its command")
+    le.add_argument("--out", required=True, help="directory for the tasks file and the task list")
+    le.add_argument("--tasks", help="comma-separated tasks of the suite (default: all)")
+    le.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="the model (transformers format)")
+    le.add_argument("--max-samples", type=int, default=1000, help="documents per task (0: all)")
+    le.add_argument("--results", help="lighteval's --output-dir (default: OUT/results); one per run to compare")
+    le.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="lighteval results of several runs in one table (per task, macro average)")
     cp.add_argument("results", nargs="+", help="results_*.json files or lighteval output directories")

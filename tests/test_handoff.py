@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import AutoTokenizer
+
 from conftest import REPO, engine_cli, make_tiny_model, sample_docs, write_config, write_jsonl
 
 from engine.handoff.token_files import read_metadata, write_token_folder
@@ -121,7 +124,10 @@ def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, ru
     args = ["mix", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model), "--preset", "math",
             "--shuffle-window", "16", "--part-rows", "50"]
     a = engine_cli(*args, "--out", str(tmp_path / "a"), check=True)
-    assert "synthetic share" in a.stdout and f"{failed:,} x generation failed" in a.stdout
+    math_failed = sum(pq.read_table(p, columns=["finish_reason"]).column(0).to_pylist().count("error")
+                      for p in (out / "math").glob("*.parquet"))
+    assert "synthetic share" in a.stdout and f"{math_failed:,} x generation failed" in a.stdout
+    assert "prompts    math" in a.stdout and "using the run's math rows only" in a.stderr
     table = pq.read_table(tmp_path / "a")
     assert table.schema.field("source").type == "string"
     assert set(table.column("source").to_pylist()) == {"generated", "mix-in"}
@@ -134,7 +140,7 @@ def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, ru
     assert summary["ratio_achieved"] == pytest.approx(share, abs=1e-4)
     # generated rows carry their prompt; no failed or empty generation made it in
     gen = [r for r in table.to_pylist() if r["source"] == "generated"]
-    assert {r["prompt"] for r in gen} <= {"faq", "math"} and all(r["text"].strip() for r in gen)
+    assert {r["prompt"] for r in gen} == {"math"} and all(r["text"].strip() for r in gen)  # --preset math: math rows
     # the same seed gives the same mix; another seed another one
     engine_cli(*args, "--out", str(tmp_path / "b"), check=True)
     assert pq.read_table(tmp_path / "b").to_pylist() == table.to_pylist()
@@ -153,35 +159,160 @@ def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, ru
     assert bad.returncode == 1 and "nope.jsonl" in bad.stderr
 
 
-def test_export_nanotron_writes_folders_config_and_checks_coverage(tmp_path, tiny_model, run_output, tokenizer):
+SMALL_PLAN = ["--seq-len", "16", "--train-steps", "3", "--gpus", "1", "--micro-batch-size", "2", "--grad-accum", "1"]
+
+
+def test_export_nanotron_writes_folders_config_and_refuses_a_plan_it_cannot_cover(tmp_path, tiny_model, run_output,
+                                                                                  tokenizer):
     out, docs, _ = run_output
     args = ["export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
             "--out", str(tmp_path / "nt"), "--preset", "faq"]
-    big = engine_cli(*args)
-    assert big.returncode == 0 and "TOO SMALL" in big.stdout and "do not cover the plan" in big.stderr
-    assert engine_cli(*args, "--strict").returncode == 1
-    small = ["--seq-len", "16", "--train-steps", "3", "--gpus", "1", "--micro-batch-size", "2", "--grad-accum", "1"]
-    ok = engine_cli(*args, *small, "--strict")
+    big = engine_cli(*args)  # the default ~21 B-token plan: nanotron would crash (IndexError) hours in
+    assert big.returncode == 1 and "TOO SMALL" in big.stdout and "do not cover the plan" in big.stderr
+    assert "--allow-repeat" in big.stderr
+    again = engine_cli(*args, *SMALL_PLAN)
+    assert again.returncode == 1 and "--overwrite" in again.stderr  # as `engine mix`: never silently replaced
+    tiny = engine_cli(*args, "--allow-repeat", "--overwrite")  # not one 4,097-token sample: unreadable even so
+    assert tiny.returncode == 1 and "fewer tokens than one training sample" in tiny.stderr
+    rep = engine_cli(*args, "--allow-repeat", "--overwrite", *SMALL_PLAN[:2], "--train-steps", "1000")
+    assert rep.returncode == 0 and "REPEATED" in rep.stdout and "document masking off" in rep.stderr
+    cfg = yaml.safe_load((tmp_path / "nt" / "nanotron.yaml").read_text())
+    assert cfg["data_stages"][0]["data"]["dataset"]["use_old_brrr_dataloader"] is True
+    ok = engine_cli(*args, *SMALL_PLAN, "--overwrite")
     assert ok.returncode == 0, ok.stderr
-    assert "torchrun --nproc_per_node=1 run_train.py --config-file" in ok.stdout
+    assert "torchrun --nproc_per_node=1 NANOTRON/run_train.py --config-file nanotron.yaml" in ok.stdout
+    assert "--config_cls Qwen2Config --tokenizer_name " + str(tmp_path / "nt" / "tokenizer") in ok.stdout
+    assert "nanotron@1dfee7f5" in ok.stdout and "datatrove@2c895af7" in ok.stdout
     cfg = yaml.safe_load((tmp_path / "nt" / "nanotron.yaml").read_text())
     ds = cfg["data_stages"][0]["data"]["dataset"]
-    assert ds["dataset_folder"] == [str(tmp_path / "nt" / "generated"), str(tmp_path / "nt" / "mix-in")]
-    assert ds["dataset_weights"] == [0.6, 0.4]
+    # relative to the export: it can be copied to a cluster as is
+    assert ds["dataset_folder"] == ["generated", "mix-in"] and cfg["checkpoints"]["checkpoints_path"] == "checkpoints"
+    assert ds["dataset_weights"] == [0.6, 0.4] and ds["use_old_brrr_dataloader"] is False
     for folder in ds["dataset_folder"]:
-        (meta,) = Path(folder).glob("*.ds.metadata")
+        (meta,) = (tmp_path / "nt" / folder).glob("*.ds.metadata")
         name, size, count = read_metadata(meta)
-        assert ds["tokenizer_name"] == name == str(tiny_model)  # nanotron compares these strings
+        assert ds["tokenizer_name"] == name == "tokenizer"  # nanotron compares these strings
         assert ds["token_size_in_bytes"] == size == 2 and count > 0
     assert ds["vocab_size"] == cfg["model"]["model_config"]["vocab_size"] == len(tokenizer)
     assert cfg["tokenizer"]["tokenizer_name_or_path"] == ds["tokenizer_name"]
     assert cfg["tokens"]["sequence_length"] == 16 and cfg["tokens"]["train_steps"] == 3
     assert cfg["model"]["model_config"]["max_position_embeddings"] == 16
-    assert cfg["data_stages"][0]["start_training_step"] == 1
-    # the mix-in folder holds every original document, the generated folder every usable row
-    mix_meta = read_metadata(next((tmp_path / "nt" / "mix-in").glob("*.metadata")))
+    assert cfg["optimizer"]["learning_rate_scheduler"]["min_decay_lr"] == 3e-05
+    assert cfg["general"]["run"] == "mix-60-synthetic"
+    # documents end with the pretraining end-of-text token, not the chat turn end (<|im_end|>)
+    endoftext = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert cfg["model"]["model_config"]["eos_token_id"] == endoftext != tokenizer.eos_token_id
+    saved = AutoTokenizer.from_pretrained(tmp_path / "nt" / "tokenizer")
+    assert saved.eos_token_id == endoftext and not getattr(saved, "chat_template", None)
+    mix_dir = tmp_path / "nt" / "mix-in"
+    (ds_file,) = mix_dir.glob("*.ds")
+    (index,) = mix_dir.glob("*.ds.index")
+    ids = np.frombuffer(ds_file.read_bytes(), dtype="<u2")
+    ends = np.frombuffer(index.read_bytes(), dtype="<u8")
+    assert (ids[ends.astype(np.int64) - 1] == endoftext).all() and (ids == endoftext).sum() == len(ends)
+    # the mix-in folder holds every original document, the generated folder every usable faq row
     texts = [json.loads(x)["text"] for x in docs.read_text().splitlines()]
-    assert mix_meta[2] == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    assert read_metadata(next(mix_dir.glob("*.metadata")))[2] == \
+        sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+
+
+VENDOR = REPO / "tests" / "vendor"
+
+
+@pytest.fixture(scope="module")
+def nanotron_src(tmp_path_factory):
+    """nanotron at the pinned commit, from the vendored `git archive` (tests/vendor/README.md)."""
+    import tarfile
+
+    from engine.handoff.nanotron import NANOTRON_COMMIT
+    archive = VENDOR / f"nanotron-{NANOTRON_COMMIT}.tar.gz"
+    if not archive.exists():
+        pytest.skip(f"nanotron {NANOTRON_COMMIT}'s source is not in {VENDOR} (see its README.md)")
+    dest = tmp_path_factory.mktemp("nanotron")
+    with tarfile.open(archive) as t:
+        t.extractall(dest, filter="data")
+    return dest / f"nanotron-{NANOTRON_COMMIT}" / "src"
+
+
+def nanotron_check(export: Path, nanotron_src: Path, *flags: str) -> dict:
+    from engine.handoff.nanotron import DATATROVE_COMMIT
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # make: pybind11
+    p = subprocess.run([sys.executable, str(REPO / "tests" / "nanotron_check.py"), str(nanotron_src),
+                        str(VENDOR / f"datatrove-{DATATROVE_COMMIT}" / "dataset.py"), *flags], cwd=export, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    (line,) = [ln for ln in p.stdout.splitlines() if ln.startswith("NANOTRON_CHECK ")]
+    return json.loads(line.split(" ", 1)[1])
+
+
+def test_the_pinned_nanotron_loads_the_export_and_trains_on_its_folders(tmp_path, tiny_model, run_output,
+                                                                         nanotron_src):
+    """nanotron 1dfee7f5's own config loader, dataset builder (the keyword call to datatrove 2c895af7's
+    DatatroveFolderDataset) and BlendableDataset, run from a copy of the export in another place."""
+    import shutil
+
+    out, docs, _ = run_output
+    engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
+               "--out", str(tmp_path / "nt"), "--preset", "faq", *SMALL_PLAN, check=True)
+    moved = Path(shutil.move(tmp_path / "nt", tmp_path / "cluster" / "nt"))  # relocatable
+    got = nanotron_check(moved, nanotron_src, "--past-end")
+    assert got["config"] == ["Config", "Qwen2Config", "NanosetDatasetsArgs"]
+    assert got["tokenizer"]["name"] == "tokenizer" and got["tokenizer"]["eos_id"] == 0  # <|endoftext|>
+    assert set(got["folders"]) == {"generated", "mix-in"} and all(n > 0 for n in got["folders"].values())
+    assert got["samples_read"] == 3 * 2 and sum(got["drawn"]) == 6  # every sample of the plan read
+    assert got["bad_positions"] == 0  # positions restart after every separator (document masking)
+    assert set(got["consumption"]) == {"generated", "mix-in"}  # nanotron main asserts "Only S3 paths" here
+    assert got["past_end"].startswith("IndexError")  # why a plan larger than a folder is refused
+    engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
+               "--out", str(tmp_path / "rep"), "--preset", "faq", "--allow-repeat", *SMALL_PLAN[:-2], "--grad-accum",
+               "400", check=True)  # 3 steps x 800 sequences of 17 tokens: more than the folders hold
+    rep = nanotron_check(tmp_path / "rep", nanotron_src, "--wrap")
+    assert rep["old_loader"]["wraps"] and rep["samples_read"] == 3 * 800  # the full plan, repeating
+
+
+def test_quality_gate_leaves_out_truncated_generations_unless_kept(tmp_path, tiny_model):
+    docs = write_jsonl(tmp_path / "docs.jsonl", sample_docs(20))
+    cfg = write_config(tmp_path / "run.toml", tiny_model, [docs], tmp_path / "out", backend="instant",
+                       instant={"completion_tokens": 64}, sampling={"max_new_tokens": 64, "temperature": 0.0})
+    engine_cli("run", str(cfg), check=True)  # every row hits max_new_tokens: finish_reason length
+    base = ["--mix-in", str(docs), "--tokenizer", str(tiny_model)]
+    gated = engine_cli("mix", str(tmp_path / "out"), *base, "--out", str(tmp_path / "m"))
+    assert gated.returncode == 1 and "no usable generated rows" in gated.stderr
+    kept = engine_cli("mix", str(tmp_path / "out"), *base, "--out", str(tmp_path / "m"), "--keep-truncated",
+                      check=True)
+    assert "synthetic share" in kept.stdout
+    ex = engine_cli("export", "nanotron", str(tmp_path / "out"), *base, "--out", str(tmp_path / "nt"), *SMALL_PLAN)
+    assert ex.returncode == 1 and "no documents" in ex.stderr
+    ex = engine_cli("export", "nanotron", str(tmp_path / "out"), *base, "--out", str(tmp_path / "nt2"), *SMALL_PLAN,
+                    "--keep-truncated", check=True)
+    assert "left out" not in ex.stdout
+    # counted by reason when some rows are usable
+    mixed = write_config(tmp_path / "run2.toml", tiny_model, [docs], tmp_path / "out2", backend="instant",
+                         instant={"completion_tokens": 40}, sampling={"max_new_tokens": 64, "temperature": 0.0})
+    engine_cli("run", str(mixed), check=True)
+    import shutil
+    shutil.copytree(tmp_path / "out" / "faq", tmp_path / "out2" / "table")  # a prompt whose rows all truncated
+    m = engine_cli("mix", str(tmp_path / "out2"), *base, "--out", str(tmp_path / "m2"), check=True)
+    assert "generated: 20 x truncated generation (finish_reason=length" in m.stdout
+
+
+@pytest.mark.skipif(not EVAL_PYTHON.exists(), reason="no .venv-eval: run scripts/setup_eval.sh")
+def test_the_exported_tokenizer_loads_in_transformers_4(tmp_path, tiny_model, run_output, tokenizer):
+    out, docs, _ = run_output
+    engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--out", str(tmp_path / "nt"), *SMALL_PLAN,
+               check=True)  # the default tokenizer: the embedded SmolLM2's, as a base tokenizer
+    text = "Rewrite the document as a FAQ."
+    p = subprocess.run([str(EVAL_PYTHON), "-c", f"""
+import json, transformers
+from transformers import AutoTokenizer
+t = AutoTokenizer.from_pretrained({str(tmp_path / 'nt' / 'tokenizer')!r})
+print(json.dumps([transformers.__version__, t.eos_token, t.eos_token_id, len(t), t({text!r})["input_ids"]]))
+"""], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    version, eos, eos_id, n, ids = json.loads(p.stdout.strip().splitlines()[-1])
+    assert version.startswith("4.") and eos == "<|endoftext|>" and eos_id == 0 and n == 49152
+    ours = AutoTokenizer.from_pretrained(tmp_path / "nt" / "tokenizer")
+    assert ours(text)["input_ids"] == ids  # the same ids under transformers 5 (ours) and 4
 
 
 # ---- lighteval -------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def write_mix(out: Path, items: Iterator[tuple[str, Row, int]], seed: int, shuff
 
 def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: int, tokenizer, tokenizer_name: str,
             prompts: list[str], text_column: str, shuffle_window: int = 100_000, part_rows: int = 500_000,
-            overwrite: bool = False, say=print) -> dict:
+            overwrite: bool = False, say=print, keep_truncated: bool = False) -> dict:
     from .sources import generated_rows, mix_in_rows
 
     if out.exists() and any(out.iterdir()):
@@ -155,11 +155,11 @@ def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: 
             old.unlink(missing_ok=True)  # only what a mix writes: --out may hold other files
     skipped_g, skipped_o = Skipped(), Skipped()
     say(f"counting tokens ({tokenizer_name}) ...")
-    tokens = {GENERATED: count_tokens(generated_rows(output_dir, prompts, skipped_g), tokenizer),
+    tokens = {GENERATED: count_tokens(generated_rows(output_dir, prompts, skipped_g, keep_truncated), tokenizer),
               MIX_IN: count_tokens(mix_in_rows(mix_in, text_column, skipped_o), tokenizer)}
     plan = plan_mix(tokens, ratio, seed)
     out.mkdir(parents=True, exist_ok=True)
-    streams = {GENERATED: _selected(generated_rows(output_dir, prompts, Skipped()), plan.keep[GENERATED],
+    streams = {GENERATED: _selected(generated_rows(output_dir, prompts, Skipped(), keep_truncated), plan.keep[GENERATED],
                                     tokens[GENERATED]),
                MIX_IN: _selected(mix_in_rows(mix_in, text_column, Skipped()), plan.keep[MIX_IN], tokens[MIX_IN])}
     result = write_mix(out, interleave(streams, plan.target), seed, shuffle_window, part_rows)
@@ -167,7 +167,7 @@ def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: 
     summary = {
         "output_dir": str(output_dir), "mix_in": mix_in, "prompts": prompts, "out": str(out),
         "ratio_requested": ratio, "ratio_achieved": round(result["sources"][GENERATED]["tokens"] / total, 4),
-        "seed": seed, "tokenizer": tokenizer_name, "parts": result["parts"], "sources": result["sources"],
+        "seed": seed, "tokenizer": tokenizer_name, "keep_truncated": keep_truncated, "parts": result["parts"], "sources": result["sources"],
         "available": {s: {"rows": int(len(t)), "tokens": int(t.sum())} for s, t in tokens.items()},
         "skipped": {GENERATED: skipped_g.counts, MIX_IN: skipped_o.counts},
     }

@@ -1,15 +1,24 @@
 """`engine export nanotron`: token folders (one per source) + a nanotron training config.
 
-Target: nanotron's main branch (github.com/huggingface/nanotron; read at commit 1dfee7f5 for
-`examples/config_qwen.yaml` and `NanosetDatasetsArgs`), whose Nanoset loader reads folders of
-datatrove token files (`src/nanotron/data/tokenized_bytes.py`, `DatatroveFolderDataset`). The PyPI
-release (nanotron 0.4, 2024) has no such loader and cannot read these folders; its main branch
-passes keyword arguments that only datatrove's main branch has, so install both from git (as the
-field did) in an environment of their own: nanotron pins numpy < 2, lighteval numpy >= 2.
+Target: the verified pair **nanotron 1dfee7f5 + datatrove 2c895af7** (NANOTRON_COMMIT,
+DATATROVE_COMMIT). Its tokenized-bytes loader (`src/nanotron/data/tokenized_bytes.py`) reads folders
+of datatrove token files through `DatatroveFolderDataset` with keyword arguments (`folder_path`,
+`eos_token_id`, ...) that only datatrove's branch `nouamane/avoid-s3` (2c895af7) has: not its PyPI
+releases, not its main. nanotron's main (2411b022) asserts "Only S3 paths are supported" after the
+first step on local folders; the PyPI nanotron 0.4 has no such loader. tests/test_handoff.py runs
+that nanotron's own config loader, dataset builder and BlendableDataset (source vendored in
+tests/vendor) on what this module writes. Both go in an environment of their own (nanotron pins
+numpy < 2; lighteval numpy >= 2).
 
-Each training sample is seq_len + 1 tokens; nanotron samples folder i with probability weight_i and
-fails when a folder has fewer samples than training asks of it, so the export checks that
-tokens_i // (seq_len + 1) >= train_steps x global_batch x weight_i and says what would fit.
+The export is self-contained and relocatable: every path in nanotron.yaml is relative to the export
+directory (token folders, checkpoints, and the tokenizer when a copy is saved there), so training
+runs from that directory, wherever it is copied to.
+
+Each training sample is seq_len + 1 tokens; nanotron samples folder i with weight_i, in order
+within a folder, and crashes (IndexError) when a folder runs out, hours into training. So a plan
+that needs more samples than a folder holds is an error unless the user allows repetition, which
+switches nanotron to its older loader: it wraps around silently and returns no positions
+(document masking off).
 """
 from __future__ import annotations
 
@@ -20,6 +29,16 @@ from pathlib import Path
 import yaml
 
 from .token_files import TokenFolder
+
+NANOTRON_COMMIT = "1dfee7f5"  # github.com/huggingface/nanotron (full: 1dfee7f5, see README)
+DATATROVE_COMMIT = "2c895af7"  # github.com/huggingface/datatrove, branch nouamane/avoid-s3
+INSTALL = (f"pip install 'nanotron @ git+https://github.com/huggingface/nanotron@{NANOTRON_COMMIT}' "
+           f"'datatrove[io] @ git+https://github.com/huggingface/datatrove@{DATATROVE_COMMIT}' (plus flash-attn; "
+           f"clone nanotron at {NANOTRON_COMMIT} for run_train.py and examples/llama/convert_nanotron_to_hf.py)")
+
+
+class CoverageError(ValueError):
+    """The token folders hold fewer samples than the plan draws from them."""
 
 
 @dataclass
@@ -79,7 +98,8 @@ def student_model(vocab_size: int, plan: TrainPlan, bos: int | None, eos: int | 
 
 
 def training_config(folders: list[TokenFolder], weights: list[float], vocab_size: int, plan: TrainPlan,
-                    run_name: str, checkpoints: str, bos: int | None, eos: int | None, seed: int) -> dict:
+                    run_name: str, checkpoints: str, bos: int | None, eos: int | None, seed: int,
+                    folder_names: list[str] | None = None, repeat: bool = False) -> dict:
     names = {f.tokenizer_name for f in folders}
     sizes = {f.token_size for f in folders}
     if len(names) != 1 or len(sizes) != 1:
@@ -96,14 +116,16 @@ def training_config(folders: list[TokenFolder], weights: list[float], vocab_size
         "data_stages": [{
             "name": "Stable Training Stage", "start_training_step": 1,
             "data": {"seed": seed, "num_loading_workers": 1, "dataset": {
-                "dataset_folder": [str(f.folder) for f in folders],
+                "dataset_folder": folder_names or [str(f.folder) for f in folders],
                 "dataset_weights": weights,
                 "tokenizer_name": tokenizer_name,
                 "token_size_in_bytes": token_size,
                 "vocab_size": vocab_size,
                 "return_positions": True,
                 "dataset_read_path": None, "dataset_max_tokens": None, "shuffle_files": False,
-                "skip_in_stream": False, "pad_samples_to_global_batch_size": False, "use_old_brrr_dataloader": False,
+                "skip_in_stream": False, "pad_samples_to_global_batch_size": False,
+                # the older loader repeats a folder when it runs out (no positions: document masking off)
+                "use_old_brrr_dataloader": repeat,
             }},
         }],
         "logging": {"iteration_step_info_interval": 1, "log_level": "info", "log_level_replica": "info"},
@@ -114,7 +136,7 @@ def training_config(folders: list[TokenFolder], weights: list[float], vocab_size
             "learning_rate_scheduler": {"learning_rate": plan.learning_rate, "lr_warmup_steps": warmup,
                                         "lr_warmup_style": "linear", "lr_decay_style": "cosine",
                                         "lr_decay_steps": plan.train_steps - warmup, "lr_decay_starting_step": None,
-                                        "min_decay_lr": plan.learning_rate / 10},
+                                        "min_decay_lr": round(plan.learning_rate / 10, 12)},
             "optimizer_factory": {"name": "adamW", "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1.0e-08,
                                   "torch_adam_is_fused": True},
         },
@@ -130,50 +152,109 @@ def training_config(folders: list[TokenFolder], weights: list[float], vocab_size
 
 
 def write_config(path: Path, config: dict) -> None:
-    path.write_text("# nanotron training config written by `engine export nanotron`; targets nanotron main "
-                    "(datatrove token folders)\n" + yaml.safe_dump(config, sort_keys=False))
+    path.write_text(f"# nanotron training config written by `engine export nanotron`, for nanotron {NANOTRON_COMMIT} "
+                    f"with datatrove {DATATROVE_COMMIT};\n# paths are relative to this file's directory: run from "
+                    f"there\n" + yaml.safe_dump(config, sort_keys=False))
 
 
-def launch_command(config_path: Path, plan: TrainPlan) -> str:
-    return (f"CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --nproc_per_node={plan.gpus} run_train.py "
-            f"--config-file {config_path}")
+def launch_command(out: Path, plan: TrainPlan) -> str:
+    return (f"cd {out} && CUDA_DEVICE_MAX_CONNECTIONS=1 torchrun --nproc_per_node={plan.gpus} "
+            f"NANOTRON/run_train.py --config-file nanotron.yaml")
+
+
+def convert_command(out: Path, plan: TrainPlan, tokenizer: str) -> str:
+    """nanotron's converter at the pinned commit (examples/llama): the student is Qwen2-shaped, which it
+    writes as a transformers LlamaForCausalLM; without --tokenizer_name it would ship Llama-2's."""
+    tok = str(out / "tokenizer") if tokenizer == "tokenizer" else tokenizer
+    return (f"cd NANOTRON && torchrun --nproc_per_node=1 examples/llama/convert_nanotron_to_hf.py "
+            f"--checkpoint_path {out}/checkpoints/{plan.train_steps} --save_path {out}/hf "
+            f"--config_cls Qwen2Config --tokenizer_name {tok}")
+
+
+def run_name(ratio: float) -> str:
+    return f"mix-{round(ratio * 100):d}-synthetic"
 
 
 def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, out: Path, ratio: float, seed: int,
-                    plan: TrainPlan, prompts: list[str] | None, text_column: str, say=print) -> dict:
-    """Tokenise both sources into OUT/generated and OUT/mix-in, write OUT/nanotron.yaml, check coverage."""
+                    plan: TrainPlan, prompts: list[str] | None, text_column: str, say=print,
+                    eos_token: str | None = None, keep_truncated: bool = False, allow_repeat: bool = False,
+                    overwrite: bool = False) -> dict:
+    """Tokenise both sources into OUT/generated and OUT/mix-in, write OUT/nanotron.yaml (and OUT/tokenizer),
+    check coverage: a folder smaller than the plan is a CoverageError unless `allow_repeat`."""
     from tqdm import tqdm
 
     from .sources import (
         GENERATED,
         MIX_IN,
         Skipped,
+        SourceError,
         generated_prompts,
         generated_rows,
-        load_tokenizer,
         mix_in_rows,
+        save_training_tokenizer,
+        training_tokenizer,
     )
     from .token_files import write_token_folder
 
     if not 0 < ratio < 1:
         raise ValueError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
-    tokenizer, recorded = load_tokenizer(tokenizer_name)
+    ours = ("generated", "mix-in", "tokenizer", "nanotron.yaml", "_export.json")
+    if out.exists() and any(p.name not in ("checkpoints",) for p in out.iterdir()):
+        if not overwrite:
+            raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
+        import shutil
+        for name in ours:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # only what an export writes
+    tt = training_tokenizer(tokenizer_name, eos_token)
+    say(f"training tokenizer {tokenizer_name}" + (f" (saved to {out / 'tokenizer'}, recorded as 'tokenizer')" if tt.copy
+                                                 else "") + f": {tt.note}")
     prompts = generated_prompts(output_dir, prompts)
     skipped = {GENERATED: Skipped(), MIX_IN: Skipped()}
-    sources = {GENERATED: lambda: (r.text for r in generated_rows(output_dir, prompts, skipped[GENERATED])),
+    sources = {GENERATED: lambda: (r.text for r in generated_rows(output_dir, prompts, skipped[GENERATED],
+                                                                  keep_truncated)),
                MIX_IN: lambda: (r.text for r in mix_in_rows(mix_in, text_column, skipped[MIX_IN]))}
     folders = []
     for i, (name, texts) in enumerate(sources.items()):
         with tqdm(desc=f"tokenising {name}", unit="doc", disable=None) as bar:
-            folders.append(write_token_folder(texts(), tokenizer, recorded, out / name, seed + i,
+            folders.append(write_token_folder(texts(), tt.tokenizer, tt.recorded, out / name, seed + i,
                                               name=f"000_{name}", progress=bar.update))
         say(f"{name:>9}: {folders[-1].documents:,} documents, {folders[-1].tokens:,} tokens -> {out / name}")
+    if tt.copy:
+        save_training_tokenizer(tt, out / "tokenizer")
     weights = [ratio, round(1 - ratio, 6)]
-    config = training_config(folders, weights, len(tokenizer), plan, f"mix-{int(ratio * 100)}-synthetic",
-                              str(out / "checkpoints"), tokenizer.bos_token_id, tokenizer.eos_token_id, seed)
+    tok = tt.tokenizer
+    config = training_config(folders, weights, len(tok), plan, run_name(ratio), "checkpoints",
+                             tok.bos_token_id, tt.eos_id, seed, folder_names=[GENERATED, MIX_IN],
+                             repeat=allow_repeat)
     config_path = out / "nanotron.yaml"
     write_config(config_path, config)
     cov = coverage(folders, weights, plan)
-    return {"folders": folders, "weights": weights, "coverage": cov, "config": config_path,
-            "launch": launch_command(config_path, plan), "tokenizer": recorded, "vocab_size": len(tokenizer),
-            "skipped": {k: v.counts for k, v in skipped.items()}, "prompts": prompts}
+    result = {"folders": folders, "weights": weights, "coverage": cov, "config": config_path,
+              "launch": launch_command(out, plan), "convert": convert_command(out, plan, tt.recorded),
+              "install": INSTALL, "tokenizer": tt.recorded, "tokenizer_note": tt.note, "eos_id": tt.eos_id,
+              "vocab_size": len(tok), "skipped": {k: v.counts for k, v in skipped.items()}, "prompts": prompts,
+              "repeat": allow_repeat}
+    import json
+    (out / "_export.json").write_text(json.dumps({
+        "nanotron": NANOTRON_COMMIT, "datatrove": DATATROVE_COMMIT, "output_dir": str(output_dir.resolve()),
+        "mix_in": mix_in, "prompts": prompts, "ratio": ratio, "weights": weights, "seed": seed,
+        "tokenizer": tt.recorded, "eos_id": tt.eos_id, "keep_truncated": keep_truncated, "allow_repeat": allow_repeat,
+        "plan": vars(plan), "folders": {f.folder.name: {"documents": f.documents, "tokens": f.tokens} for f in folders},
+        "skipped": result["skipped"]}, indent=2))
+    short = [c for c in cov if not c.ok]
+    if short and not allow_repeat:
+        most = min(c.max_steps for c in cov)
+        fit = (f"they support at most {most:,} steps at this batch and mix (--train-steps {most})" if most
+               else "they do not hold even one step's worth at this batch and mix")
+        raise CoverageError(
+            f"the token folders do not cover the plan: nanotron reads each folder in order and crashes "
+            f"(IndexError) when one runs out, hours into training; {fit}. Generate or mix in more data, plan a "
+            f"smaller run, or pass --allow-repeat (nanotron's older loader then repeats the folders silently, "
+            f"without document masking)", result)
+    empty = [f.folder.name for f, c in zip(folders, cov) if c.samples == 0]
+    if empty:  # even the repeating loader divides by the folder's sample count (ZeroDivisionError)
+        raise CoverageError(f"{', '.join(empty)}: fewer tokens than one training sample ({plan.sequence_length + 1:,} "
+                            f"tokens); nanotron cannot read such a folder at all. Generate or mix in more data, or "
+                            f"use a shorter --seq-len", result)
+    return result
