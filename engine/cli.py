@@ -259,11 +259,12 @@ def _prompts_for_preset(args) -> list[str] | None:
 def cmd_compare(args) -> int:
     from .handoff.compare import CompareError, compare, markdown
     try:
-        runs = compare(args.results)
+        runs = compare(args.results, args.label, args.allow_different_settings,
+                       warn=lambda m: print(m, file=sys.stderr))
+        print(markdown(runs, args.baseline))
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(markdown(runs))
     return 0
 
 
@@ -423,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     le.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="lighteval results of several runs in one table (per task, macro average)")
-    cp.add_argument("results", nargs="+", help="results_*.json files or lighteval output directories")
+    cp.add_argument("results", nargs="+", help="results_*.json files or lighteval output directories (one per run)")
+    cp.add_argument("--label", action="append", help="a column label per results argument, in order "
+                                                       "(default: the directory's name)")
+    cp.add_argument("--baseline", help="a run's label: adds a delta column per other run against it")
+    cp.add_argument("--allow-different-settings", action="store_true",
+                    help="compare runs evaluated with different settings or examples (refused by default)")
     cp.set_defaults(fn=cmd_compare)
 
     pr = sub.add_parser("prompts", help="list, show or render the prompt library")

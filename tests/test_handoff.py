@@ -322,8 +322,9 @@ TINY_TASK_DATA = {  # the hub datasets' own columns, two rows per task
                                        "choices": {"label": ["A", "B"], "text": ["bread", "water"]}}),
     "arc_cf_challenge": ("test", lambda i: {"question": f"what rises {i}?", "answerKey": "1",
                                             "choices": {"label": ["1", "2", "3"], "text": ["bread", "cat", "sea"]}}),
-    "hellaswag_cf": ("validation", lambda i: {"activity_label": "cooking", "ctx_a": "the bread", "ctx_b": "rises",
-                                              "endings": ["slowly in warm rooms", "the cat", "to the sea", "a mat"],
+    "hellaswag_cf": ("validation", lambda i: {"activity_label": "cooking", "ctx_a": "[header] the bread [title] bakes",
+                                              "ctx_b": "rises",
+                                              "endings": ["slowly [step] in warm rooms", "the cat", "to the sea", "a mat"],
                                               "label": str(i % 4)}),
     "piqa_cf": ("validation", lambda i: {"goal": f"read a document {i}", "sol1": "rewrite it", "sol2": "the mat",
                                          "label": i % 2}),
@@ -337,7 +338,7 @@ TINY_TASK_DATA = {  # the hub datasets' own columns, two rows per task
     "commonsenseqa_cf": ("validation", lambda i: {"question": "where does water flow?", "answerKey": "E",
                                                   "choices": {"label": list("ABCDE"),
                                                               "text": ["mat", "cat", "bread", "room", "sea"]}}),
-    "mmlu_cf": ("test", lambda i: {"question": "1 2 3 4 5 6 7 8 9 ?", "subject": "elementary_mathematics",
+    "mmlu_sample_cf": ("test", lambda i: {"question": "1 2 3 4 5 6 7 8 9 ?", "subject": "elementary_mathematics",
                                    "choices": ["0", "1", "2", "3"], "answer": i % 4}),
 }
 
@@ -371,7 +372,10 @@ r = Registry(tasks={str(tmp_path / 'suite' / 'tasks.txt')!r}, custom_tasks={str(
 tasks = r.load_tasks()
 for name, task in sorted(tasks.items()):
     docs = task.get_docs(2)
-    assert all(len(d.choices) >= 2 and 0 <= d.gold_index < len(d.choices) for d in docs), name
+    golds = lambda d: d.gold_index if isinstance(d.gold_index, list) else [d.gold_index]
+    assert all(len(d.choices) >= 2 and all(0 <= g < len(d.choices) for g in golds(d)) for d in docs), name
+    if "hellaswag" in name:  # lm-eval-harness's WikiHow clean-up, as lighteval's own cloze HellaSwag
+        assert not any("[" in d.query or any("[" in c for c in d.choices) for d in docs), docs[0]
     print(name, len(docs))
 """], capture_output=True, text=True, env={**os.environ, "EARLY_SIGNAL_DATA": str(data), "HF_HUB_OFFLINE": "1"},
         timeout=600)
@@ -382,7 +386,8 @@ for name, task in sorted(tasks.items()):
     results = []
     for seed in (0, 1):
         model = _tiny_model_for_eval_env(make_tiny_model(tmp_path / f"raw{seed}", seed=seed), tmp_path / f"m{seed}")
-        cmd = exported.stdout.split("\n")[3].strip().replace("CKPT", str(model))
+        printed = next(ln.strip() for ln in exported.stdout.splitlines() if ln.strip().startswith("lighteval accelerate"))
+        cmd = printed.replace("CKPT", str(model))
         cmd = cmd.replace(str(tmp_path / "suite" / "results"), str(tmp_path / f"results{seed}"))
         cmd = cmd.replace(",dtype=bfloat16", "")  # float32 on this CPU
         run = subprocess.run(cmd.replace("lighteval ", f"{EVAL_PYTHON.parent / 'lighteval'} ", 1), shell=True,
@@ -390,16 +395,72 @@ for name, task in sorted(tasks.items()):
                              env={**os.environ, "EARLY_SIGNAL_DATA": str(data), "HF_HUB_OFFLINE": "1"})
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
         results.append(tmp_path / f"results{seed}")
-    cmp = engine_cli("compare", *map(str, results), check=True)
+    cmp = engine_cli("compare", *map(str, results), "--baseline", "results0", check=True)
     (f0,) = results[0].rglob("results_*.json")
     raw = json.loads(f0.read_text())["results"]
-    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in cmp.stdout.splitlines()
-             if ln.startswith("| ") and not ln.startswith("| task")}
+    head, *body = [ln for ln in cmp.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("|---")]
+    assert [c.strip() for c in head.split("|")[1:-1]] == ["task", "results0", "results1", "Δ results1 vs results0"]
+    lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in body}
     for task in TINY_TASK_DATA:
-        assert lines[task][0] == f"{raw[f'{task}|0']['acc_norm'] * 100:.1f}"
+        r = raw[f"{task}|0"]
+        assert lines[task][0] == f"{r['acc_norm'] * 100:.1f} ±{r['acc_norm_stderr'] * 100:.1f}"
     macro = np.mean([raw[f"{t}|0"]["acc_norm"] for t in TINY_TASK_DATA]) * 100
-    assert lines[f"**macro average** ({len(TINY_TASK_DATA)} tasks)"][0] == f"{macro:.1f}"
-    assert len(lines["piqa_cf"]) == 2  # one column per run
+    assert lines[f"**macro average** ({len(TINY_TASK_DATA)} tasks)"][0].split(" ±")[0] == f"{macro:.1f}"
+    assert f"**macro, chance-normalised** ({len(TINY_TASK_DATA)} tasks)" in lines
+    (f1,) = results[1].rglob("results_*.json")
+    raw1 = json.loads(f1.read_text())["results"]
+    d = (raw1["piqa_cf|0"]["acc_norm"] - raw["piqa_cf|0"]["acc_norm"]) * 100
+    assert lines["piqa_cf"][2].rstrip("*") == f"{d:+.1f}"  # the delta column
+    # runs evaluated differently are refused (here: another max_samples), or shown with a warning
+    other = tmp_path / "other" / "m" / f1.name
+    other.parent.mkdir(parents=True)
+    changed = json.loads(f1.read_text())
+    changed["config_general"]["max_samples"] = 1000
+    other.write_text(json.dumps(changed))
+    refused = engine_cli("compare", str(results[0]), str(tmp_path / "other"))
+    assert refused.returncode == 1 and "max_samples" in refused.stderr
+    shown = engine_cli("compare", str(results[0]), str(tmp_path / "other"), "--allow-different-settings",
+                       "--label", "faq", "--label", "web", check=True)
+    assert "WARNING" in shown.stderr and "| task | faq | web |" in shown.stdout
+
+
+@pytest.mark.skipif(not EVAL_PYTHON.exists(), reason="no .venv-eval: run scripts/setup_eval.sh")
+def test_hub_sources_need_no_loading_script():
+    """datasets >= 4 (lighteval 0.13's) refuses script datasets and lighteval then aborts every task: PIQA
+    and SIQA are read from the hub's Parquet conversion."""
+    cfg = suite_config()
+    assert cfg["piqa_cf"][:3] == ["ybisk/piqa", "default", "refs/convert/parquet"]
+    assert cfg["siqa_cf"][:3] == ["allenai/social_i_qa", "default", "refs/convert/parquet"]
+    assert "mmlu_cf" not in cfg and cfg["mmlu_sample_cf"][:2] == ["cais/mmlu", "all"]  # renamed: not MMLU's average
+
+
+@pytest.mark.skipif(not EVAL_PYTHON.exists(), reason="no .venv-eval: run scripts/setup_eval.sh")
+def test_every_hub_dataset_of_the_suite_resolves_online():
+    """Where the Hugging Face Hub is reachable (never in CI): each task's dataset builder, as lighteval loads it."""
+    import httpx
+    try:
+        httpx.head("https://huggingface.co", timeout=5)
+    except httpx.HTTPError:
+        pytest.skip("the Hugging Face Hub is not reachable here (CI): checked by configuration only")
+    online = subprocess.run([str(EVAL_PYTHON), "-c", f"""
+import datasets
+for name, (repo, subset, rev, splits) in {suite_config()!r}.items():
+    b = datasets.load_dataset_builder(repo, subset, revision=rev)
+    assert set(splits) <= set(b.info.splits or splits), (name, b.info.splits)
+    print("ok", name)
+"""], capture_output=True, text=True, timeout=600)
+    assert online.returncode == 0, online.stderr[-3000:]
+
+
+def suite_config() -> dict:
+    p = subprocess.run([str(EVAL_PYTHON), "-c", f"""
+import importlib.util, json
+spec = importlib.util.spec_from_file_location("t", {str(REPO / 'engine' / 'handoff' / 'early_signal_tasks.py')!r})
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+print(json.dumps({{c.name: [c.hf_repo, c.hf_subset, c.hf_revision, c.evaluation_splits] for c in m.TASKS_TABLE}}))
+"""], capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "EARLY_SIGNAL_DATA"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def test_compare_errors_name_the_file(tmp_path):
