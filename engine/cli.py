@@ -35,6 +35,7 @@ def cmd_run(args) -> int:
         return EXIT_USAGE
     from .prompts import PromptError
     from .renderer import RenderError
+    from .storage import StoreError
     try:
         code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors).execute()
     except (PromptError, RenderError, ConfigError) as exc:
@@ -50,6 +51,12 @@ def cmd_run(args) -> int:
             print(f"error: {exc.cause}\nThe run stopped; what finished is saved. Run the same command again to "
                   f"resume.", file=sys.stderr)
         return exc.code
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if exc.gave_up:
+            print("The store did not answer; nothing is lost: run the same command again to resume.", file=sys.stderr)
+            return 4
+        return EXIT_USAGE
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -86,7 +93,12 @@ def print_summary(s: dict) -> None:
 
 def cmd_status(args) -> int:
     from .status import render_status
-    text, complete = render_status(Path(args.output_dir))
+    from .storage import StoreError, is_remote
+    try:
+        text, complete = render_status(args.output_dir if is_remote(args.output_dir) else Path(args.output_dir))
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     print(text)
     return 0 if complete else 1 if args.check else 0
 

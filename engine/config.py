@@ -36,6 +36,11 @@ class OutputConfig:
     compression_level: int = 3  # zstd level of the Parquet files
     flush_seconds: float = 2.0  # journal flush interval: the most work a crash can cost
     writer_queue: int = 64  # completion batches waiting for the writer thread (back-pressure)
+    # output.dir as a store URL (s3://, gs://, hf://datasets/...): the run writes to a local staging
+    # directory and uploads committed parts and progress (storage.py)
+    staging_dir: str = ""  # "": ~/.cache/synth-engine/staging/<name>-<hash of the URL> (SYNTH_ENGINE_STAGING)
+    sync_seconds: float = 0.0  # upload interval; 0: 10 s for object stores, 60 s for the Hub (its commit limits)
+    store_give_up_seconds: float = 300.0  # a store failing this long (after retries) ends the run: status 4
 
 
 @dataclass
@@ -253,6 +258,8 @@ def validate(cfg: RunConfig) -> None:
         ("output.file_max_mb", cfg.output.file_max_mb >= 1),
         ("output.compression_level", 1 <= cfg.output.compression_level <= 22),
         ("output.flush_seconds", cfg.output.flush_seconds > 0),
+        ("output.sync_seconds", cfg.output.sync_seconds >= 0),
+        ("output.store_give_up_seconds", cfg.output.store_give_up_seconds > 0),
         ("output.writer_queue", cfg.output.writer_queue >= 1),
         ("scheduler.max_in_flight", cfg.scheduler.max_in_flight >= 1),
         ("scheduler.lookahead", cfg.scheduler.lookahead >= 1),
@@ -308,6 +315,10 @@ def _absolute_paths(cfg: RunConfig, data: dict, base: Path) -> None:
     paths given with --set are relative to the current directory, as on any command line.
     """
     def absolute(p: str) -> str:
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", p):  # a store URL (s3://, hf://...; file:// is local)
+            if not p.startswith("file://"):
+                return p
+            p = p[len("file://"):]
         q = Path(p).expanduser()
         return str(q if q.is_absolute() else (base / q).resolve())
 
@@ -315,6 +326,8 @@ def _absolute_paths(cfg: RunConfig, data: dict, base: Path) -> None:
         cfg.input.paths = [absolute(p) for p in cfg.input.paths]
     if "dir" in data.get("output", {}):
         cfg.output.dir = absolute(cfg.output.dir)
+    if data.get("output", {}).get("staging_dir"):
+        cfg.output.staging_dir = absolute(cfg.output.staging_dir)
     if "name" in data.get("model", {}) and cfg.model.name != "embedded" and (base / cfg.model.name).exists():
         cfg.model.name = absolute(cfg.model.name)
     if "prompts" in data:  # a prompt given as a file path (anything with a suffix or a slash)

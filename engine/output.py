@@ -6,6 +6,7 @@
     OUTPUT_DIR/_state/<shard>.json         progress of each shard (read by `engine status`)
     OUTPUT_DIR/_journal, _manifest         crash recovery (see journal.py)
     OUTPUT_DIR/summary.json                the last run's summary (per shard: summary-<shard>.json)
+    OUTPUT_DIR/README.md                   the dataset card (card.py)
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def clear(out: Path) -> None:
     prompts = list(orjson.loads(fp.read_bytes()).get("prompts", {})) if fp.exists() else []
     for name in [*ENGINE_DIRS, *prompts]:
         shutil.rmtree(out / name, ignore_errors=True)
-    for f in out.glob("summary*.json"):
-        f.unlink()
+    for f in [*out.glob("summary*.json"), out / "README.md"]:
+        f.unlink(missing_ok=True)
 
 
 def write_state(out: Path, tag: str, state: dict) -> None:

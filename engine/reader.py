@@ -15,12 +15,13 @@ Policy for bad input (see README, "Bad input"):
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 import orjson
@@ -54,7 +55,7 @@ class Rejection:
 
 @dataclass
 class InputFile:
-    path: Path
+    path: Path | str  # a local path, or a store URL (s3://, gs://, hf://...; see storage.py)
     label: str  # short name used in ids and messages
     kind: str  # parquet | jsonl | jsonl.zst
     rows: int | None = None  # known after preflight
@@ -68,8 +69,38 @@ class DocBatch:
     rows_seen: int = 0  # input rows of this shard covered by the batch (docs + rejected)
 
 
-def file_kind(path: Path) -> str:
-    name = path.name.lower()
+def _pure(path: Path | str) -> PurePosixPath:
+    """The path part of a local path or URL (for names and labels)."""
+    return PurePosixPath(str(path).split("://", 1)[-1])
+
+
+def _remote(path: Path | str) -> bool:
+    from .storage import is_remote
+    return isinstance(path, str) and is_remote(path)
+
+
+@contextlib.contextmanager
+def open_binary(path: Path | str):
+    """A local file, or a store object streamed with read-ahead (storage.open_input)."""
+    if _remote(path):
+        from .storage import open_input
+        with open_input(str(path)) as fh:
+            yield fh
+    else:
+        with open(path, "rb") as fh:
+            yield fh
+
+
+def _size(path: Path | str) -> int:
+    if _remote(path):
+        from .storage import filesystem
+        fs, p = filesystem(str(path))
+        return int(fs.size(p))
+    return Path(path).stat().st_size
+
+
+def file_kind(path: Path | str) -> str:
+    name = _pure(path).name.lower()
     if name.endswith(".parquet"):
         return "parquet"
     if name.endswith((".jsonl.zst", ".jsonl.zstd", ".json.zst")):
@@ -79,9 +110,14 @@ def file_kind(path: Path) -> str:
     raise InputError(f"{path}: unknown input type (expected .parquet, .jsonl or .jsonl.zst)")
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
-    files: list[Path] = []
+def expand_paths(patterns: list[str]) -> list[Path | str]:
+    files: list[Path | str] = []
     for pattern in patterns:
+        if _remote(pattern):
+            files.extend(_expand_remote(pattern))
+            continue
+        if pattern.startswith("file://"):
+            pattern = pattern[len("file://"):]
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if not os.path.isdir(m)]
         if not matches or not os.path.exists(matches[0]):
@@ -91,12 +127,30 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return unique
 
 
-def _labels(paths: list[Path]) -> list[str]:
-    names = [p.name for p in paths]
+def _expand_remote(pattern: str) -> list[str]:
+    from .storage import StoreError, filesystem, retrying
+
+    fs, path = filesystem(pattern)
+    try:
+        if glob.has_magic(path):
+            found = sorted(retrying(lambda: fs.glob(path), f"listing {pattern}", 60))
+            found = [m for m in found if not retrying(lambda m=m: fs.isdir(m), f"listing {pattern}", 60)]
+        else:
+            found = [path] if retrying(lambda: fs.isfile(path), f"reading {pattern}", 60) else []
+    except StoreError as exc:
+        raise InputError(f"input path {pattern!r}: {exc}") from None
+    if not found:
+        raise InputError(f"input path {pattern!r} matches no file")
+    return [fs.unstrip_protocol(m) for m in found]
+
+
+def _labels(paths: list[Path | str]) -> list[str]:
+    pure = [_pure(p) for p in paths]
+    names = [p.name for p in pure]
     if len(set(names)) == len(names):
         return names
-    root = os.path.commonpath([str(p.parent) for p in paths])
-    return [os.path.relpath(p, root) for p in paths]
+    root = os.path.commonpath([str(p.parent) for p in pure])
+    return [os.path.relpath(str(p), root) for p in pure]
 
 
 def id_hash(value: str) -> int:
@@ -104,9 +158,9 @@ def id_hash(value: str) -> int:
     return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
 
 
-def _zst_chunks(path: Path) -> Iterator[bytes]:
+def _zst_chunks(path: Path | str) -> Iterator[bytes]:
     """Decompressed data of every frame; a stream that ends inside a frame raises ZstdError."""
-    with open(path, "rb") as fh:
+    with open_binary(path) as fh:
         dobj, fed = zstandard.ZstdDecompressor().decompressobj(), False
         while chunk := fh.read(1 << 20):
             while chunk:
@@ -124,7 +178,7 @@ def _zst_chunks(path: Path) -> Iterator[bytes]:
 
 def _open_lines(f: InputFile) -> Iterator[bytes]:
     if f.kind != "jsonl.zst":
-        with open(f.path, "rb") as fh:
+        with open_binary(f.path) as fh:
             yield from fh
         return
     rest = b""
@@ -162,7 +216,7 @@ class Reader:
     def preflight(self) -> None:
         """Check every file of this shard before generation starts; count rows where cheap."""
         for f in self.my_files:
-            if f.path.stat().st_size == 0:
+            if _size(f.path) == 0:
                 f.empty, f.rows = True, 0
                 self._warn(f"{f.path}: empty file, nothing to read")
                 continue
@@ -177,17 +231,20 @@ class Reader:
 
     def _preflight_parquet(self, f: InputFile) -> None:
         try:
-            pf = pq.ParquetFile(f.path)
+            with open_binary(f.path) as fh:
+                pf = pq.ParquetFile(fh)
+                schema, rows = pf.schema_arrow, pf.metadata.num_rows
+        except InputError:
+            raise
         except Exception as exc:  # pyarrow raises several types for a bad footer
             raise InputError(f"{f.path}: not a readable Parquet file (truncated or another format): {exc}") from None
-        schema = pf.schema_arrow
         if self.text_column not in schema.names:
             raise InputError(f"{f.path}: no text column {self.text_column!r} (columns: {', '.join(schema.names)}); "
                              "set input.text_column")
         tp = schema.field(self.text_column).type
         if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)):
             raise InputError(f"{f.path}: text column {self.text_column!r} has type {tp}, expected a string type")
-        f.rows = pf.metadata.num_rows
+        f.rows = rows
         self._merge_schema(f, pa.schema([fl for fl in schema if fl.name not in (self.text_column, self.id_column)]))
 
     def _merge_schema(self, f: InputFile, schema: pa.Schema) -> None:
@@ -279,7 +336,10 @@ class Reader:
         batch.docs.append(Doc(doc_id, text, source, obj))
 
     def _parquet_rows(self, f: InputFile) -> Iterator[tuple[int, dict | Rejection]]:
-        pf = pq.ParquetFile(f.path)
+        with open_binary(f.path) as fh:
+            yield from self._parquet_file_rows(f, pq.ParquetFile(fh))
+
+    def _parquet_file_rows(self, f: InputFile, pf: pq.ParquetFile) -> Iterator[tuple[int, dict | Rejection]]:
         names = [self.text_column] + ([self.id_column] if self.id_column in pf.schema_arrow.names else [])
         keep = [n for n in (self.schema.names if self.schema else []) if n in pf.schema_arrow.names]
         row = 0

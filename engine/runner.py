@@ -26,6 +26,7 @@ from . import output
 from .backends import context_reserve, make_backend
 from .backends.base import Completion, Request, SamplingParams
 from .config import RunConfig
+from .card import write_card
 from .journal import DoneSet, PartSink, SeenIds
 from .metrics import Metrics
 from .model_store import resolve_model
@@ -40,6 +41,7 @@ from .writer import AsyncWriter, WriterError
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_BACKEND_DEAD, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3, 4, 5
+CARD_SECONDS = 30.0  # a local output's README.md is refreshed this often while the run goes
 MIN_ERRORS_TO_STOP = 20  # error rows before a run may stop early for its error share (the end check has no minimum)
 _END = object()
 
@@ -259,6 +261,27 @@ class Run:
         self.stop = threading.Event()
         self.interrupted_by: str | None = None
         self.finishing = False  # generation is over: a signal no longer changes the outcome
+        self.remote = None  # output.dir in a store (storage.RemoteOutput): its local staging directory is `out`
+        self.syncer = None
+
+    def _output_location(self, prompts, tag: str) -> tuple[Path, object]:
+        """The directory the run writes to, and the store it is mirrored to (None: a local output.dir)."""
+        from .storage import RemoteOutput, default_staging, is_remote
+
+        url = self.cfg.output.dir
+        if not is_remote(url):
+            return Path(url), None
+        staging = Path(self.cfg.output.staging_dir or default_staging(url))
+        remote = RemoteOutput(url, staging, self.cfg.output.store_give_up_seconds)
+        streams = [p.name for p in prompts] + [output.REJECTED]
+        if self.overwrite:
+            log.info("--overwrite: deleting this run's results in %s", url)
+            remote.clear([*output.ENGINE_DIRS, *streams, "summary.json", "README.md"])
+            output.clear(staging)
+        fetched = remote.pull(streams, tag)
+        log.info("output %s: staging in %s (%d committed part(s) of this shard fetched from the store)",
+                 url, staging, fetched)
+        return staging, remote
 
     def _on_signal(self, signum, _frame) -> None:
         if self.interrupted_by is not None:  # a second signal: abort now (a crash, and crashes are recovered)
@@ -290,7 +313,8 @@ class Run:
         # configuration (e.g. sampling.seed on vLLM's CPU engine) leaves no fingerprint behind.
         backend = self.shared_backend or setup.backend(cfg)
 
-        out = Path(cfg.output.dir)
+        tag = output.shard_tag(cfg.shard.index, cfg.shard.count)
+        out, self.remote = self._output_location(prompts, tag)
         fingerprint = {
             "model": model_name, "backend_family": "instant" if cfg.backend == "instant" else "model",
             "prompts": {p.name: p.fingerprint for p in prompts},
@@ -301,7 +325,6 @@ class Run:
             "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column},
         }
         resumed = output.check_fingerprint(out, fingerprint, self.overwrite)
-        tag = output.shard_tag(cfg.shard.index, cfg.shard.count)
         schema = output.result_schema(reader.schema)
         renames = output.source_column_names(reader.schema)
         size = cfg.output.file_max_mb * 1024 * 1024
@@ -337,8 +360,20 @@ class Run:
                     "output_tokens_per_s": round(metrics.completion_tokens / max(metrics.elapsed, 1e-9), 1),
                     "model": model_name, "backend": cfg.backend, "pid_host": _host_pid()}
 
-        writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
-                             on_flush=lambda: output.write_state(out, tag, state()))
+        card_at = [0.0]
+
+        def on_flush() -> None:
+            output.write_state(out, tag, state())
+            if self.remote is None and time.monotonic() - card_at[0] > CARD_SECONDS:  # a store's is made at upload
+                card_at[0] = time.monotonic()
+                write_card(out)
+
+        writer = AsyncWriter(sinks, builders, cfg.output.writer_queue, cfg.output.flush_seconds, on_flush=on_flush)
+        if self.remote is not None:
+            from .storage import Syncer
+            every = cfg.output.sync_seconds or (60.0 if self.remote.hub else 10.0)
+            self.syncer = Syncer(self.remote, every, before_sync=lambda: write_card(out, cfg.output.dir))
+            self.syncer.start()
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
 
@@ -439,6 +474,18 @@ class Run:
                 summary["report"] = str(out / "report" / "report.md")
                 summary["report_warnings"] = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"]
                                               for w in g["warnings"]]
+        write_card(out, cfg.output.dir if self.remote is not None else None)
+        if self.syncer is not None:
+            from .storage import StoreError
+            try:
+                self.syncer.close()  # the last upload: parts, state, summary, report, card
+                log.info("uploaded to %s", cfg.output.dir)
+            except StoreError as exc:  # everything is safe in the staging directory: the next run uploads it
+                summary["complete"] = False
+                if error is None:
+                    code, error = EXIT_BACKEND_DEAD, exc
+                log.error("uploading to %s failed: %s; the results are safe in %s and the next `engine run` of this "
+                          "config uploads them (status 4, resumable)", cfg.output.dir, exc, out)
         if error is not None:
             raise RunFailed(code, summary, error) from error
         return code, summary

@@ -33,7 +33,19 @@ def shard_eta(st: dict) -> float | None:
     return max(left, 0) / rate
 
 
-def render_status(out: Path) -> tuple[str, bool]:
+def render_status(out: Path | str) -> tuple[str, bool]:
+    """The status table of a local output directory or of one in a store (read from anywhere)."""
+    from .storage import fetch_progress, is_remote
+
+    if is_remote(str(out)):
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="engine-status-") as tmp:
+            text, complete = _render(fetch_progress(str(out), Path(tmp)))
+        return text.replace(tmp, str(out)), complete
+    return _render(Path(out))
+
+
+def _render(out: Path) -> tuple[str, bool]:
     fp_path = out / "_run" / "fingerprint.json"
     if not fp_path.exists():
         return f"{out}: no run here (no _run/fingerprint.json)", False

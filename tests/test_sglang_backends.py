@@ -42,7 +42,8 @@ def test_shipped_names_match_the_pinned_sglang_source():
 
 def test_every_name_the_project_emits_exists_in_sglang():
     assert set(sglang_engine.SAMPLING_KEYS) <= sampling_param_names()
-    assert {"model_path", "skip_tokenizer_init", "context_length"} <= server_arg_names()
+    backend = sglang_engine.SGLangEngineBackend("m", {}, None, 1)
+    assert set(backend.engine_kwargs()) | {"context_length", "speculative_ngram_max_bfs_breadth"} <= server_arg_names()
     for cfg_path in sorted((REPO / "runs").glob("*.toml")):
         cfg = load_config(cfg_path)  # validates sglang.server_args against the shipped names
         assert check_server_args(cfg.sglang.server_args) is None, cfg_path
