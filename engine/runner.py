@@ -325,6 +325,8 @@ class Run:
             "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column},
         }
         resumed = output.check_fingerprint(out, fingerprint, self.overwrite)
+        if self.remote is not None:  # the first upload now: a missing bucket or bad credentials stop the run here
+            self.remote.sync()
         schema = output.result_schema(reader.schema)
         renames = output.source_column_names(reader.schema)
         size = cfg.output.file_max_mb * 1024 * 1024

@@ -296,39 +296,35 @@ def fetch_progress(url: str, dest: Path) -> Path:
 
 
 class RetryingFile(io.RawIOBase):
-    """A store object read as a seekable stream; a transient error while reading reopens it at the same
-    offset (with backoff), so a 503 in the middle of a 10 GB input file costs a retry, not the run."""
+    """A store object read as a seekable stream of `block_size` range requests, `prefetch` blocks ahead
+    on background threads (the next blocks download while this one is parsed: measured 2-4x faster
+    than fetching on demand, tools/bench_storage.py); each range request is retried on transient errors,
+    so a 503 in the middle of a 10 GB input file costs a retry, not the run."""
 
-    def __init__(self, url: str, block_size: int, give_up_after: float = 300.0):
+    def __init__(self, url: str, block_size: int = 8 << 20, prefetch: int = 2, give_up_after: float = 300.0):
+        from concurrent.futures import ThreadPoolExecutor
+
         super().__init__()
-        self.url, self.block_size, self.give_up_after = url, block_size, give_up_after
+        self.url, self.block_size, self.prefetch, self.give_up_after = url, block_size, prefetch, give_up_after
         self.fs, self.path = filesystem(url)
-        self.f = None
         self.pos = 0
         self.size = int(retrying(lambda: self.fs.size(self.path), f"{url}: size", give_up_after))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="engine-prefetch")
+        self.blocks: dict = {}  # block index -> Future of its bytes
 
-    def _open(self):
-        if self.f is None:
-            self.f = self.fs.open(self.path, "rb", block_size=self.block_size, cache_type="readahead")
-        return self.f
+    def _fetch(self, i: int) -> bytes:
+        start, end = i * self.block_size, min((i + 1) * self.block_size, self.size)
+        return retrying(lambda: self.fs.cat_file(self.path, start=start, end=end),
+                        f"{self.url}: reading bytes {start:,}-{end:,}", self.give_up_after)
 
-    def _read(self, n: int) -> bytes:
-        try:
-            f = self._open()
-            if f.tell() != self.pos:
-                f.seek(self.pos)
-            return f.read(n)
-        except Exception:
-            self._drop()  # the next attempt opens a fresh connection at the same offset
-            raise
-
-    def _drop(self) -> None:
-        f, self.f = self.f, None
-        if f is not None:
-            try:
-                f.close()
-            except Exception:  # noqa: BLE001,S110 - a broken connection may fail to close too
-                pass
+    def _block(self, i: int) -> bytes:
+        last = (self.size - 1) // self.block_size
+        for j in range(i, min(i + self.prefetch, last) + 1):
+            if j not in self.blocks:
+                self.blocks[j] = self.pool.submit(self._fetch, j)
+        for j in [j for j in self.blocks if j < i or j > i + self.prefetch]:
+            self.blocks.pop(j).cancel()  # behind us (or far ahead after a seek): drop it
+        return self.blocks[i].result()
 
     def readable(self) -> bool:
         return True
@@ -337,13 +333,15 @@ class RetryingFile(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        n = min(len(b), max(0, self.size - self.pos))
-        if n == 0:
+        if self.pos >= self.size:
             return 0
-        data = retrying(lambda: self._read(n), f"{self.url}: reading at byte {self.pos:,}", self.give_up_after)
-        b[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
+        i = self.pos // self.block_size
+        data = self._block(i)
+        off = self.pos - i * self.block_size
+        n = min(len(b), len(data) - off)
+        b[:n] = data[off:off + n]
+        self.pos += n
+        return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self.pos = {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence]
@@ -353,11 +351,14 @@ class RetryingFile(io.RawIOBase):
         return self.pos
 
     def close(self) -> None:
-        self._drop()
+        for f in self.blocks.values():
+            f.cancel()
+        self.blocks.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
         super().close()
 
 
-def open_input(url: str, block_size: int = 8 << 20):
-    """A streamed binary file of an input URL: read ahead `block_size` bytes at a time, never downloaded
-    whole first, transient errors retried (RetryingFile)."""
-    return io.BufferedReader(RetryingFile(url, block_size), buffer_size=1 << 20)
+def open_input(url: str, block_size: int = 16 << 20, prefetch: int = 2):
+    """A streamed binary file of an input URL: `block_size` range requests, `prefetch` of them ahead,
+    never downloaded whole first, transient errors retried (RetryingFile)."""
+    return io.BufferedReader(RetryingFile(url, block_size, prefetch), buffer_size=1 << 20)

@@ -85,6 +85,9 @@ def test_a_run_reads_from_and_writes_to_a_store(tmp_path, tiny_model, s3):
     # a bad input URL names itself; an output in a missing bucket is a configuration error
     bad = cli(s3, "run", str(cfg), "--set", f"input.paths=['s3://{BUCKET}/nothing/*.jsonl']")
     assert bad.returncode != 0 and f"s3://{BUCKET}/nothing/*.jsonl" in bad.stderr and "matches no file" in bad.stderr
+    nobucket = cli(s3, "run", str(cfg), "--set", "output.dir=s3://no-such-bucket/out",
+                   "--set", f"output.staging_dir='{tmp_path / 'st-nb'}'")
+    assert nobucket.returncode == 2 and "no-such-bucket" in nobucket.stderr, nobucket.stderr[-2000:]
 
 
 def slow_run(tmp_path, tiny_model, s3, name: str, n: int = 900, **output):
