@@ -200,11 +200,17 @@ class RemoteOutput:
         return sorted(out, key=lambda r: (not r.endswith(".parquet"), r))
 
     def sync(self) -> int:
-        """Upload every file of the staging directory that changed since the last sync; return how many."""
+        """Upload every file of the staging directory that changed since the last sync, and delete from the
+        store what was deleted here (a part emptied by --retry-errors); return how many files."""
         with self.lock:
             todo = self.changed()
+            gone = [rel for rel in self.uploaded if not (self.staging / rel).exists()]
+            for rel in gone:
+                self._retry(lambda r=rel: self.fs.rm(self.remote(r)) if self.fs.exists(self.remote(r)) else None,
+                            f"deleting {rel}")
+                self.uploaded.pop(rel)
             if not todo:
-                return 0
+                return len(gone)
             if self.hub:
                 self._hub_commit(todo)
             else:
@@ -212,7 +218,7 @@ class RemoteOutput:
                     stamp = self._stamp(rel)
                     self._retry(lambda r=rel: self._put(r), f"uploading {rel}")
                     self.uploaded[rel] = stamp
-            return len(todo)
+            return len(todo) + len(gone)
 
     def _stamp(self, rel: str) -> tuple[int, int]:
         st = (self.staging / rel).stat()

@@ -163,6 +163,29 @@ def test_a_store_down_at_the_end_is_status_4_and_the_next_run_uploads(tmp_path, 
     assert sorted(remote_ids(s3, f"{BUCKET}/down")) == sorted(d["id"] for d in docs)
 
 
+def test_retry_errors_rewrites_the_stores_parts(tmp_path, tiny_model, s3):
+    docs = sample_docs(40)
+    put_inputs(s3, "in-re", docs)
+    out = f"s3://{BUCKET}/re"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [f"s3://{BUCKET}/in-re/*"], out, backend="instant",
+                       instant={"fail_rate": 0.3}, retry={"max_attempts": 1, "max_error_fraction": 0.9},
+                       output={"staging_dir": str(tmp_path / "st")}, report={"enabled": False})
+    cli(s3, "run", str(cfg), check=True)
+
+    def reasons():
+        s3.fs.invalidate_cache()
+        rows = []
+        for path in s3.fs.glob(f"{BUCKET}/re/faq/*.parquet"):
+            with s3.fs.open(path, "rb") as fh:
+                rows += pq.read_table(fh, columns=["id", "finish_reason"]).to_pylist()
+        return rows
+    assert any(r["finish_reason"] == "error" for r in reasons())
+    cli(s3, "run", str(cfg), "--retry-errors", "--set", "instant.fail_rate=0.0", check=True)
+    rows = reasons()
+    assert not any(r["finish_reason"] == "error" for r in rows)
+    assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in docs)  # exactly once in the store
+
+
 def test_overwrite_clears_the_store_copy(tmp_path, tiny_model, s3):
     docs = sample_docs(6)
     put_inputs(s3, "in-ow", docs)
