@@ -25,12 +25,13 @@ def _load(path: Path):
         return None
 
 
-def render_card(out: Path, title: str | None = None) -> str | None:
+def render_card(out: Path, title: str | None = None, states: list[dict] | None = None) -> str | None:
+    """The card's text; `states`: every shard's state when `out` holds only some (a store's staging)."""
     fp = _load(out / "_run" / "fingerprint.json")
     if fp is None:
         return None
     prompts = list(fp.get("prompts", {}))
-    states = read_states(out)
+    states = read_states(out) if states is None else states
     shards = fp.get("shard_count", 1)
     done = {p: sum(st["prompts"].get(p, {}).get("done", 0) for st in states) for p in prompts}
     failed = {p: sum(st["prompts"].get(p, {}).get("failed", 0) for st in states) for p in prompts}
@@ -76,8 +77,8 @@ def render_card(out: Path, title: str | None = None) -> str | None:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_card(out: Path, title: str | None = None) -> bool:
-    text = render_card(out, title)
+def write_card(out: Path, title: str | None = None, states: list[dict] | None = None) -> bool:
+    text = render_card(out, title, states)
     if text is None:
         return False
     path = out / CARD
@@ -85,3 +86,28 @@ def write_card(out: Path, title: str | None = None) -> bool:
     tmp.write_text(text)
     os.replace(tmp, path)
     return True
+
+
+class StoreCard:
+    """The card of an output in a store: every shard's progress (their state files, read from the store
+    at most every `every` seconds), this shard's own state from staging."""
+
+    def __init__(self, out: Path, url: str, every: float = 60.0):
+        self.out, self.url, self.every = out, url, every
+        self.others: dict[str, dict] = {}
+        self.fetched = 0.0
+
+    def __call__(self, final: bool = False) -> None:
+        import logging
+        import tempfile
+
+        from .storage import fetch_progress
+        if final or time.monotonic() - self.fetched > self.every:
+            self.fetched = time.monotonic()
+            try:
+                with tempfile.TemporaryDirectory(prefix="engine-card-") as tmp:
+                    self.others = {st["shard"]: st for st in read_states(fetch_progress(self.url, Path(tmp)))}
+            except Exception as exc:  # noqa: BLE001 - the card is a summary; the data is what matters
+                logging.getLogger(__name__).info("reading other shards' progress from %s: %s", self.url, exc)
+        states = {**self.others, **{st["shard"]: st for st in read_states(self.out)}}
+        write_card(self.out, self.url, sorted(states.values(), key=lambda st: st["shard"]))

@@ -26,7 +26,7 @@ from . import output
 from .backends import context_reserve, make_backend
 from .backends.base import Completion, Request, SamplingParams
 from .config import RunConfig
-from .card import write_card
+from .card import StoreCard, write_card
 from .journal import DoneSet, PartSink, SeenIds
 from .metrics import Metrics
 from .model_store import resolve_model
@@ -263,6 +263,7 @@ class Run:
         self.finishing = False  # generation is over: a signal no longer changes the outcome
         self.remote = None  # output.dir in a store (storage.RemoteOutput): its local staging directory is `out`
         self.syncer = None
+        self.card = None
 
     def _output_location(self, prompts, tag: str) -> tuple[Path, object]:
         """The directory the run writes to, and the store it is mirrored to (None: a local output.dir)."""
@@ -374,7 +375,8 @@ class Run:
         if self.remote is not None:
             from .storage import Syncer
             every = cfg.output.sync_seconds or (60.0 if self.remote.hub else 10.0)
-            self.syncer = Syncer(self.remote, every, before_sync=lambda: write_card(out, cfg.output.dir))
+            self.card = StoreCard(out, cfg.output.dir)
+            self.syncer = Syncer(self.remote, every, before_sync=self.card)
             self.syncer.start()
         producer = Producer(reader, renderer, [p.name for p in prompts], done, writer, metrics, self.stop,
                             cfg.scheduler.lookahead, cfg.scheduler.length_buckets, cfg.scheduler.prefetch_batches)
@@ -476,8 +478,10 @@ class Run:
                 summary["report"] = str(out / "report" / "report.md")
                 summary["report_warnings"] = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"]
                                               for w in g["warnings"]]
-        write_card(out, cfg.output.dir if self.remote is not None else None)
-        if self.syncer is not None:
+        if self.syncer is None:
+            write_card(out)
+        else:
+            self.card(final=True)
             from .storage import StoreError
             try:
                 self.syncer.close()  # the last upload: parts, state, summary, report, card

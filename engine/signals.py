@@ -76,3 +76,17 @@ def reap_children(grace_s: float = 10.0) -> list[str]:
     if found:
         log.warning("ended %d child process(es) left behind: %s", len(found), ", ".join(found))
     return found
+
+
+def session_processes(sid: int) -> list:
+    """Every live process of session `sid` (a run started with start_new_session: it and all it spawned)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "name"]):
+        try:
+            if os.getsid(p.pid) == sid:
+                out.append(p)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return out

@@ -139,17 +139,7 @@ def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = No
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def session_processes(sid: int) -> list:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return out
+from engine.signals import session_processes  # noqa: E402 - shared with tools/gpu_acceptance.py
 
 
 def reap_session(sid: int, timeout: float = 60) -> list[str]:

@@ -90,6 +90,22 @@ def test_a_run_reads_from_and_writes_to_a_store(tmp_path, tiny_model, s3):
     assert nobucket.returncode == 2 and "no-such-bucket" in nobucket.stderr, nobucket.stderr[-2000:]
 
 
+def test_shards_share_one_store_output_and_its_card(tmp_path, tiny_model, s3):
+    docs = sample_docs(30)
+    put_inputs(s3, "in-sh", docs)
+    out = f"s3://{BUCKET}/sharded"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [f"s3://{BUCKET}/in-sh/*"], out, backend="instant",
+                       report={"enabled": False})
+    for i in range(2):  # two machines: a staging directory each
+        cli(s3, "run", str(cfg), "--shard", f"{i}/2", "--set", f"output.staging_dir='{tmp_path / f'st{i}'}'",
+            check=True)
+    assert sorted(remote_ids(s3, f"{BUCKET}/sharded")) == sorted(d["id"] for d in docs)
+    card = s3.fs.cat(f"{BUCKET}/sharded/README.md").decode()
+    assert "| faq | 30 |" in card and "**complete**" in card  # every shard's rows, read from the store
+    st = cli(s3, "status", out, "--check")
+    assert st.returncode == 0 and "2/2 shards complete" in st.stdout
+
+
 def slow_run(tmp_path, tiny_model, s3, name: str, n: int = 900, **output):
     """Enough rows of ~4 kB of random words (the text is stored with the row, zstd-compressed) for parts of
     1 MB to commit mid-run."""

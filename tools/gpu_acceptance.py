@@ -43,6 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
+from engine.signals import session_processes  # noqa: E402
+from gpu_smoke import available  # noqa: E402 - the same "can this machine run SGLang" check
+
 RESULTS: list[tuple[str, str, str]] = []
 
 
@@ -127,26 +130,13 @@ def wait(proc: subprocess.Popen, timeout: float) -> int:
         return -999
 
 
-def session(sid: int) -> list:
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid", "name"]):
-        try:
-            if os.getsid(p.pid) == sid:
-                out.append(p)
-        except (ProcessLookupError, PermissionError):
-            pass
-    return out
-
-
 def reap(sid: int, grace: float = 90) -> list[str]:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not session(sid):
+        if not session_processes(sid):
             return []
         time.sleep(0.5)
-    left = [f"{p.pid}:{p.info['name']}" for p in session(sid)]
+    left = [f"{p.pid}:{p.info['name']}" for p in session_processes(sid)]
     try:
         os.killpg(sid, signal.SIGKILL)
     except ProcessLookupError:
@@ -343,20 +333,6 @@ def tail(text: str, n: int = 2) -> str:
 
 
 ITEMS = ("2", "9", "11", "10", "13", "15", "16", "17", "20")
-
-
-def available() -> str | None:
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    try:
-        import sglang  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - the --no-deps source install fails on its imports
-        return f"sglang cannot be imported ({type(exc).__name__}: {exc})"
-    return None
 
 
 def main(argv=None) -> int:
