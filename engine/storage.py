@@ -20,6 +20,7 @@ credentials) fail at once.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -34,7 +35,9 @@ log = logging.getLogger(__name__)
 
 LOCAL_SCHEMES = ("", "file", "local")
 TRANSIENT_CODES = {408, 412, 423, 425, 429, 500, 502, 503, 504}
-TRANSIENT_TEXT = ("slowdown", "slow down", "timeout", "timed out", "temporarily", "throttl", "connection",
+TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                    getattr(errno, "EREMOTEIO", errno.EIO)}
+TRANSIENT_TEXT = ("slowdown", "slow down", "reduce your request rate", "timeout", "timed out", "temporarily", "throttl", "connection",
                   "reset by peer", "service unavailable", "internal error", "lfs", "precondition failed",
                   "internalerror", "requesttimeout", "too many requests")
 
@@ -71,7 +74,18 @@ def filesystem(url: str):
 
 
 def status_code(exc: BaseException) -> int | None:
-    """The HTTP status of a store error, whichever client raised it."""
+    """The HTTP status of a store error, whichever client raised it (s3fs keeps botocore's error as the
+    cause of the OSError it raises)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        code = _own_status(exc)
+        if code is not None:
+            return code
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _own_status(exc: BaseException) -> int | None:
     for attr in ("status_code", "status"):
         v = getattr(exc, attr, None)
         if isinstance(v, int):
@@ -95,6 +109,8 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:  # s3fs: SlowDown/503 -> EBUSY, 500 -> EREMOTEIO
         return True
     text = f"{type(exc).__name__} {exc}".lower()
     return any(t in text for t in TRANSIENT_TEXT)

@@ -267,7 +267,10 @@ def test_hub_output_is_one_commit_per_sync_with_its_errors_retried(tmp_path, mon
 def test_transient_and_permanent_store_errors():
     from engine.storage import StoreError, retrying, transient
 
-    assert transient(OSError(16, "Service Unavailable")) and transient(ConnectionResetError())
+    import errno
+
+    assert transient(OSError(errno.EBUSY, "Please reduce your request rate.")) and transient(ConnectionResetError())
+    assert transient(OSError(errno.EBUSY, "injected by the test server"))  # how s3fs raises SlowDown / 503
     assert not transient(PermissionError("Access Denied")) and not transient(FileNotFoundError("no such bucket"))
     tries = []
 
