@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.backends.base import Request
-from engine.journal import PartSink
-from engine.output import result_schema
-from engine.prompts import load_prompts
-from engine.renderer import Renderer
-from engine.scheduler import length_buckets
+from engine.output.layout import result_schema
+from engine.output.parts import PartSink, PartSpec
+from engine.render.prompts import load_prompts
+from engine.render.renderer import Renderer
+from engine.schedule.buckets import length_buckets
+from engine.types import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from engine.model_store import resolve_model
+    from engine.model.store import resolve_model
     return AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
 
 
@@ -70,7 +70,7 @@ def _rows(documents, n=256):
 def test_journal_append(benchmark, tmp_path, documents):
     schema = result_schema(None)
     batch = pa.RecordBatch.from_pydict(_rows(documents), schema=schema)
-    sink = PartSink(tmp_path, "faq", tmp_path / "faq", "s00000-of-00001", schema, "id", 10**9, 10**12, 3)
+    sink = PartSink(PartSpec(tmp_path, "faq", "s00000-of-00001", schema, "id", 10**9, 10**12, 3))
     sink.recover()
 
     def append():

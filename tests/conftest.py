@@ -121,7 +121,7 @@ def engine_cli(*args: str, timeout: float = 600, env: dict | None = None, check:
 
 
 def stored_rows(out: Path) -> int:
-    from engine.output import read_states
+    from engine.output.layout import read_states
     return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
 
 

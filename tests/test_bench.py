@@ -15,7 +15,7 @@ from conftest import REPO, sample_docs, wait_for, write_jsonl
 from engine.bench.driver import FAILURE, OK, OOM, TIMEOUT, classify, metrics
 from engine.bench.report import pareto
 from engine.bench.sweep import load_sweep
-from engine.config import ConfigError
+from engine.errors import ConfigError
 
 
 def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import engine_cli, sample_docs, write_config, write_jsonl, write_parquet
 
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config, parse_override
+from engine.config.run_config import load_config, parse_override
+from engine.errors import ConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:

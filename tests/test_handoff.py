@@ -12,9 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from transformers import AutoTokenizer
-
 from conftest import REPO, engine_cli, make_tiny_model, sample_docs, write_config, write_jsonl
+from transformers import AutoTokenizer
 
 from engine.handoff.token_files import read_metadata, write_token_folder
 

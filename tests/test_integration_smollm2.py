@@ -1,7 +1,6 @@
 """The real embedded model, SmolLM2-135M-Instruct, through the command line (slow)."""
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, engine_cli
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,6 @@ import subprocess
 import threading
 
 import pytest
-
 from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
@@ -131,7 +130,7 @@ def test_ray_with_the_tiny_model(tmp_path, tiny_model, ray_available):
 def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, monkeypatch, tmp_path):
     import os
 
-    from engine.backends import default_parallelism, estimate_params
+    from engine.backends.shared import default_parallelism, estimate_params
 
     # The GPUs are counted by nvidia-smi, not torch.cuda (which would initialise CUDA in the run's process).
     smi = tmp_path / "bin" / "nvidia-smi"
@@ -145,8 +144,8 @@ def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, mon
     assert default_parallelism({"tp_size": 2}, tiny_model) == {"tp_size": 2}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
     assert default_parallelism({}, tiny_model) == {"dp_size": 2}
-    monkeypatch.setattr("engine.backends.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
+    monkeypatch.setattr("engine.backends.shared.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
     assert default_parallelism({}, tiny_model) == {}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setattr("engine.backends.estimate_params", lambda d: 10**6)
+    monkeypatch.setattr("engine.backends.shared.estimate_params", lambda d: 10**6)
     assert default_parallelism({}, tiny_model) == {}

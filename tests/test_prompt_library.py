@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.prompts import PLACEHOLDER, PROMPTS_DIR, available, load_prompt
-from engine.renderer import Renderer
+from engine.render.prompts import PLACEHOLDER, PROMPTS_DIR, available, load_prompt
+from engine.render.renderer import Renderer
 
 STRATEGIES = {
     "continuation", "summary",  # BeyondWeb
@@ -54,7 +54,7 @@ def test_prompts_render_through_production_templates(tiny_model, template):
 
 @pytest.mark.slow
 def test_prompts_render_through_the_embedded_model():
-    from engine.model_store import resolve_model
+    from engine.model.store import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
     prompts = [load_prompt(n) for n in available()]

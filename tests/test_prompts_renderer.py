@@ -1,8 +1,9 @@
 import pytest
 from transformers import AutoTokenizer
 
-from engine.prompts import PLACEHOLDER, PromptError, available, load_prompt, load_prompt_file, load_prompts
-from engine.renderer import Renderer
+from engine.errors import PromptError
+from engine.render.prompts import PLACEHOLDER, available, load_prompt, load_prompt_file, load_prompts
+from engine.render.renderer import Renderer
 
 STRUCTURED = ["faq", "math", "table", "tutorial"]
 

@@ -1,8 +1,9 @@
 import pyarrow as pa
 import pytest
-
 from conftest import sample_docs, write_jsonl, write_parquet
-from engine.reader import InputError, Reader
+
+from engine.errors import InputError
+from engine.input.reader import Reader
 
 
 def read_all(paths, **kw):
@@ -117,7 +118,7 @@ def test_empty_file_warns_and_differing_schemas_are_reconciled(tmp_path):
 
 
 def test_seen_ids_find_duplicates_across_merges_in_8_bytes_an_id():
-    from engine.journal import SeenIds
+    from engine.ids import SeenIds
 
     seen = SeenIds(merge_every=4)
     assert seen.first_time([1, 2, 3, 2]) == [True, True, True, False]

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, engine_cli, sample_docs, stored_rows, wait_for, write_config, write_jsonl, write_parquet
 
 PROMPTS = ("faq", "math")
@@ -205,9 +204,10 @@ def test_bad_input_rows_go_to_rejected_and_good_rows_are_kept(tmp_path, tiny_mod
 
 
 def test_write_errors_fail_loudly_and_committed_parts_stay_readable(tmp_path, tiny_model, monkeypatch):
-    from engine import journal
-    from engine.config import load_config
-    from engine.runner import Run, RunFailed
+    from engine.config.run_config import load_config
+    from engine.errors import RunFailed
+    from engine.output import parts as journal
+    from engine.run import Run
 
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(400))
     out = tmp_path / "out"
@@ -240,13 +240,13 @@ def test_rows_in_two_journals_after_a_crash_in_replay_are_kept_once(tmp_path):
 
     import pyarrow as pa
 
-    from engine.journal import PartSink
+    from engine.output.parts import PartSink, PartSpec
 
     schema = pa.schema([("id", pa.string()), ("finish_reason", pa.string())])
 
     def sink():
-        return PartSink(tmp_path, "faq", tmp_path / "faq", "s00000-of-00001", schema, "id", 1000, 1 << 30, 3,
-                        count_column="finish_reason")
+        return PartSink(PartSpec(tmp_path, "faq", "s00000-of-00001", schema, "id", 1000, 1 << 30, 3,
+                        count_column="finish_reason"))
     first = sink()
     first.recover()
     first.add(pa.RecordBatch.from_pydict({"id": [f"d{i}" for i in range(10)], "finish_reason": ["stop"] * 10},

@@ -4,11 +4,17 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import engine_cli
-from engine.output import result_schema
-from engine.report import (Thresholds, build_report, distinct_ngram_ratio, first_sentence, repeated_line_rate,
-                           write_report)
+
+from engine.output.layout import result_schema
+from engine.output.report import (
+    Thresholds,
+    build_report,
+    distinct_ngram_ratio,
+    first_sentence,
+    repeated_line_rate,
+    write_report,
+)
 
 
 def write_outputs(folder, gens, completion=None, reasons=None, model="m", name="part-s00000-of-00001-00000.parquet"):

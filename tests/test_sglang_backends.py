@@ -13,13 +13,24 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import (
+    REPO,
+    Watched,
+    engine_cli,
+    free_port,
+    reap_session,
+    sample_docs,
+    stored_rows,
+    wait_for,
+    write_config,
+    write_jsonl,
+)
 
-from conftest import (REPO, Watched, engine_cli, free_port, reap_session, sample_docs, stored_rows, wait_for,
-                      write_config, write_jsonl)
-from engine.backends import sglang_engine
-from engine.backends.engine_args import check_server_args, sampling_param_names, server_arg_names
-from engine.config import ConfigError, load_config
-from engine.runner import Run
+from engine.backends import sglang_engine, shared
+from engine.config.engine_args import check_server_args, sampling_param_names, server_arg_names
+from engine.config.run_config import load_config
+from engine.errors import ConfigError
+from engine.run import Run
 
 
 def sglang_source() -> Path:
@@ -41,7 +52,7 @@ def test_shipped_names_match_the_pinned_sglang_source():
 
 
 def test_every_name_the_project_emits_exists_in_sglang():
-    assert set(sglang_engine.SAMPLING_KEYS) <= sampling_param_names()
+    assert set(shared.SAMPLING_KEYS) <= sampling_param_names()
     backend = sglang_engine.SGLangEngineBackend("m", {}, None, 1)
     assert set(backend.engine_kwargs()) | {"context_length", "speculative_ngram_max_bfs_breadth"} <= server_arg_names()
     for cfg_path in sorted((REPO / "runs").glob("*.toml")):
@@ -164,7 +175,7 @@ def test_our_logging_survives_sglang_start(tmp_path, tiny_model):
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang")
     p = engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
     assert "sglang backend ready" in p.stderr and "writing the diversity report" in p.stderr, p.stderr
-    assert "INFO engine.runner" in p.stderr  # our format, not SGLang's
+    assert "INFO engine.run" in p.stderr  # our format, not SGLang's
 
 
 def test_a_crashed_sglang_process_is_status_4_with_the_run_saved_then_resume(tmp_path, tiny_model):
@@ -228,10 +239,11 @@ def test_full_budget_documents_get_every_new_token_under_sglangs_cap(tmp_path, t
 def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, fake_sglang):
     import shutil
 
-    from engine.backends.base import Request
+    from engine.backends import make_backend
     from engine.backends.sglang_http import SGLangHTTPBackend
     from engine.backends.torch_backend import TorchBackend
-    from engine.runner import ModelSetup
+    from engine.model.setup import ModelSetup
+    from engine.types import Request
 
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
     gen = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").exists() else {}
@@ -246,8 +258,8 @@ def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, 
     s = setup.sampling
     assert (s.temperature, s.top_k, s.min_p, s.repetition_penalty) == (0.6, 20, 0.05, 1.1)
     # every backend gets the same resolved parameters
-    assert isinstance(setup.backend(load_config(path, ["backend=torch"])), TorchBackend)
-    assert setup.backend(load_config(path, ["backend=torch"])).sampling is s
+    assert isinstance(make_backend(load_config(path, ["backend=torch"]), setup), TorchBackend)
+    assert make_backend(load_config(path, ["backend=torch"]), setup).sampling is s
     req = Request(0, "faq", [5, 6, 7], 2, 16)
     http = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", s, 4)
     assert {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}.items() <= http._payload(req)[1].items()
@@ -415,8 +427,8 @@ def test_gpu_smoke():
 
 
 def test_openai_abort_is_an_error_not_a_success():
-    from engine.backends.base import Request, SamplingParams
     from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.types import Request, SamplingParams
 
     b = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, None), 4)
     req = Request(7, "faq", [1, 2, 3], 1, 16)
@@ -460,7 +472,7 @@ def test_http_sigterm_cancels_in_flight_requests_quietly_and_a_5xx_storm_is_not_
 
 
 def test_server_args_sglang_would_ignore_are_flagged_or_fixed(caplog):
-    from engine.backends import guard_server_args
+    from engine.backends.sglang_engine import guard_server_args
 
     args = {"schedule_policy": "lpm", "max_running_requests": 1024}
     with caplog.at_level("WARNING"):

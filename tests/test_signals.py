@@ -4,7 +4,6 @@ during the final report. Each signal is sent when the run's own log line says it
 import signal
 
 import pyarrow.parquet as pq
-
 from conftest import Watched, engine_cli, reap_session, sample_docs, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
@@ -12,8 +11,8 @@ PROMPTS = ("faq", "math")
 # (log line that marks the stage, signal, expected status)
 STAGES = [
     ("reading the config", signal.SIGTERM, 3),              # argument parsing done, before the heavy imports
-    ("tokenizer and config loaded", signal.SIGINT, 3),       # model set up, input not yet checked
-    ("input checked", signal.SIGTERM, 3),                    # before the output directory is recovered
+    ("input checked", signal.SIGTERM, 3),                    # input checked, model not yet loaded
+    ("tokenizer and config loaded", signal.SIGINT, 3),       # before the output directory is recovered
     ("backend", signal.SIGINT, 3),                           # "starting the instant backend"
     ("generating", signal.SIGTERM, 3),                       # requests in flight
     ("writing the diversity report", signal.SIGTERM, 0),    # the run is complete: 0, report skipped

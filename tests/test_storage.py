@@ -16,7 +16,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import REPO, Watched, engine_cli, free_port, reap_session, sample_docs, wait_for, write_config
 
 BUCKET = "synth"
@@ -225,7 +224,8 @@ def test_hub_output_is_one_commit_per_sync_with_its_errors_retried(tmp_path, mon
     from huggingface_hub import HfFileSystem
     from huggingface_hub.errors import HfHubHTTPError
 
-    from engine import storage
+    from engine import stores as storage
+    from engine.output import remote
 
     fs, path = storage.filesystem("hf://datasets/acme/rewrites/faq-run")
     assert isinstance(fs, HfFileSystem) and path == "datasets/acme/rewrites/faq-run"
@@ -252,7 +252,7 @@ def test_hub_output_is_one_commit_per_sync_with_its_errors_retried(tmp_path, mon
     (staging / "_state" / "s00000-of-00001.json").write_text("{}")
     (staging / "_journal").mkdir()
     (staging / "_journal" / "x.arrows").write_bytes(b"")
-    remote = storage.RemoteOutput("hf://datasets/acme/rewrites/faq-run", staging)
+    remote = remote.RemoteOutput("hf://datasets/acme/rewrites/faq-run", staging)
     assert remote.hub
     assert remote.sync() == 2
     (call,) = calls  # after a 412 (commit race), a 503 and an LFS failure: one commit
@@ -265,9 +265,10 @@ def test_hub_output_is_one_commit_per_sync_with_its_errors_retried(tmp_path, mon
 
 
 def test_transient_and_permanent_store_errors():
-    from engine.storage import StoreError, retrying, transient
-
     import errno
+
+    from engine.errors import StoreError
+    from engine.stores import retrying, transient
 
     assert transient(OSError(errno.EBUSY, "Please reduce your request rate.")) and transient(ConnectionResetError())
     assert transient(OSError(errno.EBUSY, "injected by the test server"))  # how s3fs raises SlowDown / 503

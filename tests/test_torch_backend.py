@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.backends.base import Request, SamplingParams
 from engine.backends.torch_backend import TorchBackend, penalize, sample
+from engine.types import Request, SamplingParams
 
 
 def make_requests(tok, n, max_new, prefix_len=12):

@@ -6,11 +6,12 @@ import signal
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import Watched, engine_cli, reap_session, stored_rows, wait_for, write_config
 from vllm_helpers import START_TIMEOUT, embedded_model_dir, engine_core, need_vllm, real_docs, start_engine
-from engine.backends.engine_args import vllm_engine_arg_names
-from engine.config import ConfigError, load_config
+
+from engine.config.engine_args import vllm_engine_arg_names
+from engine.config.run_config import load_config
+from engine.errors import ConfigError
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -29,8 +30,8 @@ def test_shipped_engine_arg_names_match_the_installed_vllm():
 
 def test_generation_config_sampling_knobs_reach_vllms_own_sampling_params():
     need_vllm()
-    from engine.backends.base import Request, SamplingParams
     from engine.backends.vllm_engine import vllm_sampling
+    from engine.types import Request, SamplingParams
 
     req = Request(3, "faq", [1, 2, 3], 1, 32)
     sp = vllm_sampling(req, SamplingParams(0.6, 0.9, None, top_k=20, min_p=0.05, repetition_penalty=1.1))

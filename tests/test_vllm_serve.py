@@ -4,7 +4,6 @@ configuration errors found at start (status 2, no rows), and a server killed mid
 error rows) then restarted and resumed exactly once."""
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import engine_cli, reap_session, stored_rows, wait_for, write_config
 from vllm_helpers import START_TIMEOUT, VLLMServer, embedded_model_dir, need_vllm, real_docs, start_engine
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-
 from conftest import REPO, free_port, reap_session, wait_for
 
 DEMO_DOCS = REPO / "runs" / "data" / "demo_docs.jsonl"
@@ -24,7 +23,7 @@ def need_vllm() -> None:
 
 
 def embedded_model_dir() -> Path:
-    from engine.model_store import resolve_model
+    from engine.model.store import resolve_model
     return Path(resolve_model("embedded")[0])
 
 
@@ -73,7 +72,7 @@ class VLLMServer:
         self.log = log
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "VLLMServer":
+    def start(self) -> VLLMServer:
         logf = open(self.log, "ab") if self.log else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "tools" / "vllm_cpu_serve.py"), str(self.model), "--host", "127.0.0.1",

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from corpus import write_corpus  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
-from engine.model_store import resolve_model  # noqa: E402
-from engine.runner import Run  # noqa: E402
+from engine.config.run_config import load_config  # noqa: E402
+from engine.model.store import resolve_model  # noqa: E402
+from engine.run import Run  # noqa: E402
 
 
 def tokenizer_alone(tok, texts: list[str], batch: int) -> float:
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         code, summary = Run(cfg).execute()
         t_engine = time.perf_counter() - t
         assert code == 0 and summary["documents_stored"]["tutorial"] == args.docs, summary
-        from engine.report import write_report
+        from engine.output.report import write_report
         t = time.perf_counter()
         write_report(work / "out")
         t_report = time.perf_counter() - t

@@ -67,8 +67,8 @@ def make_files(folder: Path, mb: int, formats: list[str]) -> dict[str, Path]:
 
 
 def read_all(url: str, block_mb: int, prefetch: int = 2) -> tuple[float, int]:
-    from engine import storage
-    from engine.reader import Reader
+    from engine import stores as storage
+    from engine.input.reader import Reader
 
     orig = storage.open_input
     storage.open_input = lambda u, block_size=block_mb << 20, prefetch=prefetch: orig(u, block_size, prefetch)

@@ -26,20 +26,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
-
 from corpus import make_documents  # noqa: E402
 
-from engine.config import load_config  # noqa: E402
-from engine.model_store import resolve_model  # noqa: E402
-from engine.prompts import load_prompts  # noqa: E402
-from engine.runner import Run  # noqa: E402
+from engine.config.run_config import load_config  # noqa: E402
+from engine.model.store import resolve_model  # noqa: E402
+from engine.render.prompts import load_prompts  # noqa: E402
+from engine.run import Run  # noqa: E402
 
 
 def naive(model_dir: Path, prompt: str, texts: list[str], max_new: int, temperature: float, top_p: float,
           dtype: torch.dtype) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.renderer import Renderer
+    from engine.render.renderer import Renderer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()

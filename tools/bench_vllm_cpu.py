@@ -60,7 +60,7 @@ def documents(n: int, dest: Path, mean_chars: int = 0) -> Path:
 
 
 def user_messages(src: Path, prompt: str) -> list[str]:
-    from engine.prompts import load_prompts
+    from engine.render.prompts import load_prompts
 
     template = load_prompts([prompt])[0].template
     texts = [json.loads(line)["text"] for line in src.read_text().splitlines()]
@@ -90,8 +90,10 @@ def run_offline(a) -> dict:
 
 
 def _engine(a, backend: str) -> dict:
-    from engine.config import load_config
-    from engine.runner import ModelSetup, Run
+    from engine.backends import make_backend
+    from engine.config.run_config import load_config
+    from engine.model.setup import ModelSetup
+    from engine.run import Run
 
     out = a.work / f"out-{backend}"
     shutil.rmtree(out, ignore_errors=True)
@@ -102,7 +104,7 @@ def _engine(a, backend: str) -> dict:
                              f"vllm.engine_args={{max_model_len = {a.context}}}", f"vllm.cpu_threads_bind='{a.cpu_bind}'"])
     t = time.perf_counter()
     setup = ModelSetup.load(cfg)
-    be = setup.backend(cfg)
+    be = make_backend(cfg, setup)
     be.start()
     load = time.perf_counter() - t
     try:
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from engine.model_store import resolve_model
+    from engine.model.store import resolve_model
     a.model_dir = resolve_model("embedded")[0]
 
     if a.one:

@@ -43,8 +43,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 sys.path.insert(0, str(REPO))
 
-from engine.signals import session_processes  # noqa: E402
 from gpu_smoke import available  # noqa: E402 - the same "can this machine run SGLang" check
+
+from engine.signals import session_processes  # noqa: E402
 
 RESULTS: list[tuple[str, str, str]] = []
 
@@ -152,7 +153,7 @@ def rows(out: Path) -> list[dict]:
 
 
 def stored(out: Path) -> int:
-    from engine.output import read_states
+    from engine.output.layout import read_states
     try:
         return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
     except (OSError, ValueError):
@@ -214,8 +215,8 @@ def item_end_to_end(w: Work) -> dict:
     check("7 stops at the end of turn", stops > 0, f"{stops} of {len(got)} rows finished 'stop'")
     if rc == 0:
         from engine.bench.worker import gpus_used
-        from engine.config import load_config
-        from engine.model_store import resolve_model
+        from engine.config.run_config import load_config
+        from engine.model.store import resolve_model
 
         conf = load_config(cfg)
         gpus = gpus_used(conf, resolve_model(conf.model.name, allow_hub=True)[0], None)

@@ -48,10 +48,10 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-
     from corpus import make_documents
-    from engine.config import load_config
-    from engine.runner import Run
+
+    from engine.config.run_config import load_config
+    from engine.run import Run
 
     work = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
     try:
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
                                  *args.set])
         code, s = Run(cfg).execute()
         from engine.bench.worker import gpus_used
-        from engine.model_store import resolve_model
+        from engine.model.store import resolve_model
 
         gpus = gpus_used(cfg, resolve_model(cfg.model.name, allow_hub=True)[0], None)  # dp_size defaults to every GPU
         print(f"device {torch.cuda.get_device_name(0)} x{gpus}; model {s['model']}; {s['requests_generated']} requests")

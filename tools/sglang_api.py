@@ -3,7 +3,7 @@
     .venv/bin/python tools/sglang_api.py [SGLANG_PACKAGE_DIR] [--write]
 
 Without a directory it finds the installed `sglang` package (`pip install --no-deps sglang==X`
-is enough). --write refreshes engine/backends/sglang_server_args.txt and sglang_sampling_params.txt.
+is enough). --write refreshes engine/config/sglang_server_args.txt and sglang_sampling_params.txt.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
     sa, sp = server_args(pkg), sampling_params(pkg)
     print(f"{pkg}: {len(sa)} server arguments, {len(sp)} sampling parameters")
     if write:
-        out = ROOT / "engine" / "backends"
+        out = ROOT / "engine" / "config"
         (out / "sglang_server_args.txt").write_text("\n".join(sorted(sa)) + "\n")
         (out / "sglang_sampling_params.txt").write_text("\n".join(sorted(sp)) + "\n")
     return 0

@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/vllm_api.py [--write]
 
---write refreshes engine/backends/vllm_engine_args.txt, which config validation reads (so configs
+--write refreshes engine/config/vllm_engine_args.txt, which config validation reads (so configs
 are checked on machines without vLLM); a test checks the file against the installed release.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     names = engine_args()
     print(f"vllm {vllm.__version__}: {len(names)} engine arguments")
     if "--write" in argv:
-        (ROOT / "engine" / "backends" / "vllm_engine_args.txt").write_text("\n".join(sorted(names)) + "\n")
+        (ROOT / "engine" / "config" / "vllm_engine_args.txt").write_text("\n".join(sorted(names)) + "\n")
     return 0
 
 

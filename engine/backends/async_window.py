@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
-from .base import BackendDead, Completion, Request
+from engine.errors import BackendDead
+from engine.types import Completion, Request
 
 
 class AsyncWindowBackend:

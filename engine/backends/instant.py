@@ -9,10 +9,11 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Iterator
 from itertools import islice
-from typing import Iterator
 
-from .base import BackendDead, Completion, Request
+from engine.errors import BackendDead
+from engine.types import Completion, Request
 
 CHUNK = 256  # requests answered per yielded list
 

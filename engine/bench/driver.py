@@ -22,18 +22,15 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..reader import Reader
-from ..signals import signal_on_parent_death
-from .sweep import BASELINE, BenchConfig, ModelEntry, Sweep
+from engine.bench.sweep import BASELINE, BenchConfig, ModelEntry, Sweep
+from engine.errors import SweepError
+from engine.input.reader import Reader
+from engine.signals import signal_on_parent_death
 
 OK, OOM, TIMEOUT, FAILURE, NOT_RUN = "ok", "oom", "timeout", "server_failure", "not_run"
 _OOM = re.compile(r"out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|Not enough memory|"
                   r"CUBLAS_STATUS_ALLOC_FAILED|MemoryError", re.IGNORECASE)
 MAX_FAILED_SHARE = 0.01  # more failed requests than this and the config counts as a server failure
-
-
-class SweepError(RuntimeError):
-    pass
 
 
 @dataclass

@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .driver import OK
-from .sweep import BASELINE, Sweep
+from engine.bench.driver import OK
+from engine.bench.sweep import BASELINE, Sweep
 
 CSV_COLUMNS = ["model", "model_name", "params_b", "quality", "tier", "knobs", "outcome", "error",
                "output_tok_s_gpu", "output_tok_s", "input_tok_s", "docs_s", "gpus", "gpu_hours_per_b",

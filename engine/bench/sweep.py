@@ -25,7 +25,8 @@ from typing import Any
 
 import orjson
 
-from ..config import ConfigError, config_from_dict, nest, parse_override, read_toml
+from engine.config.run_config import config_from_dict, nest, parse_override, read_toml
+from engine.errors import ConfigError
 
 BASELINE = "baseline"
 RUN_CONTROLLED = ("input.paths", "output.dir", "shard.index", "shard.count")  # set by the bench itself

@@ -1,6 +1,6 @@
 """One benchmark config, in its own process: `python -m engine.bench.worker SPEC.json RESULT.json`.
 
-It drives the same code as `engine run` (`engine.runner.Run`): the model and backend are started
+It drives the same code as `engine run` (`engine.run.Run`): the model and backend are started
 once, a warm-up run over the warm-up documents goes first (not counted: CUDA graphs, allocator,
 caches), then the measured run over the sample. The result file is written only on success; the
 driver classifies every other ending (OOM, timeout, crash) from the exit status and the log.
@@ -17,9 +17,13 @@ from pathlib import Path
 
 import orjson
 
-from ..backends import default_parallelism, estimate_params
-from ..config import RunConfig, config_from_dict
-from ..runner import ModelSetup, Run, RunFailed
+from engine.atomic import write_atomic
+from engine.backends import make_backend
+from engine.backends.shared import default_parallelism, estimate_params
+from engine.config.run_config import RunConfig, config_from_dict
+from engine.errors import RunFailed
+from engine.model.setup import ModelSetup
+from engine.run import Run
 
 
 def gpus_used(cfg: RunConfig, model_dir, fixed: int | None) -> int:
@@ -33,7 +37,8 @@ def gpus_used(cfg: RunConfig, model_dir, fixed: int | None) -> int:
         args = cfg.vllm.engine_args
         return int(args.get("tensor_parallel_size", 1)) * int(args.get("data_parallel_size", 1)) * \
             int(args.get("pipeline_parallel_size", 1))
-    return 1
+    gpus = 1  # the CPU, or a backend on one device
+    return gpus
 
 
 def device_name(cfg: RunConfig) -> str:
@@ -58,7 +63,7 @@ def measure(spec: dict) -> dict:
     cfg = config_from_dict(spec["run"], base, [])
     setup = ModelSetup.load(cfg)
     t0 = time.perf_counter()
-    backend = setup.backend(cfg)
+    backend = make_backend(cfg, setup)
     backend.start()
     startup_s = time.perf_counter() - t0
     try:
@@ -92,9 +97,7 @@ def main(argv: list[str]) -> int:
     except RunFailed as exc:
         print(f"error: {type(exc.cause).__name__}: {exc.cause}", file=sys.stderr)
         return exc.code
-    tmp = result_path.with_name(result_path.name + ".tmp")
-    tmp.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, result_path)
+    write_atomic(result_path, orjson.dumps(result, option=orjson.OPT_INDENT_2))
     if not spec.get("keep_outputs"):
         shutil.rmtree(spec["output_dir"], ignore_errors=True)
     return 0

@@ -23,14 +23,12 @@ from pathlib import Path
 
 import orjson
 
+from engine.errors import CompareError
+
 PREFERRED = ("acc_norm", "acc")
 # chance accuracy of the early-signal suite's tasks (1 / answer choices; ARC mostly 4)
 CHANCE = {"arc_cf_easy": 0.25, "arc_cf_challenge": 0.25, "hellaswag_cf": 0.25, "piqa_cf": 0.5, "siqa_cf": 1 / 3,
           "openbookqa_cf": 0.25, "winogrande_cf": 0.5, "commonsenseqa_cf": 0.2, "mmlu_sample_cf": 0.25}
-
-
-class CompareError(ValueError):
-    pass
 
 
 @dataclass

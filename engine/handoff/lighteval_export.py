@@ -11,6 +11,7 @@ import ast
 import shlex
 import shutil
 from pathlib import Path
+from engine.errors import ConfigError
 
 TASKS_FILE = Path(__file__).with_name("early_signal_tasks.py")
 
@@ -31,7 +32,7 @@ def export_lighteval(out: Path, tasks: list[str] | None, checkpoint: str, max_sa
     chosen = tasks or available
     unknown = sorted(set(chosen) - set(available))
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)} (the suite has {', '.join(available)})")
+        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (the suite has {', '.join(available)})")
     out.mkdir(parents=True, exist_ok=True)
     tasks_py = out / TASKS_FILE.name
     shutil.copyfile(TASKS_FILE, tasks_py)

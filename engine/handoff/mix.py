@@ -14,18 +14,19 @@ Output: OUT/part-NNNNN.parquet and OUT/_mix.json (what was taken; "_" keeps it o
 """
 from __future__ import annotations
 
-import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .sources import GENERATED, MIX_IN, Row, Skipped, SourceError
+from engine.atomic import replace_synced
+from engine.errors import SourceError
+from engine.handoff.sources import GENERATED, MIX_IN, Row, Skipped
 
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("id", pa.string()), ("prompt", pa.string()),
                     ("tokens", pa.int32())])
@@ -127,7 +128,7 @@ def write_mix(out: Path, items: Iterator[tuple[str, Row, int]], seed: int, shuff
         nonlocal writer, written
         if writer is not None:
             writer.close()
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            replace_synced(path.with_name(path.name + ".tmp"), path)
             parts.append(path.name)
             writer, written = None, 0
 
@@ -146,7 +147,7 @@ def write_mix(out: Path, items: Iterator[tuple[str, Row, int]], seed: int, shuff
 def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: int, tokenizer, tokenizer_name: str,
             prompts: list[str], text_column: str, shuffle_window: int = 100_000, part_rows: int = 500_000,
             overwrite: bool = False, say=print, keep_truncated: bool = False) -> dict:
-    from .sources import generated_rows, mix_in_rows
+    from engine.handoff.sources import generated_rows, mix_in_rows
 
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -28,17 +28,15 @@ from pathlib import Path
 
 import yaml
 
-from .token_files import TokenFolder
+from engine.errors import CoverageError
+from engine.handoff.token_files import TokenFolder
+from engine.errors import SourceError
 
 NANOTRON_COMMIT = "1dfee7f5"  # github.com/huggingface/nanotron (full: 1dfee7f5, see README)
 DATATROVE_COMMIT = "2c895af7"  # github.com/huggingface/datatrove, branch nouamane/avoid-s3
 INSTALL = (f"pip install 'nanotron @ git+https://github.com/huggingface/nanotron@{NANOTRON_COMMIT}' "
            f"'datatrove[io] @ git+https://github.com/huggingface/datatrove@{DATATROVE_COMMIT}' (plus flash-attn; "
            f"clone nanotron at {NANOTRON_COMMIT} for run_train.py and examples/llama/convert_nanotron_to_hf.py)")
-
-
-class CoverageError(ValueError):
-    """The token folders hold fewer samples than the plan draws from them."""
 
 
 @dataclass
@@ -103,7 +101,7 @@ def training_config(folders: list[TokenFolder], weights: list[float], vocab_size
     names = {f.tokenizer_name for f in folders}
     sizes = {f.token_size for f in folders}
     if len(names) != 1 or len(sizes) != 1:
-        raise ValueError(f"the token folders disagree on the tokenizer: {names} / {sizes}")
+        raise SourceError(f"the token folders disagree on the tokenizer: {names} / {sizes}")
     tokenizer_name, token_size = names.pop(), sizes.pop()
     warmup = max(1, min(2000, plan.train_steps // 100))
     return {
@@ -183,21 +181,21 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
     check coverage: a folder smaller than the plan is a CoverageError unless `allow_repeat`."""
     from tqdm import tqdm
 
-    from .sources import (
+    from engine.errors import SourceError
+    from engine.handoff.sources import (
         GENERATED,
         MIX_IN,
         Skipped,
-        SourceError,
         generated_prompts,
         generated_rows,
         mix_in_rows,
         save_training_tokenizer,
         training_tokenizer,
     )
-    from .token_files import write_token_folder
+    from engine.handoff.token_files import write_token_folder
 
     if not 0 < ratio < 1:
-        raise ValueError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
+        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
     ours = ("generated", "mix-in", "tokenizer", "nanotron.yaml", "_export.json")
     if out.exists() and any(p.name not in ("checkpoints",) for p in out.iterdir()):
         if not overwrite:

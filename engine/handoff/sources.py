@@ -8,20 +8,17 @@ the engine's own reader (Parquet, JSONL, JSONL.zst; bad rows are skipped and cou
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from .. import output
-from ..reader import Reader
+from engine.errors import SourceError
+from engine.input.reader import Reader
+from engine.output import layout as output
 
 GENERATED, MIX_IN = "generated", "mix-in"
-
-
-class SourceError(ValueError):
-    pass
 
 
 @dataclass
@@ -93,7 +90,8 @@ def load_tokenizer(name: str):
     """A transformers tokenizer and the name to record for it: `embedded`, a local directory or a hub id."""
     from transformers import AutoTokenizer
 
-    from ..model_store import ModelError, resolve_model
+    from engine.errors import ModelError
+    from engine.model.store import resolve_model
     try:
         where, _ = resolve_model(name, allow_hub=True)
     except ModelError as exc:

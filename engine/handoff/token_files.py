@@ -12,18 +12,16 @@ temporary file, then copied in a random document order through a memory map (bou
 """
 from __future__ import annotations
 
-import os
 from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import humanize
 import numpy as np
 
-
-class TokenFileError(ValueError):
-    pass
+from engine.atomic import replace_synced
+from engine.errors import TokenFileError
 
 
 @dataclass
@@ -99,7 +97,7 @@ def write_token_folder(texts: Iterable[str], tokenizer, tokenizer_name: str, fol
     _tmp(meta).write_text("\n".join([f"{tokenizer_name}|{token_size}", str(total),
                                      humanize.metric(total, unit="T")]))
     for path in (ds, index, meta):
-        os.replace(_tmp(path), path)
+        replace_synced(_tmp(path), path)
     raw.unlink()
     return TokenFolder(folder, tokenizer_name, token_size, n, total)
 

@@ -46,9 +46,9 @@ from pathlib import Path
 
 __version__ = "0.5.23"
 logger = logging.getLogger("sglang.srt.entrypoints.engine")
-instances: list["Engine"] = []
+instances: list[Engine] = []
 
-_NAMES = Path(__file__).resolve().parents[3] / "engine" / "backends"
+_NAMES = Path(__file__).resolve().parents[3] / "engine" / "config"
 SERVER_ARGS = set(_NAMES.joinpath("sglang_server_args.txt").read_text().split())
 SAMPLING_PARAMS = set(_NAMES.joinpath("sglang_sampling_params.txt").read_text().split())
 

@@ -7,7 +7,7 @@ stream only when it has room (torch: `torch.batch_size` rows; remote engines: `s
 """
 from __future__ import annotations
 
-from .backends.base import Request
+from engine.types import Request
 
 
 def length_buckets(window: list[Request], enabled: bool = True) -> list[Request]:

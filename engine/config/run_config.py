@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the user (it names the key or the file)."""
+from engine.config.engine_args import check_server_args, check_vllm_engine_args
+from engine.errors import ConfigError
 
 
 @dataclass
@@ -37,7 +36,7 @@ class OutputConfig:
     flush_seconds: float = 2.0  # journal flush interval: the most work a crash can cost
     writer_queue: int = 64  # completion batches waiting for the writer thread (back-pressure)
     # output.dir as a store URL (s3://, gs://, hf://datasets/...): the run writes to a local staging
-    # directory and uploads committed parts and progress (storage.py)
+    # directory and uploads committed parts and progress (output/remote.py)
     staging_dir: str = ""  # "": ~/.cache/synth-engine/staging/<name>-<hash of the URL> (SYNTH_ENGINE_STAGING)
     sync_seconds: float = 0.0  # upload interval; 0: 10 s for object stores, 60 s for the Hub (its commit limits)
     store_give_up_seconds: float = 300.0  # a store failing this long (after retries) ends the run: status 4
@@ -293,12 +292,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.backend == "sglang-http" and not cfg.http.urls:
         raise ConfigError("config key 'http.urls': backend 'sglang-http' needs one or more server URLs")
     if cfg.sglang.server_args:
-        from .backends.engine_args import check_server_args
         problem = check_server_args(cfg.sglang.server_args)
         if problem:
             raise ConfigError(f"config key 'sglang.server_args': {problem}")
     if cfg.vllm.engine_args:
-        from .backends.engine_args import check_vllm_engine_args
         problem = check_vllm_engine_args(cfg.vllm.engine_args)
         if problem:
             raise ConfigError(f"config key 'vllm.engine_args': {problem}")

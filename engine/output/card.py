@@ -6,14 +6,14 @@ Rewritten as the run goes (every upload to a store; every half minute locally) a
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import orjson
 import yaml
 
-from .output import REJECTED, read_states
+from engine.atomic import write_atomic
+from engine.output.layout import REJECTED, read_states
 
 CARD = "README.md"
 
@@ -81,10 +81,7 @@ def write_card(out: Path, title: str | None = None, states: list[dict] | None = 
     text = render_card(out, title, states)
     if text is None:
         return False
-    path = out / CARD
-    tmp = path.with_name(f"{CARD}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(out / CARD, text.encode())
     return True
 
 
@@ -101,7 +98,7 @@ class StoreCard:
         import logging
         import tempfile
 
-        from .storage import fetch_progress
+        from engine.output.remote import fetch_progress
         if final or time.monotonic() - self.fetched > self.every:
             self.fetched = time.monotonic()
             try:

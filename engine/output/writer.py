@@ -11,19 +11,16 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pyarrow as pa
 
-from .journal import PartSink
+from engine.errors import WriterError
+from engine.output.parts import PartSink
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
-
-
-class WriterError(RuntimeError):
-    pass
 
 
 class AsyncWriter:

@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .prompts import PLACEHOLDER, Prompt
+from engine.errors import RenderError
+from engine.render.prompts import PLACEHOLDER, Prompt
 
 SENTINEL = "\u2063DOCUMENT\u2063"  # invisible separator characters: never in a chat template
 CHARS_PER_TOKEN_CAP = 16  # documents are cut to budget * this many characters before tokenising
-
-
-class RenderError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

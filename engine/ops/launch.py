@@ -16,13 +16,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_config
-from .output import read_states, shard_tag
-from .signals import SIGNALS, Interrupted, signal_on_parent_death
+from engine.config.run_config import load_config
+from engine.errors import RESUMABLE, ExitCode, ShardFailed, ShardInterrupted
+from engine.output.layout import read_states, shard_tag
+from engine.signals import SIGNALS, Interrupted, signal_on_parent_death
 
 log = logging.getLogger(__name__)
-
-RESUMABLE = (3, 4)  # engine run exit statuses after which a shard resumes by running again
 
 
 def pending_shards(output_dir: Path, shards: int) -> list[int]:
@@ -132,14 +131,6 @@ def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[
     return 0
 
 
-class ShardInterrupted(RuntimeError):
-    """A shard stopped in a resumable way (preempted, killed, backend died): Ray runs it again."""
-
-
-class ShardFailed(RuntimeError):
-    """A shard failed in a way that running it again would not fix (bad config or input)."""
-
-
 def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: str, log_dir: str) -> int:
     """Body of one Ray task: `engine run ... --shard i/N` as a child process, its output in a log file."""
     log_path = Path(log_dir) / f"shard-{shard:05d}.log"
@@ -193,7 +184,7 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
         if failed:
             print(f"{len(failed)} shard(s) failed: {failed}; fix the cause and launch again (complete shards are "
                   "skipped, failed ones resume)", file=sys.stderr)
-            return 1
+            return ExitCode.ERROR
         print(f"all {shards} shards complete: {out}")
         return 0
     finally:

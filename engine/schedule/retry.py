@@ -12,9 +12,9 @@ import heapq
 import itertools
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
-from .backends.base import Request
+from engine.types import Request
 
 
 class RetryFeed:

@@ -6,13 +6,12 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import PromptError
+from engine.types import ENGINE_DIRS
+
 PLACEHOLDER = "{document}"
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 REQUIRED = ("name", "origin", "intent", "template", "max_new_tokens")
-
-
-class PromptError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -86,8 +85,6 @@ def load_prompt(name_or_path: str) -> Prompt:
 
 
 def load_prompts(names: list[str]) -> list[Prompt]:
-    from .output import ENGINE_DIRS
-
     prompts = [load_prompt(n) for n in names]
     seen: set[str] = set()
     for p in prompts:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import orjson
 
-from .output import read_states, shard_tag
+from engine.output.layout import read_states, shard_tag
 
 STALL_SECONDS = 120  # a shard whose state is older than this (and not complete) is stalled or stopped
 
@@ -35,7 +35,8 @@ def shard_eta(st: dict) -> float | None:
 
 def render_status(out: Path | str) -> tuple[str, bool]:
     """The status table of a local output directory or of one in a store (read from anywhere)."""
-    from .storage import fetch_progress, is_remote
+    from engine.output.remote import fetch_progress
+    from engine.stores import is_remote
 
     if is_remote(str(out)):
         import tempfile

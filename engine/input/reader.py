@@ -17,45 +17,28 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from engine.errors import InputError
+from engine.types import Doc, Rejection
+
 log = logging.getLogger(__name__)
 
 PREFLIGHT_JSON_LINES = 50  # lines of each JSONL file looked at before the run starts
 
 
-class InputError(ValueError):
-    """Bad input that stops the run before generation; the message names the file (and row)."""
-
-
-@dataclass(slots=True)
-class Doc:
-    id: str
-    text: str
-    source: str  # "<file>:<row>", row counted from 0 (blank JSONL lines included)
-    columns: dict  # the other source columns, passed through to the output
-
-
-@dataclass(slots=True)
-class Rejection:
-    source: str
-    id: str | None
-    reason: str
-
-
 @dataclass
 class InputFile:
-    path: Path | str  # a local path, or a store URL (s3://, gs://, hf://...; see storage.py)
+    path: Path | str  # a local path, or a store URL (s3://, gs://, hf://...; see stores.py)
     label: str  # short name used in ids and messages
     kind: str  # parquet | jsonl | jsonl.zst
     rows: int | None = None  # known after preflight
@@ -75,15 +58,15 @@ def _pure(path: Path | str) -> PurePosixPath:
 
 
 def _remote(path: Path | str) -> bool:
-    from .storage import is_remote
+    from engine.stores import is_remote
     return isinstance(path, str) and is_remote(path)
 
 
 @contextlib.contextmanager
 def open_binary(path: Path | str):
-    """A local file, or a store object streamed with read-ahead (storage.open_input)."""
+    """A local file, or a store object streamed with read-ahead (stores.open_input)."""
     if _remote(path):
-        from .storage import open_input
+        from engine.stores import open_input
         with open_input(str(path)) as fh:
             yield fh
     else:
@@ -93,7 +76,7 @@ def open_binary(path: Path | str):
 
 def _size(path: Path | str) -> int:
     if _remote(path):
-        from .storage import filesystem
+        from engine.stores import filesystem
         fs, p = filesystem(str(path))
         return int(fs.size(p))
     return Path(path).stat().st_size
@@ -128,7 +111,8 @@ def expand_paths(patterns: list[str]) -> list[Path | str]:
 
 
 def _expand_remote(pattern: str) -> list[str]:
-    from .storage import StoreError, filesystem, retrying
+    from engine.errors import StoreError
+    from engine.stores import filesystem, retrying
 
     fs, path = filesystem(pattern)
     try:
@@ -151,11 +135,6 @@ def _labels(paths: list[Path | str]) -> list[str]:
         return names
     root = os.path.commonpath([str(p.parent) for p in pure])
     return [os.path.relpath(str(p), root) for p in pure]
-
-
-def id_hash(value: str) -> int:
-    """A stable 63-bit hash of an id (Python's own str hash changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
 
 
 def _zst_chunks(path: Path | str) -> Iterator[bytes]:

@@ -16,6 +16,8 @@ import os
 import shutil
 from pathlib import Path
 
+from engine.errors import ModelError
+
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
@@ -23,10 +25,6 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 TINY = "tiny-random"
 TINY_NAME = "tiny-random-llama"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(RuntimeError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +17,10 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
-REJECTED = "rejected"
-ENGINE_DIRS = ("_run", "_state", "_journal", "_manifest", REJECTED, "report")
+from engine.atomic import temp_name, write_atomic
+from engine.errors import ResumeError, WriterError
+from engine.types import ENGINE_DIRS, REJECTED
+
 
 RESULT_FIELDS = [
     pa.field("id", pa.string()),
@@ -38,10 +39,6 @@ REJECTED_SCHEMA = pa.schema([pa.field("doc_ref", pa.string()), pa.field("id", pa
                              pa.field("reason", pa.string())])
 
 
-class ResumeError(RuntimeError):
-    pass
-
-
 def source_column_names(passthrough: pa.Schema | None) -> dict[str, str]:
     """Source column -> output column name; clashes with result columns get a `source_` prefix."""
     taken = {f.name for f in RESULT_FIELDS} | {"text"}
@@ -58,11 +55,16 @@ def shard_tag(index: int, count: int) -> str:
     return f"s{index:05d}-of-{count:05d}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def writable_dir(out: Path) -> Path:
+    """`out`, created if need be; an error naming output.dir when it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(out / ".write-check")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise WriterError(f"output.dir {out}: cannot write there ({exc.strerror or exc})") from exc
+    return out
 
 
 def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool) -> bool:
@@ -78,7 +80,7 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool) -> bool:
                 f"{out} holds results of a different run configuration:\n  " + "\n  ".join(diffs) +
                 "\nUse another output.dir, restore the old settings, or pass --overwrite to delete those results.")
         return True
-    _atomic_write(path, orjson.dumps(fingerprint, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    write_atomic(path, orjson.dumps(fingerprint, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
     return False
 
 
@@ -103,7 +105,7 @@ def clear(out: Path) -> None:
 
 def write_state(out: Path, tag: str, state: dict) -> None:
     state = {**state, "updated_at": time.time()}
-    _atomic_write(out / "_state" / f"{tag}.json", orjson.dumps(state, option=orjson.OPT_INDENT_2))
+    write_atomic(out / "_state" / f"{tag}.json", orjson.dumps(state, option=orjson.OPT_INDENT_2))
 
 
 def read_states(out: Path) -> list[dict]:

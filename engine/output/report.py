@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 import pyarrow.parquet as pq
 
-from .output import ENGINE_DIRS
+from engine.output.layout import ENGINE_DIRS
 
 PREFIX_LENGTHS = (10, 20, 50)
 CURVE_LENGTHS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200)

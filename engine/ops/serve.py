@@ -14,7 +14,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .backends.base import Completion, Request
+from engine.types import Completion, Request
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +24,11 @@ class Generator:
         self.kind, self.lock = backend, threading.Lock()
         self.tokenizer = tokenizer
         if backend == "instant":
-            from .backends.instant import InstantBackend
+            from engine.backends.instant import InstantBackend
             self.instant = InstantBackend(completion_tokens)
         else:
-            from .backends.base import SamplingParams
-            from .backends.torch_backend import TorchBackend
+            from engine.backends.torch_backend import TorchBackend
+            from engine.types import SamplingParams
             eos = {tokenizer.eos_token_id}
             self.torch = TorchBackend(model_dir, SamplingParams(temperature, 0.95, 0), eos, tokenizer.pad_token_id or 0,
                                       batch_size=1)
@@ -111,7 +111,7 @@ def serve(host: str, port: int, backend: str, model: str, completion_tokens: int
           fail_rate: float, temperature: float = 0.0, seed: int = 0, served_name: str = "engine-serve") -> None:
     from transformers import AutoTokenizer
 
-    from .model_store import resolve_model
+    from engine.model.store import resolve_model
 
     model_dir, _ = resolve_model(model)
     tok = AutoTokenizer.from_pretrained(model_dir)

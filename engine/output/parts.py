@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,74 +27,52 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .reader import id_hash
+from engine.atomic import fsync_dir, replace_synced
+from engine.ids import DoneSet, id_hash
+from engine.errors import WriterError
 
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass(frozen=True)
+class PartSpec:
+    """What one stream of one shard is written as (see the module doc for the files)."""
+    root: Path  # the output directory (its _journal/ and _manifest/ hold this stream's recovery files)
+    stream: str  # a prompt name, or "rejected"; the parts go to root/stream/
+    shard_tag: str  # "s00003-of-00016"
+    schema: pa.Schema
+    key_column: str  # the column whose values say what is done ("id"; "doc_ref" for rejected rows)
+    row_group_rows: int
+    file_max_bytes: int  # a part is committed once its file reaches this size
+    compression_level: int  # zstd
+    count_column: str | None = None  # rows are counted per value of this column ("finish_reason")
 
-
-class DoneSet:
-    """Ids already finished: a sorted array of 63-bit hashes, 8 bytes an id (millions fit easily)."""
-
-    def __init__(self, hashes: list[int] | np.ndarray = ()):
-        self.arr = np.unique(np.asarray(hashes, dtype=np.uint64))
-
-    def __len__(self) -> int:
-        return len(self.arr)
-
-    def has(self, h: int) -> bool:
-        i = int(np.searchsorted(self.arr, np.uint64(h)))
-        return i < len(self.arr) and int(self.arr[i]) == h
-
-    def contains(self, hashes: np.ndarray) -> np.ndarray:
-        if not len(self.arr):
-            return np.zeros(len(hashes), dtype=bool)
-        idx = np.minimum(np.searchsorted(self.arr, hashes), len(self.arr) - 1)
-        return self.arr[idx] == hashes
-
-
-class SeenIds(DoneSet):
-    """Ids met so far in this run, for duplicate detection, in about 8 bytes an id: recent ids sit in
-    a Python set that is merged into the sorted array every `merge_every` ids."""
-
-    def __init__(self, merge_every: int = 1 << 20):
-        super().__init__()
-        self.recent: set[int] = set()
-        self.merge_every = merge_every
-
-    def first_time(self, hashes: list[int]) -> list[bool]:
-        """For each hash: True when it was not met before (and remember it)."""
-        old = self.contains(np.asarray(hashes, dtype=np.uint64))
-        out = []
-        for h, seen in zip(hashes, old):
-            new = not seen and h not in self.recent
-            if new:
-                self.recent.add(h)
-            out.append(new)
-        if len(self.recent) >= self.merge_every:
-            self.arr = np.union1d(self.arr, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            self.recent.clear()
-        return out
+    @property
+    def data_dir(self) -> Path:
+        return self.root / self.stream
 
 
 class PartSink:
-    def __init__(self, root: Path, stream: str, data_dir: Path, shard_tag: str, schema: pa.Schema, key_column: str,
-                 row_group_rows: int, file_max_bytes: int, compression_level: int, count_column: str | None = None):
-        self.stream, self.shard_tag, self.schema, self.key_column = stream, shard_tag, schema, key_column
-        self.count_column = count_column
-        self.data_dir = data_dir
-        self.journal_dir = root / "_journal" / stream
-        self.manifest = root / "_manifest" / stream / f"{shard_tag}.jsonl"
+    """One stream of one shard: rows in, committed zstd Parquet parts out, crash-safe (module doc).
+
+    Lifecycle: `recover()` once (clean up after a crash; returns what is done and the journaled rows),
+    `replay()` those rows, then `add()` record batches (journaled at once, flushed by `flush()`),
+    `commit()` whenever a part is full and at `close()`. Counts: `rows_total` (every stored row of the
+    shard, recovered ones included), `counts` (rows per value of `count_column`), `dropped` (error rows
+    removed by --retry-errors). Used from one thread at a time (the writer thread once the run goes)."""
+
+    def __init__(self, spec: PartSpec):
+        self.spec = spec
+        self.stream, self.shard_tag, self.schema, self.key_column = spec.stream, spec.shard_tag, spec.schema, \
+            spec.key_column
+        self.count_column = spec.count_column
+        self.data_dir = spec.data_dir
+        self.journal_dir = spec.root / "_journal" / spec.stream
+        self.manifest = spec.root / "_manifest" / spec.stream / f"{spec.shard_tag}.jsonl"
         for d in (self.data_dir, self.journal_dir, self.manifest.parent):
             d.mkdir(parents=True, exist_ok=True)
-        self.row_group_rows, self.file_max_bytes, self.level = row_group_rows, file_max_bytes, compression_level
+        self.row_group_rows, self.file_max_bytes, self.level = spec.row_group_rows, spec.file_max_bytes, \
+            spec.compression_level
         self.k = 0
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = 0
@@ -184,14 +163,11 @@ class PartSink:
         self.dropped += errors
         if not kept.num_rows:
             part.unlink()
-            _fsync_dir(self.data_dir)
+            fsync_dir(self.data_dir)
             return False
         tmp = part.with_suffix(".parquet.tmp")
         pq.write_table(kept, tmp, compression="zstd", compression_level=self.level, row_group_size=self.row_group_rows)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, part)
-        _fsync_dir(self.data_dir)
+        replace_synced(tmp, part)
         self._manifest_append(part, kept.num_rows)
         return True
 
@@ -274,11 +250,8 @@ class PartSink:
         self.flush(sync=True)
         self.writer.close()
         self.writer = None
-        with open(self._tmp(), "rb") as fh:
-            os.fsync(fh.fileno())
         final = self._part(self.k)
-        os.replace(self._tmp(), final)
-        _fsync_dir(self.data_dir)
+        replace_synced(self._tmp(), final)
         self._manifest_append(final, self.part_rows)
         self.journal_ipc.close()
         self.journal.close()
@@ -301,5 +274,5 @@ def _read_journal(path: Path, schema: pa.Schema) -> list[pa.RecordBatch]:
     except (pa.ArrowInvalid, OSError) as exc:
         log.info("%s: ignoring a torn last batch after %d batches (%s)", path, len(batches), exc)
     if batches and batches[0].schema != schema:
-        raise RuntimeError(f"{path}: journal schema differs from this run's output schema; inspect it before resuming")
+        raise WriterError(f"{path}: journal schema differs from this run's output schema; inspect it before resuming")
     return batches

@@ -1,0 +1,144 @@
+"""The scheduler's producer: everything before the backend, on a background thread.
+
+    reader batches -> drop duplicate ids and rejected rows -> skip what is done -> tokenise each
+    document once -> render a request per (document, prompt) -> length-bucket a look-ahead window
+    -> a bounded queue that the backend pulls from (through schedule/retry.py's RetryFeed)
+
+The Rust tokenizer releases the GIL, so this thread overlaps tokenising with generation.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.ids import DoneSet, SeenIds, id_hash
+from engine.input.reader import Reader
+from engine.metrics import Metrics
+from engine.render.renderer import Renderer
+from engine.schedule.buckets import length_buckets
+from engine.types import REJECTED, Doc, Rejection, Request
+
+_END = object()
+
+
+@dataclass(slots=True)
+class Pending:
+    """A request handed to the backend, with the document it came from (kept for the output row)."""
+    doc: Doc
+    truncated: bool
+    request: Request
+
+
+class Producer:
+    """Reader -> requests on a background thread (see the module doc); iterate it to pull requests."""
+
+    def __init__(self, reader: Reader, renderer: Renderer, prompts: list[str], done: dict[str, DoneSet],
+                 reject: Callable[[list[Rejection]], None], metrics: Metrics, stop: threading.Event, lookahead: int,
+                 buckets: bool, depth: int):
+        """`done`: what is stored per prompt (and per REJECTED source), `reject`: where newly rejected rows go
+        (the writer's REJECTED stream), `depth`: look-ahead windows queued ahead of the backend."""
+        self.reader, self.renderer, self.prompts, self.done = reader, renderer, prompts, done
+        self.reject, self.metrics, self.stop = reject, metrics, stop
+        self.lookahead, self.buckets = lookahead, buckets
+        self.pending: dict[int, Pending] = {}
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.keys = itertools.count()
+        self.thread = threading.Thread(target=self._run, name="engine-producer", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            seen = SeenIds()
+            window: list[Request] = []
+            for batch in self.reader.batches():
+                if self.stop.is_set():
+                    return
+                window.extend(self._requests(batch, seen))
+                if len(window) >= self.lookahead:
+                    if not self._put(length_buckets(window, self.buckets)):
+                        return
+                    window = []
+            if window:
+                self._put(length_buckets(window, self.buckets))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._put(exc)
+        finally:
+            self._put(_END)
+
+    def _requests(self, batch, seen: SeenIds) -> list[Request]:
+        rejected = list(batch.rejected)
+        docs: list[Doc] = []
+        hashes = []
+        batch_hashes = [id_hash(d.id) for d in batch.docs]
+        for d, h, first in zip(batch.docs, batch_hashes, seen.first_time(batch_hashes)):
+            if first:
+                docs.append(d)
+                hashes.append(h)
+            else:
+                rejected.append(Rejection(d.source, d.id, "duplicate id: an earlier row has the same id"))
+        n_prompts = len(self.prompts)
+        if rejected:
+            self.metrics.rejected += len(rejected)
+            new = [r for r in rejected if not self.done[REJECTED].has(id_hash(r.source))]
+            if new:
+                self.reject(new)
+            self.metrics.skipped(len(rejected) * n_prompts)
+        if not docs:
+            return []
+        hashes = np.array(hashes, dtype=np.uint64)
+        todo = {p: ~self.done[p].contains(hashes) for p in self.prompts}
+        need = np.zeros(len(docs), dtype=bool)
+        for mask in todo.values():
+            need |= mask
+        skipped = int(sum((~m).sum() for m in todo.values()))
+        if skipped:
+            self.metrics.skipped(skipped)
+        idx = np.flatnonzero(need)
+        if not len(idx):
+            return []
+        encoded = self.renderer.encode_documents([docs[i].text for i in idx])
+        out = []
+        for i, doc_ids in zip(idx, encoded):
+            doc = docs[i]
+            for p in self.prompts:
+                if not todo[p][i]:
+                    continue
+                ids, truncated = self.renderer.request_ids(p, doc.text, doc_ids)
+                key = next(self.keys)
+                r = self.renderer.rendered[p]
+                req = Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)
+                self.pending[key] = Pending(doc, truncated, req)
+                out.append(req)
+        return out
+
+    def __iter__(self) -> Iterator[Request]:
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+
