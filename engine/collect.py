@@ -15,7 +15,7 @@ import pyarrow as pa
 from engine.metrics import Metrics
 from engine.schedule.producer import Pending
 from engine.schedule.retry import RetryFeed
-from engine.types import Completion, Rejection
+from engine.types import USEFUL, Completion, Rejection
 
 
 class Collector:
@@ -30,6 +30,7 @@ class Collector:
         by_prompt: dict[str, list] = {}
         ptoks = ctoks = cached = failed = 0
         done = 0
+        kinds: dict[tuple[str, str], list[int]] = {}  # (prompt, finish reason) -> rows, tokens, useful tokens
         for c in completions:
             if c.finish_reason == "error" and feed.retry(pending[c.key].request):
                 metrics.retries += 1
@@ -45,9 +46,14 @@ class Collector:
                 failed += 1
                 metrics.last_error = c.error
             metrics.truncated += p.truncated
+            kind = kinds.setdefault((p.request.prompt, c.finish_reason), [0, 0, 0])
+            kind[0] += 1
+            kind[1] += c.completion_tokens
+            if c.finish_reason in USEFUL and (c.output_ids if c.text is None else c.text.strip()):
+                kind[2] += c.completion_tokens  # what passes the quality gate: finished by the model, not empty
         for prompt, items in by_prompt.items():
             self.put(prompt, items)
-        metrics.completed(done, ptoks, ctoks, cached, failed)
+        metrics.completed(done, ptoks, ctoks, cached, failed, kinds)
 
 
 class RowBuilder:

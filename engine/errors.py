@@ -14,6 +14,7 @@ The exception tree (each class says when it is raised; `exit_code` is what `engi
     ├── StoreError                   2  an object store refused (credentials, bucket); 4 when it stayed down
     ├── BackendDead                  4  the backend can serve no more requests (resumable)
     ├── TooManyErrors                5  more error rows than retry.max_error_fraction allows
+    ├── LeaseHeld                    6  another live process holds this shard's lease (output/lease.py)
     ├── RunFailed                    *  a run that stopped with one of the above, carrying its summary
     ├── ShardFailed / ShardInterrupted  1 / 3  a shard run by `engine launch ray`
     └── SourceError, TokenFileError, CoverageError, CompareError, SweepError   1  hand-off and benchmarks
@@ -21,7 +22,7 @@ The exception tree (each class says when it is raised; `exit_code` is what `engi
     Interrupted (a BaseException)    3  SIGTERM / SIGINT before there was work to finish (signals.py)
 
 `ExitCode` is the one list of statuses; the README's exit-status table is tested against it
-(tests/test_errors.py). The CLI has one handler (engine/cli/__init__.py): it prints `error: ...`
+(tests/test_architecture.py). The CLI has one handler (engine/cli/__init__.py): it prints `error: ...`
 (and the error's `hint`) and exits with `exit_code`.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = [
     "ExitCode", "EngineError", "ConfigError", "PromptError", "RenderError", "ResumeError", "ProbeError",
     "InputError", "WriterError", "ModelError", "StoreError", "BackendDead", "TooManyErrors", "RunFailed",
     "ShardFailed", "ShardInterrupted", "SourceError", "TokenFileError", "CoverageError", "CompareError",
-    "SweepError", "RESUMABLE",
+    "SweepError", "LeaseHeld", "RESUMABLE",
 ]
 
 
@@ -44,9 +45,11 @@ class ExitCode(IntEnum):
     INTERRUPTED = 3  # interrupted (SIGTERM, SIGINT): what finished is committed
     BACKEND_DEAD = 4  # the backend died or became unreachable
     TOO_MANY_ERRORS = 5  # finished, but error rows exceed retry.max_error_fraction: not complete
+    LEASE_HELD = 6  # another live run holds this shard's lease: nothing was read or written
 
 
-RESUMABLE = (ExitCode.INTERRUPTED, ExitCode.BACKEND_DEAD)  # a shard that ends so resumes by running again
+# a shard that ends so resumes by running again (LEASE_HELD: a requeued attempt whose old one still held the lease)
+RESUMABLE = (ExitCode.INTERRUPTED, ExitCode.BACKEND_DEAD, ExitCode.LEASE_HELD)
 
 
 class EngineError(Exception):
@@ -115,6 +118,14 @@ class BackendDead(EngineError, RuntimeError):
 class TooManyErrors(EngineError, RuntimeError):
     """More requests failed than `retry.max_error_fraction` allows: the cause is rarely the documents."""
     exit_code = ExitCode.TOO_MANY_ERRORS
+
+
+class LeaseHeld(EngineError, RuntimeError):
+    """Another live process holds the lease of this (output, shard): the message names it (host, pid, since,
+    last heartbeat). Raised before anything in the output is read or written."""
+    exit_code = ExitCode.LEASE_HELD
+    hint = ("Only one run may write a shard. Wait for that run to end (or stop it), or raise "
+            "output.lease_wait_seconds to wait for it; a lease whose holder died is taken over by the next run.")
 
 
 class RunFailed(EngineError, RuntimeError):

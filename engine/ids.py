@@ -8,7 +8,8 @@ import numpy as np
 
 def id_hash(value: str) -> int:
     """A stable 63-bit hash of an id (Python's own str hash changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") >> 1
+    digest = hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class DoneSet:

@@ -1,7 +1,7 @@
 """One shard of one run: assemble the pipeline, run the loop, finish.
 
     Run.assemble()   prompts, model -> renderer -> reader (preflight) -> backend (made, not started)
-                     -> output directory (fingerprint, recovery) -> writer -> producer
+                     -> output directory (the shard's lease, fingerprint, recovery) -> writer -> producer
     Run.loop()       start the backend; then, on the main thread,
                      producer -> RetryFeed -> backend.generate() -> Collector -> writer queue
     Run.finish()     state file, summary, diversity report, dataset card, last upload
@@ -29,19 +29,29 @@ from engine.backends import context_reserve, make_backend
 from engine.backends.base import Backend
 from engine.collect import Collector, RejectedRows, RowBuilder
 from engine.config.run_config import RunConfig
-from engine.errors import BackendDead, EngineError, ExitCode, RunFailed, StoreError, TooManyErrors, WriterError
+from engine.errors import (
+    BackendDead,
+    EngineError,
+    ExitCode,
+    RunFailed,
+    StoreError,
+    TooManyErrors,
+    WriterError,
+)
+from engine.input.identity import input_record
 from engine.input.reader import Reader
 from engine.metrics import Metrics
 from engine.model.setup import ModelSetup
 from engine.output import layout
 from engine.output.card import StoreCard, write_card
 from engine.output.sinks import ShardSinks
+from engine.output.totals import earlier, read_state, shard_totals, this_process
 from engine.output.writer import AsyncWriter
 from engine.render.prompts import Prompt, load_prompts
 from engine.render.renderer import Renderer
 from engine.schedule.producer import Producer
 from engine.schedule.retry import RetryFeed
-from engine.signals import SIGNALS, Interrupted
+from engine.signals import SIGNALS, Interrupted, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +81,9 @@ class Run:
     runs (tools/bench warms a backend up, then measures with it); a passed backend is not closed."""
 
     def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False,
-                 setup: ModelSetup | None = None, backend=None, retry_errors: bool = False):
+                 setup: ModelSetup | None = None, backend=None, retry_errors: bool = False, extend_input: bool = False):
         self.cfg, self.overwrite, self.quiet, self.retry_errors = cfg, overwrite, quiet, retry_errors
+        self.extend_input = extend_input  # --extend-input: files that joined the input are accepted (layout.py)
         self.setup, self.shared_backend = setup, backend
         self.stop = threading.Event()
         self.interrupted_by: str | None = None
@@ -82,11 +93,17 @@ class Run:
         self.card = None
         self.card_at = 0.0
         self.p: Pipeline | None = None
+        self.before: dict = {"attempts": 0}  # sums of this shard's earlier attempts (output/totals.py)
+        self.lease = None  # this shard's lease (output/lease.py), taken before the output is read or written
 
     def execute(self) -> tuple[int, dict]:
-        p = self.p = self.assemble()
-        code, error = self.loop(p)
-        return self.finish(p, code, error)
+        try:
+            p = self.p = self.assemble()
+            code, error = self.loop(p)
+            return self.finish(p, code, error)
+        finally:
+            if self.lease is not None:  # whatever the status: the next run need not wait for it to go stale
+                self.lease.release()
 
     # ---- assembly, in data-path order ----------------------------------------------------------
     def assemble(self) -> Pipeline:
@@ -102,9 +119,11 @@ class Run:
         backend = self.shared_backend or make_backend(cfg, setup)
         tag = layout.shard_tag(cfg.shard.index, cfg.shard.count)
         out, self.remote = self._output_location(prompts, tag)
-        resumed = layout.check_fingerprint(out, self._fingerprint(prompts, setup, renderer), self.overwrite)
+        resumed = layout.check_fingerprint(out, self._fingerprint(prompts, setup, renderer, reader), self.overwrite,
+                                           self.extend_input)
         if self.remote is not None:  # the first upload now: a missing bucket or bad credentials stop the run here
             self.remote.sync()
+        self.before = earlier(read_state(out, tag))  # sums of the earlier attempts (output/totals.py)
         sinks = ShardSinks.open(out, tag, [p.name for p in prompts], reader.schema, cfg.output,
                                 drop_errors=self.retry_errors)
         if resumed:
@@ -112,8 +131,10 @@ class Run:
         if sinks.dropped:
             log.info("--retry-errors: %d stored error rows removed; their documents are generated again", sinks.dropped)
         total = reader.total_rows
-        metrics = Metrics(total_requests=total * len(prompts) if total is not None else None)
-        builders = {p.name: RowBuilder(p.name, setup.model_name, setup.tokenizer, sinks.schema, sinks.renames)
+        metrics = Metrics(total_requests=total * len(prompts) if total is not None else None,
+                          log_every=cfg.output.progress_seconds)
+        row_model = f"instant:{setup.model_name}" if cfg.backend == "instant" else setup.model_name  # no model ran
+        builders = {p.name: RowBuilder(p.name, row_model, setup.tokenizer, sinks.schema, sinks.renames)
                     for p in prompts}
         builders[layout.REJECTED] = RejectedRows(layout.REJECTED_SCHEMA)
         writer = AsyncWriter(sinks.streams, builders, cfg.output.writer_queue, cfg.output.flush_seconds,
@@ -131,7 +152,7 @@ class Run:
                  f"{reader.total_rows:,}" if reader.total_rows is not None else "?")
         return reader
 
-    def _fingerprint(self, prompts: list[Prompt], setup: ModelSetup, renderer: Renderer) -> dict:
+    def _fingerprint(self, prompts: list[Prompt], setup: ModelSetup, renderer: Renderer, reader: Reader) -> dict:
         """What the stored results depend on: resuming into an output made otherwise is refused."""
         cfg, s = self.cfg, setup.sampling
         return {
@@ -141,19 +162,25 @@ class Run:
                          **({"ignore_eos": True} if cfg.sampling.ignore_eos else {}),
                          "max_new_tokens": {n: r.max_new_tokens for n, r in renderer.rendered.items()}},
             "context": setup.context, "shard_count": cfg.shard.count, "system_prompt": cfg.model.system_prompt,
-            "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column},
+            "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
+                      "files": input_record(reader.files)},
         }
 
     def _output_location(self, prompts: list[Prompt], tag: str) -> tuple[Path, object]:
         """The directory the run writes to, and the store it is mirrored to (None: a local output.dir)."""
+        from engine.output.lease import take_lease
         from engine.output.remote import RemoteOutput, default_staging  # lazy: fsspec clients (s3fs ...)
         from engine.stores import is_remote
 
-        url = self.cfg.output.dir
-        if not is_remote(url):
-            return layout.writable_dir(Path(url)), None
-        staging = Path(self.cfg.output.staging_dir or default_staging(url))
-        remote = RemoteOutput(url, staging, self.cfg.output.store_give_up_seconds)
+        o = self.cfg.output
+        url = o.dir
+        if not is_remote(url):  # the lease first: before anything in the output is read (recovery) or written
+            out = layout.writable_dir(Path(url))
+            self.lease = take_lease(o, tag, out=out)  # a lost lease ends the process (status 6, lease.py)
+            return out, None
+        staging = Path(o.staging_dir or default_staging(url))
+        remote = RemoteOutput(url, staging, o.store_give_up_seconds)
+        self.lease = take_lease(o, tag, remote=remote)  # before the store's copy is cleared or pulled
         streams = [p.name for p in prompts] + [layout.REJECTED]
         if self.overwrite:
             log.info("--overwrite: deleting this run's results in %s", url)
@@ -173,14 +200,16 @@ class Run:
         self._restore_handlers = old_handlers
         code, error = ExitCode.OK, None
         # The hot path allocates millions of short-lived lists (token ids) and no reference cycles:
-        # frequent generational collections cost ~10% of host throughput (tools/bench_host.py).
+        # frequent generational collections cost ~10% of host throughput (python -m engine.bench.host).
         gc_threshold = gc.get_threshold()
         gc.set_threshold(50_000, 20, 100)
         try:
             p.writer.start()
             if self.remote is not None:
                 self._start_syncer(p.out)
+            p.metrics.start_timer()  # the progress line every output.progress_seconds, off a terminal
             self._start_backend(p.backend)
+            p.metrics.ready()  # start-up ends: rates are over generation time from here
             if on_main:  # from here on a signal lets the run finish its writes (see _on_signal)
                 for s in SIGNALS:
                     signal.signal(s, self._on_signal)
@@ -189,16 +218,19 @@ class Run:
             if self.stop.is_set():
                 code = ExitCode.INTERRUPTED
         except Interrupted as exc:  # while the backend started: nothing was in flight
+            if exc.abort:  # a second Ctrl-C: no clean shutdown (the finally blocks below still close)
+                raise
             self.interrupted_by = exc.signame
             log.warning("%s received while the backend started: stopping (the run is resumable)", exc.signame)
             code = ExitCode.INTERRUPTED
-        except Exception as exc:  # the backend or the input failed mid-run: save what is done, then report
+        except Exception as exc:  # noqa: BLE001 - the backend or the input failed mid-run: save what is done, then report
             code, error = _exit_code(exc, interrupted=self.interrupted_by is not None), exc
             if code == ExitCode.INTERRUPTED:  # e.g. the engine died of the same Ctrl-C: an interruption, resumable
                 log.info("after %s: %s", self.interrupted_by, exc)
                 error = None
         finally:
             self.stop.set()  # ends the producer thread if it is still reading
+            p.metrics.generation_done()  # finishing (commits, summary, report, card) starts here
             p.metrics.close()
             try:
                 if self.shared_backend is None:
@@ -245,8 +277,11 @@ class Run:
                 break
 
     def _on_signal(self, signum, _frame) -> None:
-        if self.interrupted_by is not None:  # a second signal: abort now (a crash, and crashes are recovered)
-            raise KeyboardInterrupt
+        # A repeated SIGTERM is the same request (Slurm signals the whole job, and its script forwards
+        # one too); a second SIGINT raises Interrupted(abort=True): abort now (a crash, and crashes are
+        # recovered), reported without a traceback by the CLI.
+        if not stop_requested(signum) and self.interrupted_by is not None:
+            return
         self.interrupted_by = signal.Signals(signum).name
         if self.finishing:
             log.warning("%s received: the work is complete and saved; ending the diversity report first (seconds)",
@@ -256,18 +291,20 @@ class Run:
         self.stop.set()
 
     # ---- progress and the end --------------------------------------------------------------------
-    def state(self, complete: bool = False) -> dict:
-        """The shard's state file (`engine status` reads it)."""
+    def state(self, complete: bool = False, exit_status: int | None = None) -> dict:
+        """The shard's state file (`engine status` reads it): `output_tokens` and `totals` are the shard's over
+        every attempt, `this_process` this process's (output/totals.py); `exit_status` once it ended."""
         p = self.p
         m, sinks, total = p.metrics, p.sinks, p.reader.total_rows
-        elapsed = max(m.elapsed, 1e-9)
+        shard = shard_totals(self.before, this := this_process(m), sinks)
+        ended = {"exit_status": int(exit_status), "ended_at": time.time()} if exit_status is not None else {}
         return {"shard": p.tag, "input_rows": total, "prompts": sinks.per_prompt(),
                 "rejected": sinks.rejected_rows(), "complete": complete,
-                "output_tokens": m.completion_tokens, "elapsed_s": round(m.elapsed, 1),
-                "requests_per_s": round(m.requests_done / elapsed, 3),
+                "output_tokens": shard["output_tokens"], "elapsed_s": round(m.elapsed, 1),
+                **m.rates(),  # this process's start-up, generation, finishing seconds; rates over generation
                 "flush_seconds": self.cfg.output.flush_seconds,
-                "output_tokens_per_s": round(m.completion_tokens / elapsed, 1),
-                "model": p.setup.model_name, "backend": self.cfg.backend, "pid_host": host_pid()}
+                "model": p.setup.model_name, "backend": self.cfg.backend, "pid_host": host_pid(),
+                "totals": shard, "this_process": this, **layout.slurm_attempt(), **ended}
 
     def _on_flush(self) -> None:
         """On the writer thread after every journal flush: the state file, and now and then the card."""
@@ -282,7 +319,7 @@ class Run:
             self.finishing = True
             code, error = self._error_share(p, code, error)
             complete = code == ExitCode.OK
-            layout.write_state(p.out, p.tag, self.state(complete))
+            layout.write_state(p.out, p.tag, self.state(complete, exit_status=code))
             summary = self._summary(p, complete)
             name = "summary.json" if self.cfg.shard.count == 1 else f"summary-{p.tag}.json"
             write_atomic(p.out / name, orjson.dumps(summary, option=orjson.OPT_INDENT_2))
@@ -313,7 +350,9 @@ class Run:
                 **p.metrics.summary(), "input_warnings": p.reader.warnings,
                 # counts of the whole run (every process that worked on this shard), as `engine status` shows
                 "failed": p.sinks.failed(), "failed_this_process": p.metrics.failed,
-                "error_rows_removed": p.sinks.dropped}
+                "error_rows_removed": p.sinks.dropped,  # the shard over every attempt vs this process alone:
+                "shard_totals": shard_totals(self.before, this := this_process(p.metrics), p.sinks),
+                "this_process": this}
 
     def _report(self, p: Pipeline, summary: dict) -> None:
         if self.interrupted_by is not None:

@@ -4,9 +4,10 @@ Until a run is generating, there is nothing to finish: a signal raises `Interrup
 BaseException, like KeyboardInterrupt, so no `except Exception` swallows it) wherever the main thread
 is (argument parsing, imports, model load, backend start), the `finally` blocks close what was
 opened, and the command exits with status 3. While a run generates, `Run` replaces these handlers
-with its own graceful one (stop admitting work, commit what finished, exit 3). `reap_children`
-ends whatever child process is still alive when a command ends (an engine whose start-up was cut
-short), so that no engine process outlives us holding memory.
+with its own graceful one (stop admitting work, commit what finished, exit 3). Either way only the
+first signal counts: a repeated SIGTERM is the same request, a second SIGINT aborts (`stop_requested`).
+`reap_children` ends whatever child process is still alive when a command ends (an engine whose
+start-up was cut short), so that no engine process outlives us holding memory.
 """
 from __future__ import annotations
 
@@ -20,15 +21,41 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Interrupted(BaseException):
-    """A SIGTERM or SIGINT arrived before there was work to finish."""
+    """A SIGTERM or SIGINT arrived before there was work to finish; `abort`: a second SIGINT (Ctrl-C
+    again) that cuts the clean-up after the first one short."""
 
-    def __init__(self, signame: str):
+    def __init__(self, signame: str, abort: bool = False):
         super().__init__(f"{signame} received")
-        self.signame = signame
+        self.signame, self.abort = signame, abort
+
+
+class _Stop:
+    """The first stop request of this process. Slurm signals every process of a job (`scontrol requeue`,
+    preemption, `scancel -f`) and the task script forwards its own SIGTERM too, and `scancel -b` may
+    repeat one: a SIGTERM after the first signal is the same request (logged once, then ignored); a
+    SIGINT after it is a user pressing Ctrl-C again, which aborts."""
+    first: str | None = None
+    repeats_logged = False
+
+
+def stop_requested(signum: int) -> bool:
+    """Note a SIGTERM/SIGINT; True for the first one of the process, False for a repeated SIGTERM (the
+    same request). A SIGINT after the first signal raises Interrupted(abort=True)."""
+    name = signal.Signals(signum).name
+    if _Stop.first is None:
+        _Stop.first = name
+        return True
+    if signum == signal.SIGINT:
+        raise Interrupted(name, abort=True)
+    if not _Stop.repeats_logged:
+        _Stop.repeats_logged = True
+        log.info("%s received again: already stopping (%s); the repeat is the same request", name, _Stop.first)
+    return False
 
 
 def _raise(signum, _frame) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    if stop_requested(signum):
+        raise Interrupted(signal.Signals(signum).name)
 
 
 def raise_on_signals() -> None:

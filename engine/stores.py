@@ -29,7 +29,8 @@ LOCAL_SCHEMES = ("", "file", "local")
 TRANSIENT_CODES = {408, 412, 423, 425, 429, 500, 502, 503, 504}
 TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                     getattr(errno, "EREMOTEIO", errno.EIO)}
-TRANSIENT_TEXT = ("slowdown", "slow down", "reduce your request rate", "timeout", "timed out", "temporarily", "throttl", "connection",
+TRANSIENT_TEXT = ("slowdown", "slow down", "reduce your request rate", "timeout", "timed out", "temporarily", "throttl",
+                  "connection",
                   "reset by peer", "service unavailable", "internal error", "lfs", "precondition failed",
                   "internalerror", "requesttimeout", "too many requests")
 
@@ -112,7 +113,8 @@ def retrying(fn, what: str, give_up_after: float = 300.0, first: float = 0.5, ca
                 raise StoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
             if time.monotonic() - start + delay > give_up_after:
                 raise StoreError(f"{what}: still failing after {attempt} attempts over "
-                                 f"{time.monotonic() - start:.0f} s: {type(exc).__name__}: {exc}", gave_up=True) from exc
+                                 f"{time.monotonic() - start:.0f} s: {type(exc).__name__}: {exc}",
+                                 gave_up=True) from exc
             log.warning("%s: %s (%s); retry %d in %.1f s", what, type(exc).__name__, str(exc)[:200], attempt, delay)
             sleep(delay * (0.5 + random.random() / 2))
             delay = min(cap, delay * 2)
@@ -121,7 +123,7 @@ def retrying(fn, what: str, give_up_after: float = 300.0, first: float = 0.5, ca
 class RetryingFile(io.RawIOBase):
     """A store object read as a seekable stream of `block_size` range requests, `prefetch` blocks ahead
     on background threads (the next blocks download while this one is parsed: measured 2-4x faster
-    than fetching on demand, tools/bench_storage.py); each range request is retried on transient errors,
+    than fetching on demand, python -m engine.bench.storage); each range request is retried on transient errors,
     so a 503 in the middle of a 10 GB input file costs a retry, not the run."""
 
     def __init__(self, url: str, block_size: int = 8 << 20, prefetch: int = 2, give_up_after: float = 300.0):

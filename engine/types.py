@@ -9,6 +9,10 @@ from dataclasses import dataclass
 REJECTED = "rejected"  # the output stream of skipped input rows (beside one stream per prompt)
 # Folders of an output directory that are not prompts (so no prompt may be named so: render/prompts.py)
 ENGINE_DIRS = ("_run", "_state", "_journal", "_manifest", REJECTED, "report")
+# Finish reasons of the rows that pass the quality gate of mix/export (handoff/sources.py): the model ended
+# them. Their output tokens are the "useful" ones (an empty generation, left out too, holds no tokens
+# beyond its stop token).
+USEFUL = ("stop",)
 
 
 @dataclass(slots=True)
@@ -38,7 +42,7 @@ class Request:
 @dataclass(slots=True)
 class Completion:
     key: int
-    finish_reason: str  # stop | length | error
+    finish_reason: str  # stop | length | repetition | error
     output_ids: list[int] | None = None  # a backend returns ids or text; the writer decodes ids
     text: str | None = None
     prompt_tokens: int = 0
@@ -46,6 +50,15 @@ class Completion:
     cached_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class RepetitionStop:
+    """Stop a generation whose output ends in `min_count` back-to-back copies of one n-gram of
+    `min_pattern`..`max_pattern` tokens (vLLM's RepetitionDetectionParams; the same test on every backend)."""
+    min_pattern: int = 8
+    max_pattern: int = 32
+    min_count: int = 4
 
 
 @dataclass
@@ -58,6 +71,7 @@ class SamplingParams:
     top_k: int = 0  # 0: off (the whole vocabulary)
     min_p: float = 0.0  # 0: off
     repetition_penalty: float = 1.0  # 1: off
+    repetition_stop: RepetitionStop | None = None  # None: degenerate loops run to max_new_tokens
 
     def extra(self) -> dict:
         """The sampling knobs beyond temperature/top_p that are switched on, under the names SGLang,

@@ -110,7 +110,8 @@ def write_config(path: Path, model: str | Path, inputs: list[Path], out: Path, b
     return path
 
 
-def engine_cli(*args: str, timeout: float = 600, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+def engine_cli(*args: str, timeout: float = 600, env: dict | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
     """Run the real `engine` command line in a subprocess, as a user would."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=REPO, capture_output=True, text=True,
@@ -139,7 +140,7 @@ def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = No
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-from engine.signals import session_processes  # noqa: E402 - shared with tools/gpu_acceptance.py
+from engine.signals import session_processes  # noqa: E402 - shared with engine/bench/gpu_acceptance.py
 
 
 def reap_session(sid: int, timeout: float = 60) -> list[str]:
@@ -163,7 +164,8 @@ def free_port() -> int:
 class Watched:
     """`engine run` in its own session, its stderr read line by line on a thread."""
 
-    def __init__(self, cfg, *extra, merge: bool = False, env: dict | None = None):  # merge: stdout too (vLLM logs there)
+    def __init__(self, cfg, *extra, merge: bool = False, env: dict | None = None):
+        # merge: stdout too (vLLM logs there)
         self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge else subprocess.PIPE,
                                      text=True,

@@ -100,7 +100,8 @@ def test_every_engine_error_derives_from_one_base_with_a_status():
             if isinstance(node, ast.ClassDef) and any(
                     isinstance(b, ast.Name) and (b.id.endswith("Error") or b.id in ("Exception", "RuntimeError"))
                     for b in node.bases):
-                assert path.name == "errors.py", f"{path.relative_to(ROOT)}: exception {node.name} outside engine/errors.py"
+                assert path.name == "errors.py", \
+                    f"{path.relative_to(ROOT)}: exception {node.name} outside engine/errors.py"
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
                 raised.add(node.exc.func.id)
     for name in raised & set(errors.__all__):

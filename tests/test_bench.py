@@ -262,7 +262,8 @@ def test_classify_outcomes():
     torch_oom = ("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
                  "GPU 0 has a total capacity of 79.1 GiB")
     assert classify(1, False, torch_oom)[0] == OOM
-    assert classify(1, False, "RuntimeError: Not enough memory. Please try to increase --mem-fraction-static.")[0] == OOM
+    oom = "RuntimeError: Not enough memory. Please try to increase --mem-fraction-static."
+    assert classify(1, False, oom)[0] == OOM
     assert classify(-signal.SIGKILL, False, "loading weights")[0] == OOM
     assert classify(None, True, "")[0] == TIMEOUT
     outcome, err = classify(4, False, "x\nerror: BackendDead: sglang scheduler died\n")

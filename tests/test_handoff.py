@@ -90,7 +90,8 @@ def test_token_files_are_read_back_exactly_by_datatrove(tmp_path, bos_tokenizer,
     assert len(dataset) == len(tokens) // (seq_len + 1)
     assert np.array_equal(got, tokens[:len(got)].astype(np.int64))
     first_doc_len = int(ends[0])
-    assert windows[0]["positions"].tolist()[:min(first_doc_len, seq_len + 1)] == list(range(min(first_doc_len, seq_len + 1)))
+    first = min(first_doc_len, seq_len + 1)
+    assert windows[0]["positions"].tolist()[:first] == list(range(first))
 
     # and datatrove's own writer, given the same documents in the same order, writes the same bytes
     ref = TokenizedFile(str(tmp_path / "ref"), "000_gen.ds", tokenizer_name_or_path="tiny-tokenizer",
@@ -169,10 +170,14 @@ def test_export_nanotron_writes_folders_config_and_refuses_a_plan_it_cannot_cove
     big = engine_cli(*args)  # the default ~21 B-token plan: nanotron would crash (IndexError) hours in
     assert big.returncode == 1 and "TOO SMALL" in big.stdout and "do not cover the plan" in big.stderr
     assert "--allow-repeat" in big.stderr
+    assert not (tmp_path / "nt").exists()  # a refused export leaves nothing that looks usable
+    first = engine_cli(*args, *SMALL_PLAN)
+    assert first.returncode == 0, first.stderr
     again = engine_cli(*args, *SMALL_PLAN)
     assert again.returncode == 1 and "--overwrite" in again.stderr  # as `engine mix`: never silently replaced
     tiny = engine_cli(*args, "--allow-repeat", "--overwrite")  # not one 4,097-token sample: unreadable even so
     assert tiny.returncode == 1 and "fewer tokens than one training sample" in tiny.stderr
+    assert not any((tmp_path / "nt" / n).exists() for n in ("nanotron.yaml", "_export.json", "generated", "mix-in"))
     rep = engine_cli(*args, "--allow-repeat", "--overwrite", *SMALL_PLAN[:2], "--train-steps", "1000")
     assert rep.returncode == 0 and "REPEATED" in rep.stdout and "document masking off" in rep.stderr
     cfg = yaml.safe_load((tmp_path / "nt" / "nanotron.yaml").read_text())
@@ -323,7 +328,8 @@ TINY_TASK_DATA = {  # the hub datasets' own columns, two rows per task
                                             "choices": {"label": ["1", "2", "3"], "text": ["bread", "cat", "sea"]}}),
     "hellaswag_cf": ("validation", lambda i: {"activity_label": "cooking", "ctx_a": "[header] the bread [title] bakes",
                                               "ctx_b": "rises",
-                                              "endings": ["slowly [step] in warm rooms", "the cat", "to the sea", "a mat"],
+                                              "endings": ["slowly [step] in warm rooms", "the cat", "to the sea",
+                                                          "a mat"],
                                               "label": str(i % 4)}),
     "piqa_cf": ("validation", lambda i: {"goal": f"read a document {i}", "sol1": "rewrite it", "sol2": "the mat",
                                          "label": i % 2}),
@@ -367,7 +373,8 @@ def test_lighteval_suite_runs_and_compare_reads_its_results(tmp_path, tiny_model
     # the real lighteval loads the tasks file: every task is found and builds its documents
     probe = subprocess.run([str(EVAL_PYTHON), "-c", f"""
 from lighteval.tasks.registry import Registry
-r = Registry(tasks={str(tmp_path / 'suite' / 'tasks.txt')!r}, custom_tasks={str(tmp_path / 'suite' / 'early_signal_tasks.py')!r})
+r = Registry(tasks={str(tmp_path / 'suite' / 'tasks.txt')!r},
+             custom_tasks={str(tmp_path / 'suite' / 'early_signal_tasks.py')!r})
 tasks = r.load_tasks()
 for name, task in sorted(tasks.items()):
     docs = task.get_docs(2)
@@ -385,7 +392,8 @@ for name, task in sorted(tasks.items()):
     results = []
     for seed in (0, 1):
         model = _tiny_model_for_eval_env(make_tiny_model(tmp_path / f"raw{seed}", seed=seed), tmp_path / f"m{seed}")
-        printed = next(ln.strip() for ln in exported.stdout.splitlines() if ln.strip().startswith("lighteval accelerate"))
+        printed = next(ln.strip() for ln in exported.stdout.splitlines()
+                       if ln.strip().startswith("lighteval accelerate"))
         cmd = printed.replace("CKPT", str(model))
         cmd = cmd.replace(str(tmp_path / "suite" / "results"), str(tmp_path / f"results{seed}"))
         cmd = cmd.replace(",dtype=bfloat16", "")  # float32 on this CPU
@@ -457,7 +465,8 @@ import importlib.util, json
 spec = importlib.util.spec_from_file_location("t", {str(REPO / 'engine' / 'handoff' / 'early_signal_tasks.py')!r})
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 print(json.dumps({{c.name: [c.hf_repo, c.hf_subset, c.hf_revision, c.evaluation_splits] for c in m.TASKS_TABLE}}))
-"""], capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "EARLY_SIGNAL_DATA"})
+"""], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "EARLY_SIGNAL_DATA"})
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 

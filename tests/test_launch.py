@@ -1,4 +1,5 @@
 """Scale-out: Slurm job-array scripts (checked, and their task body run locally) and Ray shards."""
+import json
 import os
 import subprocess
 import threading
@@ -6,6 +7,8 @@ import threading
 import pytest
 from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
+
+from engine.errors import RESUMABLE
 
 PROMPTS = ("faq", "math")
 
@@ -19,13 +22,71 @@ def test_slurm_script_directives_and_dry_run(tmp_path, tiny_model):
     script = p.stdout
     directives = {line.split(None, 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")}
     for directive in ("--array=0-7%3", "--partition=gpu", "--account=proj", "--qos=high", "--time=04:00:00",
-                      "--gres=gpu:1", "--signal=B:TERM@300", "--requeue", "--mem=64G"):
+                      "--gres=gpu:1", "--signal=B:TERM@300", "--requeue", "--open-mode=append", "--mem=64G"):
         assert directive in directives, directive
     assert any(d.startswith("--output=") and d.endswith("/_logs/%A_%a.out") for d in directives)
     assert '--shard "${SLURM_ARRAY_TASK_ID}/8"' in script and "scontrol requeue" in script
     (tmp_path / "s.sh").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "s.sh")]).returncode == 0
     assert not (tmp_path / "out" / "_run").exists()  # a dry run writes nothing
+
+
+def test_slurm_gpus_per_shard_takes_whole_numbers(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))],
+                       tmp_path / "out")
+    cpu = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "0", "--dry-run", check=True)
+    assert "--gres" not in cpu.stdout  # a partition without GPUs refuses any gres request
+    two = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "2", "--dry-run", check=True)
+    assert "#SBATCH --gres=gpu:2\n" in two.stdout
+    for bad in ("0.5", "1.5", "-1"):
+        p = engine_cli("launch", "slurm", str(cfg), "--shards", "2", f"--gpus-per-shard={bad}", "--dry-run")
+        assert p.returncode == 2 and "whole number of GPUs" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert "#!/bin/bash" not in p.stdout
+
+
+def test_slurm_warns_when_the_time_limit_leaves_less_than_the_measured_startup(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))], out)
+    engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    (out / "_state").mkdir(parents=True)
+    assert "start-up" not in engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "10",
+                                        "--signal-seconds", "300", check=True).stderr  # nothing measured yet
+    state = {"shard": "s00000-of-00002", "complete": False, "prompts": {}, "startup_s": 500.0}
+    (out / "_state" / "s00000-of-00002.json").write_text(json.dumps(state))
+    short = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "10", "--signal-seconds", "60",
+                       check=True)  # 600 s - 60 s - 60 s (Slurm may signal early) < 500 s: no progress ever
+    assert "less than the 500 s start-up" in short.stderr, short.stderr
+    fine = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "1:00:00", check=True)
+    assert "start-up" not in fine.stderr, fine.stderr
+    none = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "5", check=True)  # 300 s <= 300 s
+    assert "leaves no time" in none.stderr, none.stderr
+
+
+@pytest.mark.parametrize("code", sorted({0, 1, 2, 5, *(int(c) for c in RESUMABLE)}))
+def test_slurm_task_requeues_on_every_resumable_status(tmp_path, tiny_model, code):
+    """The task body with the engine replaced by a process that exits `code`, and a recording `scontrol`:
+    requeued exactly for the statuses in engine.errors.RESUMABLE, and the status is the script's own."""
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(4))],
+                       tmp_path / "out")
+    script = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--dry-run", check=True).stdout
+    body = [line for line in script.splitlines() if line.endswith('/2" &')]
+    assert len(body) == 1, script
+    (tmp_path / "s.sh").write_text(script.replace(body[0], f"sh -c 'exit {code}' &"))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.calls\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1",
+           "SLURM_ARRAY_JOB_ID": "4242", "SLURM_JOB_ID": "4243", "SLURM_RESTART_COUNT": "2"}
+    proc = subprocess.run(["bash", str(tmp_path / "s.sh")], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines() if (tmp_path / "scontrol.calls").exists() else []
+    assert calls == (["requeue 4242_1"] if code in RESUMABLE else []), calls
+    for text in (proc.stdout, proc.stderr):  # a first and a last line per attempt, in both logs
+        lines = text.strip().splitlines()
+        assert lines[0].startswith("=== start shard 1/2: job 4243 (array task 4242_1), SLURM_RESTART_COUNT=2"), text
+        assert lines[-1].startswith("=== end shard 1/2") and f": exit {code}" in lines[-1], text
+        assert ("(resumable: requeued)" in lines[-1]) == (code in RESUMABLE), lines[-1]
 
 
 def test_slurm_task_body_runs_shards_and_relaunch_skips_complete(tmp_path, tiny_model):

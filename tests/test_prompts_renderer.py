@@ -42,7 +42,8 @@ def test_user_prompt_files_are_validated(tmp_path):
     with pytest.raises(PromptError, match="must come last"):
         load_prompt_file(bad)
     twice = tmp_path / "twice.toml"
-    twice.write_text('name = "t"\norigin = "m"\nintent = "t"\nmax_new_tokens = 5\ntemplate = "a {document} {document}"\n')
+    twice.write_text('name = "t"\norigin = "m"\nintent = "t"\nmax_new_tokens = 5\n'
+                     'template = "a {document} {document}"\n')
     with pytest.raises(PromptError, match="exactly once"):
         load_prompt_file(twice)
     with pytest.raises(PromptError, match="unknown prompt"):

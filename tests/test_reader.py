@@ -55,7 +55,8 @@ def test_bad_rows_are_skipped_and_recorded(tmp_path):
         b'{"id": "f", "text": "bad \xff\xfe utf8"}',
         b'[1, 2, 3]',
         b'{"id": "g", "text": "' + b"x" * 200 + b'"}',
-        b'{"id": "h", "text": "control \\u0001 chars and emoji \xf0\x9f\x98\x80 and rtl \xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d"}',
+        b'{"id": "h", "text": "control \\u0001 chars and emoji \xf0\x9f\x98\x80 and rtl '
+        b'\xd7\xa9\xd7\x9c\xd7\x95\xd7\x9d"}',
         b'{"text": "no id here"}',
     ]
     path.write_bytes(b"\n".join(lines) + b"\n")

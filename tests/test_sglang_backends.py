@@ -215,7 +215,8 @@ def test_sglang_failing_at_start_is_4_for_a_dead_process_and_2_for_a_refused_arg
     p = engine_cli("run", str(cfg), env=double_env(tmp_path, SGLANG_DOUBLE_FAIL_LOAD="1"))
     assert p.returncode == 4, p.stderr[-3000:]  # was: SIGKILLed by SGLang's launch-phase SIGQUIT handler
     assert "an SGLang process died while the engine started" in p.stderr
-    p = engine_cli("run", str(cfg), "--set", "sglang.server_args.schedule_conservativeness=-1", env=double_env(tmp_path))
+    p = engine_cli("run", str(cfg), "--set", "sglang.server_args.schedule_conservativeness=-1",
+                   env=double_env(tmp_path))
     assert p.returncode == 2 and "SGLang refused to start" in p.stderr, p.stderr[-3000:]
 
 
@@ -246,7 +247,8 @@ def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, 
     from engine.types import Request
 
     model = Path(shutil.copytree(tiny_model, tmp_path / "model"))
-    gen = json.loads((model / "generation_config.json").read_text()) if (model / "generation_config.json").exists() else {}
+    gen_file = model / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.exists() else {}
     gen.update({"do_sample": True, "temperature": 0.6, "top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1})
     (model / "generation_config.json").write_text(json.dumps(gen))
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(4))
@@ -417,8 +419,7 @@ def test_server_dying_mid_run_then_resume(tmp_path, tiny_model):
 @pytest.mark.gpu
 @pytest.mark.sglang
 def test_gpu_smoke():
-    sys.path.insert(0, str(REPO / "tools"))
-    import gpu_smoke
+    from engine.bench import gpu_smoke
 
     why = gpu_smoke.available()
     if why:
@@ -484,18 +485,20 @@ def test_server_args_sglang_would_ignore_are_flagged_or_fixed(caplog):
     assert not caplog.text
     ngram = {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 8}
     assert guard_server_args(ngram, 512)["speculative_ngram_max_bfs_breadth"] == 8  # else num_steps = 8 // 10 = 0
-    assert "speculative_ngram_max_bfs_breadth" not in guard_server_args({**ngram, "speculative_num_draft_tokens": 12}, 1)
+    more = {**ngram, "speculative_num_draft_tokens": 12}
+    assert "speculative_ngram_max_bfs_breadth" not in guard_server_args(more, 1)
     for cfg_path in ("tier1.toml", "tier2.toml", "prod_smollm2_1.7b_h100.toml"):
         assert load_config(REPO / "runs" / cfg_path).sglang.server_args["schedule_policy"] == "fcfs"
 
 
 def test_gpu_acceptance_script_runs_every_item_against_the_double(tmp_path, tiny_model):
-    """tools/gpu_acceptance.py is the first thing run on a GPU machine: here each of its items runs
+    """engine/bench/gpu_acceptance.py is the first thing run on a GPU machine: here each of its items runs
     against the SGLang double, so the script itself works before a GPU ever sees it."""
     env = {**os.environ, **double_env(tmp_path, SGLANG_DOUBLE_DELAY_S="0.3", SGLANG_DOUBLE_MAX_RUNNING="2"),
            "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "tools/gpu_acceptance.py", "--no-gpu-check", "--model", str(tiny_model),
-                        "--docs", "6"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-m", "engine.bench.gpu_acceptance", "--no-gpu-check",
+                        "--model", str(tiny_model), "--docs", "6"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     lines = p.stdout.splitlines()
     for item in ("2/5 end to end", "4 our logging", "7 stops", "9 full-budget", "11 top_k", "13 NGRAM",

@@ -1,4 +1,4 @@
-"""Object stores through the CLI, against a real S3 API on loopback (moto's S3 service, tests/s3_server.py,
+"""Object stores through the CLI, against a real S3 API on loopback (moto's S3 service, engine/bench/s3_server.py,
 through s3fs exactly as on AWS): inputs read from the store, outputs mirrored to it, kill -9 and a
 resume on "another machine" (a fresh staging directory), injected 503s, a store that is down at
 the end; and the Hub's client (huggingface_hub's HfFileSystem) as far as it goes offline."""
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import REPO, Watched, engine_cli, free_port, reap_session, sample_docs, wait_for, write_config
+from conftest import Watched, engine_cli, free_port, reap_session, sample_docs, wait_for, write_config
 
 BUCKET = "synth"
 
@@ -24,7 +24,7 @@ BUCKET = "synth"
 @pytest.fixture(scope="module")
 def s3():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "s3_server.py"), str(port)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "engine.bench.s3_server", str(port)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # the server's readiness line
     assert line.startswith("READY"), line
@@ -210,7 +210,7 @@ def test_overwrite_clears_the_store_copy(tmp_path, tiny_model, s3):
     cli(s3, "run", str(cfg), check=True)
     changed = cli(s3, "run", str(cfg), "--set", "sampling.max_new_tokens=8",
                   "--set", f"output.staging_dir='{tmp_path / 'st2'}'")
-    assert changed.returncode == 1 and "different run configuration" in changed.stderr  # the store's fingerprint
+    assert changed.returncode == 2 and "different run configuration" in changed.stderr  # the store's fingerprint
     cli(s3, "run", str(cfg), "--set", "sampling.max_new_tokens=8", "--overwrite", check=True)
     assert sorted(remote_ids(s3, f"{BUCKET}/ow")) == sorted(d["id"] for d in docs)
 

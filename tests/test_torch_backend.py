@@ -38,7 +38,8 @@ def run_backend(model_dir, reqs, **kw):
     return got
 
 
-@pytest.mark.parametrize("batch_size,prefix_cache,refill", [(4, True, 0.5), (4, False, 0.5), (3, True, 1.0), (1, True, 0.5)])
+@pytest.mark.parametrize("batch_size,prefix_cache,refill",
+                         [(4, True, 0.5), (4, False, 0.5), (3, True, 1.0), (1, True, 0.5)])
 def test_matches_generate_token_for_token(tiny_model, batch_size, prefix_cache, refill):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     reqs = make_requests(tok, 7, 8)
@@ -104,7 +105,9 @@ def test_nucleus_sampling_keeps_only_the_top_mass():
 def test_top_k_min_p_and_repetition_penalty_as_transformers_applies_them():
     g = torch.Generator().manual_seed(0)
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04] + [0.0] * 400]) + 1e-12)
-    draw = lambda s, n=400: {int(sample(logits, s, g)) for _ in range(n)}
+    def draw(s, n=400):
+        return {int(sample(logits, s, g)) for _ in range(n)}
+
     assert draw(SamplingParams(1.0, 1.0, None, top_k=2)) == {0, 1}
     # top-p within the renormalised top 3 (0.4/0.9, 0.3/0.9 reach 0.7): two tokens, not three
     assert draw(SamplingParams(1.0, 0.7, None, top_k=3)) == {0, 1}

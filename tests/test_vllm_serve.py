@@ -35,7 +35,7 @@ def test_run_against_vllm_serve_uses_its_model_and_reports_cached_tokens(tmp_pat
     assert "http.model: smollm2" in p.stderr  # asked from /v1/models, not a guessed "default"
     rows = pq.read_table(out / "faq").to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(ids)
-    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length", "repetition"}  # [repetition] is on
     assert all(0 < r["completion_tokens"] <= 32 and r["prompt_tokens"] > 100 for r in rows)
     assert sum(r["cached_tokens"] > 0 for r in rows) > len(rows) // 2  # --enable-prompt-tokens-details
     # No per-request seed was sent (sampling.seed unset): the CPU engine is still alive.

@@ -53,7 +53,7 @@ def make_backend(cfg: RunConfig, setup: ModelSetup) -> Backend:
         from engine.backends.sglang_http import SGLangHTTPBackend
         h = cfg.http
         return SGLangHTTPBackend(h.urls, h.api, sampling, cfg.scheduler.max_in_flight, h.timeout_s, h.retries,
-                                 h.backoff_s, h.dead_after, h.model, h.connections)
+                                 h.backoff_s, h.dead_after, h.model, h.connections, eos_ids=list(eos_ids))
     raise ConfigError(f"backend: unknown backend {cfg.backend!r}")
 
 

@@ -33,7 +33,8 @@ class InstantBackend:
 
     def _complete(self, r: Request) -> Completion:
         if self.fail_rate and self.rng.random() < self.fail_rate:
-            return Completion(r.key, "error", prompt_tokens=len(r.input_ids), error="injected failure (instant.fail_rate)")
+            return Completion(r.key, "error", prompt_tokens=len(r.input_ids),
+                              error="injected failure (instant.fail_rate)")
         self.completed += 1
         if self.die_after and self.completed > self.die_after:
             raise BackendDead(f"injected: the backend died after {self.die_after} completions (instant.die_after)")

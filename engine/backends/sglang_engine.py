@@ -22,7 +22,10 @@ sampling parameter name against that release's source, and run the backend again
   tokens free); with `skip_tokenizer_init` it stops only on the config files' EOS, so we send the
   same stop ids the torch backend uses;
 - only the async API is used, from the one loop thread: a synchronous call (`generate`,
-  `flush_cache`, ...) binds SGLang's handle loop to `Engine.loop` and later requests hang.
+  `flush_cache`, ...) binds SGLang's handle loop to `Engine.loop` and later requests hang;
+- the repetition stop (`[repetition]`): 0.5.23 has no detector; our custom logit processor
+  (shared.repetition_processor, with `enable_custom_logit_processor` set) forces the stop token once
+  the output ends in a loop, and shared.completion_from relabels that stop "repetition" from the ids.
 
 `Engine.shutdown()` kills every child process of the caller: the engine's helpers are threads, and
 nothing else is spawned.
@@ -33,7 +36,7 @@ import logging
 import threading
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import completion_from, sampling_params
+from engine.backends.shared import completion_from, repetition_processor, sampling_params, sglang_repetition_stop
 from engine.errors import BackendDead
 from engine.types import Completion, Request, SamplingParams
 
@@ -59,10 +62,14 @@ class SGLangEngineBackend(AsyncWindowBackend):
         self.stop_ids = sorted(stop_ids or [])  # EOS of generation_config.json and the tokenizer (see module doc)
         self.engine_factory = engine_factory
         self.engine = None
+        # The repetition stop: a custom logit processor that forces the stop token once the output ends
+        # in a loop (0.5.23 has no detector of its own; the server must allow custom processors).
+        self.processor = repetition_processor() if sglang_repetition_stop(sampling, self.stop_ids) else None
 
     def engine_kwargs(self) -> dict:
         return {"model_path": self.model_path, "skip_tokenizer_init": True, "log_level": "warning",
-                "custom_sigquit_handler": on_child_died, **self.server_args}
+                "custom_sigquit_handler": on_child_died,
+                **({"enable_custom_logit_processor": True} if self.processor else {}), **self.server_args}
 
     def start(self) -> None:
         # Built on the main thread (the runner's): there SGLang installs our SIGQUIT handler, and the
@@ -79,7 +86,8 @@ class SGLangEngineBackend(AsyncWindowBackend):
                                   f"on a GPU machine ({exc})") from exc
             factory = sglang.Engine
         kwargs = self.engine_kwargs()
-        log.info("starting sglang.Engine(%s)", ", ".join(f"{k}={getattr(v, '__name__', v)!r}" for k, v in kwargs.items()))
+        log.info("starting sglang.Engine(%s)",
+                 ", ".join(f"{k}={getattr(v, '__name__', v)!r}" for k, v in kwargs.items()))
         _CHILD_DIED.clear()
         root = logging.getLogger()
         handlers, level = list(root.handlers), root.level
@@ -109,8 +117,9 @@ class SGLangEngineBackend(AsyncWindowBackend):
 
     async def agenerate(self, req: Request) -> Completion:
         out = await self.engine.async_generate(input_ids=req.input_ids,
-                                               sampling_params=sampling_params(req, self.sampling, self.stop_ids))
-        return completion_from(req, out)
+                                               sampling_params=sampling_params(req, self.sampling, self.stop_ids),
+                                               **({"custom_logit_processor": self.processor} if self.processor else {}))
+        return completion_from(req, out, self.sampling.repetition_stop)
 
     def close(self) -> None:
         try:

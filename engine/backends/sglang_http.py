@@ -32,7 +32,14 @@ import logging
 import time
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import completion_from, sampling_params
+from engine.backends.shared import (
+    completion_from,
+    cut_loop,
+    repetition_params,
+    repetition_processor,
+    sampling_params,
+    sglang_repetition_stop,
+)
 from engine.errors import BackendDead, ProbeError
 from engine.types import Completion, Request, SamplingParams
 
@@ -48,7 +55,7 @@ class SGLangHTTPBackend(AsyncWindowBackend):
 
     def __init__(self, urls: list[str], api: str, sampling: SamplingParams, max_in_flight: int,
                  timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, dead_after: float = 60.0,
-                 model: str = "", connections: int = 0):
+                 model: str = "", connections: int = 0, eos_ids: list[int] | None = None):
         super().__init__(max_in_flight)
         if api not in ("native", "openai"):
             raise ValueError(f"http.api must be 'native' or 'openai', not {api!r}")
@@ -63,6 +70,12 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         self.failing_since: float | None = None  # first backend failure since the last success
         self.last_success = 0.0
         self.client = None
+        # The repetition stop. native: SGLang's custom logit processor (the server needs
+        # --enable-custom-logit-processor; the probe says so); openai: vLLM's `repetition_detection`
+        # request field (`vllm serve`; SGLang's OpenAI routes ignore it).
+        self.eos_ids = sorted(eos_ids or [])
+        self.processor = (repetition_processor() if api == "native" and sglang_repetition_stop(sampling, self.eos_ids)
+                          else None)
 
     async def astart(self) -> None:
         import httpx
@@ -106,6 +119,10 @@ class SGLangHTTPBackend(AsyncWindowBackend):
                 other = "openai" if self.api == "native" else "native"
                 raise ProbeError(f"{url}{path}: HTTP {resp.status_code}: this server does not speak http.api = "
                                  f"{self.api!r} (try http.api = {other!r}): {resp.text[:200]}")
+            if resp.status_code == 400 and self.processor and "custom logit processor" in resp.text:
+                raise ProbeError(f"{url}{path}: the server does not allow custom logit processors, which the "
+                                 f"repetition stop uses: start it with --enable-custom-logit-processor, or set "
+                                 f"repetition.enabled = false: {resp.text[:200]}")
             if resp.status_code in (401, 403):
                 raise ProbeError(f"{url}{path}: HTTP {resp.status_code} ({FATAL_STATUS[resp.status_code]}): "
                                  f"the server wants credentials: {resp.text[:200]}")
@@ -124,17 +141,25 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         params = sampling_params(req, self.sampling)
         if probe:
             params.pop("sampling_seed", None)  # the probe never risks a server that dies on seeds
+        rs = self.sampling.repetition_stop
         if self.api == "native":
-            return "/generate", {"input_ids": req.input_ids, "sampling_params": params}
+            if self.processor:
+                params["custom_params"] = repetition_params(rs, self.eos_ids)
+            return "/generate", {"input_ids": req.input_ids, "sampling_params": params,
+                                 **({"custom_logit_processor": self.processor} if self.processor else {})}
         return "/v1/completions", {"model": self.model, "prompt": req.input_ids, "max_tokens": req.max_new_tokens,
                                    "temperature": params["temperature"], "top_p": params["top_p"],
                                    **self.sampling.extra(),
                                    **({"seed": params["sampling_seed"]} if "sampling_seed" in params else {}),
-                                   **({"ignore_eos": True} if self.sampling.ignore_eos else {})}
+                                   **({"ignore_eos": True} if self.sampling.ignore_eos else {}),
+                                   **({"repetition_detection": {"max_pattern_size": rs.max_pattern,
+                                                                "min_pattern_size": rs.min_pattern,
+                                                                "min_count": rs.min_count},
+                                       "return_token_ids": True} if rs is not None else {})}
 
     def _parse(self, req: Request, data: dict) -> Completion:
         if self.api == "native":
-            return completion_from(req, data)
+            return completion_from(req, data, self.sampling.repetition_stop if self.processor else None)
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
@@ -142,7 +167,10 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         if reason == "abort":  # SGLang's OpenAI route reports a retracted/aborted request this way: not a success
             return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
                               error=f"aborted by the server: {choice.get('text', '')[:200]}")
-        return Completion(req.key, "length" if reason == "length" else "stop", text=choice.get("text", ""),
+        finish = {"length": "length", "repetition": "repetition"}.get(reason, "stop")
+        ids = choice.get("token_ids") if finish == "repetition" else None  # vLLM's, with return_token_ids
+        kept = cut_loop(list(ids), self.sampling.repetition_stop) if ids else None
+        return Completion(req.key, finish, text=None if kept is not None else choice.get("text", ""), output_ids=kept,
                           prompt_tokens=int(usage.get("prompt_tokens", len(req.input_ids))),
                           completion_tokens=int(usage.get("completion_tokens", 0)), cached_tokens=int(cached))
 

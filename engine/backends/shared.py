@@ -1,6 +1,8 @@
 """What several backends share (no backend imports another): SGLang's request and response format (the
-`sglang` engine and the native HTTP API speak it), per-request seeds, the context reserve, and what a
-backend needs to know about the machine (bf16 support, GPU memories, a model's size).
+`sglang` engine and the native HTTP API speak it), per-request seeds, the context reserve, the
+repetition stop (vLLM's loop test, the row cut at the loop, its vectorised form for the torch decode
+loop, SGLang's custom logit processor), and what a backend needs to know about the machine (bf16
+support, GPU memories, a model's size).
 """
 from __future__ import annotations
 
@@ -10,14 +12,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from engine.types import Completion, Request, SamplingParams
+from engine.types import Completion, RepetitionStop, Request, SamplingParams
 
 # SGLang caps max_new_tokens at max_req_len - input - 1 with max_req_len = context - 1
 # (scheduler.py:2709, tp_worker.py:568): a request at the full budget gets 2 tokens fewer.
 CONTEXT_RESERVE = 2
 # Sampling parameter names sampling_params() sends (checked against sglang's SamplingParams in tests).
 SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "sampling_seed",
-                 "ignore_eos", "stop_token_ids")
+                 "ignore_eos", "stop_token_ids", "custom_params")
 
 
 def sampling_params(req: Request, sampling: SamplingParams, stop_ids: list[int] | None = None) -> dict:
@@ -25,7 +27,103 @@ def sampling_params(req: Request, sampling: SamplingParams, stop_ids: list[int] 
     return {**({"stop_token_ids": stop_ids} if stop_ids else {}), "max_new_tokens": req.max_new_tokens,
             "temperature": sampling.temperature, "top_p": sampling.top_p, **sampling.extra(),
             **({"sampling_seed": request_seed(sampling.seed, req.key)} if sampling.seed is not None else {}),
-            **({"ignore_eos": True} if sampling.ignore_eos else {})}
+            **({"ignore_eos": True} if sampling.ignore_eos else {}),
+            **({"custom_params": repetition_params(sampling.repetition_stop, stop_ids)}
+               if sglang_repetition_stop(sampling, stop_ids) else {})}
+
+
+def sglang_repetition_stop(sampling: SamplingParams, stop_ids: list[int] | None) -> bool:
+    """Whether SGLang requests carry the repetition stop (it ends a request by forcing a stop token:
+    not with ignore_eos, nor without a stop id to force)."""
+    return sampling is not None and sampling.repetition_stop is not None and not sampling.ignore_eos \
+        and bool(stop_ids)
+
+
+def repetition_params(rs: RepetitionStop, stop_ids: list[int]) -> dict:
+    return {"min_pattern": rs.min_pattern, "max_pattern": rs.max_pattern, "min_count": rs.min_count,
+            "stop_id": min(stop_ids)}
+
+
+def _repetition_processor_call(self, logits, custom_param_list=None):
+    """SGLang 0.5.23 custom logit processor (`sampling/custom_logit_processor.py`): called by the sampler
+    on the next token's logits of the rows that carry it, with each row's `custom_params` plus SGLang's
+    `__req__` (its Req: `output_ids` so far, `schedule_batch.py:1148`). A row whose output ends in a
+    loop gets only its stop token left, so the engine ends it at once (finish_reason stop, matched)."""
+    for i, p in enumerate(custom_param_list or []):
+        req = (p or {}).get("__req__")
+        if req is None:
+            continue
+        ids, count = list(req.output_ids[-p["max_pattern"] * p["min_count"]:]), p["min_count"]
+        for n in range(p["min_pattern"], p["max_pattern"] + 1):
+            if n * count > len(ids):
+                break
+            tail = ids[-n * count:]
+            if tail[n:] == tail[:-n]:
+                logits[i, :] = float("-inf")
+                logits[i, p["stop_id"]] = 0.0
+                break
+    return logits
+
+
+def repetition_processor() -> str:
+    """The processor, serialised as SGLang's `CustomLogitProcessor.to_str()` does (dill, hex, JSON), by
+    value (a class of `__main__`), so a server without this package installed can load it."""
+    import builtins
+    import types
+
+    import dill
+
+    f = _repetition_processor_call  # a copy that belongs to no module: dill pickles it by value
+    call = types.FunctionType(f.__code__, {"__builtins__": builtins}, "__call__")
+    call.__module__ = "__main__"
+    cls = type("RepetitionStopProcessor", (), {"__call__": call, "__module__": "__main__"})
+    return json.dumps({"callable": dill.dumps(cls, recurse=True).hex()})
+
+
+def loop_period(ids: list[int], rs: RepetitionStop) -> int:
+    """The smallest n-gram size in min_pattern..max_pattern whose `min_count` copies end `ids`, else 0
+    (vLLM's check_sequence_repetition, v1/core/sched/utils.py: the same test on every backend)."""
+    for n in range(rs.min_pattern, rs.max_pattern + 1):
+        span = n * rs.min_count
+        if span > len(ids):
+            return 0
+        tail = ids[-span:]
+        if tail[n:] == tail[:-n]:
+            return n
+    return 0
+
+
+def loop_cut(ids: list[int], period: int, count: int = 2) -> int:
+    """How many of `ids` a row stopped for repetition keeps: up to where the loop starts (the periodic
+    tail followed back as far as it goes), and the repeated n-gram once (at its smallest period: a
+    3-token loop found as 9 tokens keeps 3); its repetitions are cut."""
+    tail = ids[-period * count:]
+    period = next(p for p in range(1, period + 1) if period % p == 0 and tail[p:] == tail[:-p])
+    start = len(ids) - period
+    while start > 0 and ids[start - 1] == ids[start - 1 + period]:
+        start -= 1
+    return start + period
+
+
+def cut_loop(ids: list[int], rs: RepetitionStop | None) -> list[int] | None:
+    """`ids` kept up to their loop when they end in one (None when they do not)."""
+    period = loop_period(ids, rs) if rs is not None else 0
+    return ids[:loop_cut(ids, period)] if period else None
+
+
+def tail_loops(outs: list[list[int]], rs: RepetitionStop):
+    """Which rows end in a loop now, vectorised over the last max_pattern x min_count tokens of each (a
+    decode loop calls it every few steps: the cost does not grow with the history). A bool tensor."""
+    import torch
+
+    width = rs.max_pattern * rs.min_count
+    # rows shorter than the window are padded with distinct negative ids, which repeat nothing
+    tail = torch.tensor([[-1 - i for i in range(width - len(o[-width:]))] + o[-width:] for o in outs])
+    hit = torch.zeros(len(outs), dtype=torch.bool)
+    for n in range(rs.min_pattern, rs.max_pattern + 1):
+        span = n * rs.min_count
+        hit |= (tail[:, width - span + n:] == tail[:, width - span: width - n]).all(dim=1)
+    return hit
 
 
 def request_seed(seed: int, key: int) -> int:
@@ -33,8 +131,9 @@ def request_seed(seed: int, key: int) -> int:
     return (seed * 1_000_003 + key) % (2 ** 31)
 
 
-def completion_from(req: Request, out: dict) -> Completion:
-    """A completion from SGLang's response dict (engine and native HTTP `/generate` alike)."""
+def completion_from(req: Request, out: dict, rs: RepetitionStop | None = None) -> Completion:
+    """A completion from SGLang's response dict (engine and native HTTP `/generate` alike). With the
+    repetition stop on, a stop whose output before the stop token ends in a loop is a "repetition"."""
     meta = out.get("meta_info", {})
     reason = meta.get("finish_reason") or {}
     kind = reason.get("type") if isinstance(reason, dict) else str(reason)
@@ -43,9 +142,13 @@ def completion_from(req: Request, out: dict) -> Completion:
         return Completion(req.key, "error", prompt_tokens=len(req.input_ids), error=f"aborted by SGLang: {msg}")
     ids = out.get("output_ids")
     text = out.get("text") if ids is None else None
-    return Completion(req.key, "length" if kind == "length" else "stop", output_ids=ids, text=text,
+    finish, generated = "length" if kind == "length" else "stop", int(meta.get("completion_tokens", len(ids or [])))
+    kept = cut_loop(ids[:-1], rs) if finish == "stop" and rs is not None and ids else None
+    if kept is not None:  # stopped by repetition_processor: kept up to the loop, every generated token counted
+        finish, ids = "repetition", kept
+    return Completion(req.key, finish, output_ids=ids, text=text,
                       prompt_tokens=int(meta.get("prompt_tokens", len(req.input_ids))),
-                      completion_tokens=int(meta.get("completion_tokens", len(ids or []))),
+                      completion_tokens=generated,
                       cached_tokens=int(meta.get("cached_tokens", 0)),
                       latency_s=float(meta.get("e2e_latency", 0.0)))
 

@@ -28,10 +28,13 @@ from itertools import islice
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from engine.backends.shared import cpu_has_bf16
+from engine.backends.shared import cpu_has_bf16, loop_cut, loop_period, tail_loops
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
+# Decode steps between two repetition checks: a loop runs on, so one found up to 3 tokens late costs
+# 3 tokens, while checking the last window of every row is one vectorised comparison per n-gram size.
+REPETITION_CHECK_EVERY = 4
 
 
 class _Layer(DynamicLayer):
@@ -78,6 +81,7 @@ class _Rows:
     started: list[float]
     cached: list[int]
     alive: list[bool] = field(default_factory=list)
+    looping: set[int] = field(default_factory=set)  # rows whose output ends in a loop (repetition stop)
 
     def __post_init__(self) -> None:
         if not self.alive:
@@ -201,6 +205,7 @@ class TorchBackend:
     name: str = "torch"
     model: object = None
     _prefix_kv: dict = field(default_factory=dict)  # prompt name -> per-layer (keys, values) of its prefix
+    _steps: int = 0
 
     def start(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -261,7 +266,7 @@ class TorchBackend:
             layers = self._empty_layers(1, plen)
             ids = torch.tensor([req.input_ids[:plen]], device=self.device)
             self._forward(ids, torch.ones_like(ids), torch.arange(plen, device=self.device)[None], layers)
-            self._prefix_kv[req.prompt] = [(l.keys, l.values) for l in layers]
+            self._prefix_kv[req.prompt] = [(layer.keys, layer.values) for layer in layers]
         return self._prefix_kv[req.prompt]
 
     @torch.inference_mode()
@@ -304,6 +309,10 @@ class TorchBackend:
             if alive:
                 out.append(t)
         rows.pos, rows.last = rows.pos + 1, nxt
+        rs = self.sampling.repetition_stop
+        self._steps += 1
+        if rs is not None and self._steps % REPETITION_CHECK_EVERY == 0:
+            rows.looping = {i for i in tail_loops(rows.outs, rs).nonzero().flatten().tolist() if rows.alive[i]}
         return rows
 
     def _finish(self, rows: _Rows) -> list[Completion]:
@@ -315,6 +324,8 @@ class TorchBackend:
                 continue
             if out[-1] in self.eos_ids and not self.sampling.ignore_eos:
                 reason, ids = "stop", out[:-1]
+            elif i in rows.looping:  # kept up to the loop; every generated token counted
+                reason, ids = "repetition", out[:loop_cut(out, loop_period(out, self.sampling.repetition_stop))]
             elif len(out) >= req.max_new_tokens:
                 reason, ids = "length", out
             else:

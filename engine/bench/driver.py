@@ -104,16 +104,23 @@ def metrics(result: dict, gpu_hour_usd: float) -> dict:
     out_tps = s["output_tokens"] / wall
     per_gpu = out_tps / gpus
     gpu_hours = 1e9 / per_gpu / 3600 if per_gpu > 0 else None
+    # useful: output tokens of rows that pass the quality gate (finished by the model, not empty, no loop)
+    useful_gpu = s.get("useful_output_tokens", 0) / wall / gpus
     done = s["requests_generated"]  # one request per (document, prompt)
     docs = done / max(len(s.get("prompts") or [None]), 1)
     return {
         "output_tok_s_gpu": round(per_gpu, 1), "output_tok_s": round(out_tps, 1),
         "input_tok_s": round(s["input_tokens"] / wall, 1), "docs_s": round(docs / wall, 3),
         "gpu_hours_per_b": _sig(gpu_hours) if gpu_hours else None,
+        "useful_tok_s_gpu": round(useful_gpu, 1),
+        "useful_gpu_hours_per_b": _sig(1e9 / useful_gpu / 3600) if useful_gpu > 0 else None,
+        "useful_share": round(s.get("useful_output_tokens", 0) / s["output_tokens"], 4) if s["output_tokens"] else 0.0,
+        "repetition_stopped": s.get("repetition_stopped", 0), "output_truncated": s.get("output_truncated", 0),
         "cost_per_b_usd": _sig(gpu_hours * gpu_hour_usd) if gpu_hours else None,
         "prefix_cache_hit": s["prefix_cache_hit_rate"],
         "mean_output_tokens": round(s["output_tokens"] / done, 1) if done else 0.0,
-        "docs": round(docs), "requests": done, "failed": s["failed"], "output_tokens": s["output_tokens"], "input_tokens": s["input_tokens"],
+        "docs": round(docs), "requests": done, "failed": s["failed"], "output_tokens": s["output_tokens"],
+        "input_tokens": s["input_tokens"],
         "wall_s": s["wall_seconds"], "startup_s": result["startup_s"], "warmup_s": result["warmup_s"],
         "gpus": gpus, "device": result["device"],
     }

@@ -3,7 +3,8 @@
     RESULTS/report.md          summary (baseline -> best tier, speed-up, winning settings) + a table per model
     RESULTS/results.csv        one row per config of this sweep (the current keys only)
     RESULTS/throughput.png     output tok/s/GPU per model and tier, published figures beside ours
-    RESULTS/pareto_size.png    best throughput vs model size, Pareto frontier marked
+    RESULTS/pareto_size.png    best useful throughput (rows that pass the quality gate) vs model size, Pareto
+                               frontier marked (raw throughput when no record has useful tokens: ignore_eos)
     RESULTS/pareto_quality.png best throughput vs the models' quality column (when the sweep gives one)
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ from engine.bench.driver import OK
 from engine.bench.sweep import BASELINE, Sweep
 
 CSV_COLUMNS = ["model", "model_name", "params_b", "quality", "tier", "knobs", "outcome", "error",
+               "useful_tok_s_gpu", "useful_gpu_hours_per_b", "useful_share", "repetition_stopped", "output_truncated",
                "output_tok_s_gpu", "output_tok_s", "input_tok_s", "docs_s", "gpus", "gpu_hours_per_b",
-               "cost_per_b_usd", "prefix_cache_hit", "mean_output_tokens", "docs", "requests", "failed", "output_tokens",
-               "input_tokens", "wall_s", "startup_s", "warmup_s", "reference", "device", "key", "finished_at"]
+               "cost_per_b_usd", "prefix_cache_hit", "mean_output_tokens", "docs", "requests", "failed",
+               "output_tokens", "input_tokens", "wall_s", "startup_s", "warmup_s", "reference", "device", "key",
+               "finished_at"]
 
 
 def params_b(recs: list[dict]) -> float | None:
@@ -30,22 +33,34 @@ def params_b(recs: list[dict]) -> float | None:
     return None
 
 
+def score_key(records: list[dict]) -> str:
+    """What "best" means: useful output tok/s/GPU (rows that pass the quality gate), unless no record has
+    any (a sweep with ignore_eos: every row is cut at max_new_tokens), then raw output tok/s/GPU."""
+    return "useful_tok_s_gpu" if any(r.get("useful_tok_s_gpu") for r in records if r["outcome"] == OK) \
+        else "output_tok_s_gpu"
+
+
 def summarise(sweep: Sweep, records: list[dict], gpu_hour_usd: float) -> list[dict]:
-    """Per model: baseline, the best ok config of each tier, the best overall and the speed-up."""
+    """Per model: baseline, the best ok config of each tier (by score_key), the best overall and the speed-up.
+    A model with no record (left out with --models, or not reached yet) gets no row: it was not run."""
+    key = score_key(records)
     rows = []
     for m in sweep.models:
         recs = [r for r in records if r["model"] == m.label]
+        if not recs:
+            continue
         ok = [r for r in recs if r["outcome"] == OK]
         base = next((r for r in ok if r["tier"] == BASELINE), None)
         tiers = {}
         for tier in [BASELINE] + [t.name for t in sweep.tiers]:
             cand = [r for r in ok if r["tier"] == tier]
-            tiers[tier] = max(cand, key=lambda r: r["output_tok_s_gpu"]) if cand else None
-        best = max(ok, key=lambda r: r["output_tok_s_gpu"]) if ok else None
+            tiers[tier] = max(cand, key=lambda r: r.get(key) or 0) if cand else None
+        best = max(ok, key=lambda r: r.get(key) or 0) if ok else None
         gph = best["gpu_hours_per_b"] if best else None
         rows.append({
             "model": m.label, "params_b": params_b(recs), "quality": m.quality, "baseline": base, "tiers": tiers,
-            "best": best, "speedup": best["output_tok_s_gpu"] / base["output_tok_s_gpu"] if best and base else None,
+            "best": best, "speedup": (best.get(key) or 0) / base[key] if best and base and base.get(key) else None,
+            "useful_gpu_hours_per_b": best.get("useful_gpu_hours_per_b") if best else None, "score": key,
             "gpu_hours_per_b": gph, "cost_per_b_usd": gph * gpu_hour_usd if gph else None,
             "reference": m.reference, "counts": _counts(recs),
         })
@@ -84,13 +99,18 @@ def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_us
            else "real end of sequence"),
         f"- throughput is output tokens/s per {_unit(records)}; cost at ${gpu_hour_usd:,.2f} per "
         f"{_unit(records)}-hour; GPU-h / 1B tok = hours of one {_unit(records)} per billion output tokens",
+        f"- useful tokens: output tokens of the rows that pass the quality gate (finished by the model, not empty, "
+        f"not stopped in a repetition loop); best = highest "
+        f"{'useful' if score_key(records) == 'useful_tok_s_gpu' else 'raw (no useful tokens: EOS ignored)'} "
+        f"output tok/s per {_unit(records)}",
     ]
     if any(s["reference"] for s in summary):
         lines.append(f"- published column: {sweep.reference_label}")
     lines += ["", "## Summary", "",
               "| model | params (B) | baseline | " + " | ".join(f"{t} best" for t in tiers) +
-              f" | best speed-up | winning settings | {unit}-h / 1B tok | $ / 1B tok | published default → best | configs |",
-              "|---|---:|---:|" + "---:|" * len(tiers) + "---:|---|---:|---:|---|---|"]
+              f" | best speed-up | winning settings | useful tok/s/{unit} | {unit}-h / 1B useful tok "
+              f"| {unit}-h / 1B tok | $ / 1B tok | published default → best | configs |",
+              "|---|---:|---:|" + "---:|" * len(tiers) + "---:|---|---:|---:|---:|---:|---|---|"]
     for s in summary:
         ref = s["reference"]
         pub = (f"{ref.get('default', 0):,.0f} → {max(ref.values()):,.0f}" if ref else "—")
@@ -98,21 +118,24 @@ def markdown(sweep: Sweep, records: list[dict], summary: list[dict], gpu_hour_us
             f"| {s['model']} | {_f(s['params_b'], '{:,.3g}')} | {_tps(s['baseline'])} | "
             + " | ".join(_tps(s["tiers"][t]) for t in tiers)
             + f" | {_f(s['speedup'], '{:.2f}x')} | {s['best']['knobs'] if s['best'] else '—'} | "
-            f"{_f(s['gpu_hours_per_b'], '{:,.1f}')} | {_f(s['cost_per_b_usd'], '${:,.0f}')} | {pub} | {s['counts']} |")
+            f"{_f(s['best'].get('useful_tok_s_gpu') if s['best'] else None)} | "
+            f"{_f(s['useful_gpu_hours_per_b'], '{:,.1f}')} | {_f(s['gpu_hours_per_b'], '{:,.1f}')} | "
+            f"{_f(s['cost_per_b_usd'], '${:,.0f}')} | {pub} | {s['counts']} |")
     for s in summary:
         recs = [r for r in records if r["model"] == s["model"]]
         lines += ["", f"## {s['model']}", "",
-                  f"| tier | settings | outcome | output tok/s/{unit} | input tok/s | docs/s | {unit}-h / 1B | $ / 1B "
-                  "| cache hit | mean output | published |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"| tier | settings | outcome | output tok/s/{unit} | useful tok/s/{unit} | {unit}-h / 1B useful "
+                  f"| input tok/s | docs/s | {unit}-h / 1B | $ / 1B | cache hit | mean output | published |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in recs:
             if r["outcome"] == OK:
                 cost = r["gpu_hours_per_b"] * gpu_hour_usd if r.get("gpu_hours_per_b") else None
-                cells = [_tps(r), _f(r["input_tok_s"]), _f(r["docs_s"], "{:,.2f}"), _f(r["gpu_hours_per_b"]),
+                cells = [_tps(r), _f(r.get("useful_tok_s_gpu")), _f(r.get("useful_gpu_hours_per_b")),
+                         _f(r["input_tok_s"]), _f(r["docs_s"], "{:,.2f}"), _f(r["gpu_hours_per_b"]),
                          _f(cost, "${:,.0f}"), f"{r['prefix_cache_hit']:.0%}", _f(r["mean_output_tokens"], "{:,.0f}")]
                 outcome = "ok" + (" **best**" if s["best"] and r["key"] == s["best"]["key"] else "")
             else:
-                cells = ["—"] * 7
+                cells = ["—"] * 9
                 outcome = f"{r['outcome']}: {r.get('error', '')}".replace("|", "/")[:120]
             lines.append(f"| {r['tier']} | {r['knobs']} | {outcome} | " + " | ".join(cells)
                          + f" | {_f(r.get('reference'), '{:,.0f}')} |")
@@ -189,7 +212,9 @@ def plot_pareto(path: Path, sweep: Sweep, summary: list[dict], x_key: str, x_lab
     """Best throughput per model against size or quality; the frontier holds the models that no other
     model beats on both (larger or better-scoring *and* faster)."""
     plt = _plt()
-    pts = [(s[x_key], s["best"]["output_tok_s_gpu"], s["model"]) for s in summary if s["best"] and s[x_key] is not None]
+    pts = [(s[x_key], s["best"].get(s["score"]) or 0, s["model"]) for s in summary
+           if s["best"] and s[x_key] is not None]
+    what = "useful output" if summary and summary[0]["score"] == "useful_tok_s_gpu" else "output"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if pts:
         front = sorted(pareto([(x, y) for x, y, _ in pts]), key=lambda i: pts[i][0])
@@ -209,7 +234,7 @@ def plot_pareto(path: Path, sweep: Sweep, summary: list[dict], x_key: str, x_lab
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     ax.set_xlabel(x_label)
-    ax.set_ylabel(f"output tokens/s per {unit} (best config)")
+    ax.set_ylabel(f"{what} tokens/s per {unit} (best config)")
     ax.set_title(f"{sweep.name}: throughput vs {x_label.split(' (')[0]}")
     ax.grid(alpha=0.3)
     fig.tight_layout()

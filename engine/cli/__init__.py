@@ -20,13 +20,18 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     raise_on_signals()  # from the first line: a SIGTERM or Ctrl-C at any moment ends with a documented status
     try:
-        return _main(argv)
-    except Interrupted as exc:
-        print(f"interrupted ({exc.signame}) before any work was in flight: nothing is lost; run the same "
-              f"command again to resume.", file=sys.stderr)
+        try:
+            return _main(argv)
+        finally:
+            reap_children()
+    except Interrupted as exc:  # also a second Ctrl-C during the clean-up: a message, never a traceback
+        if exc.abort:
+            print(f"aborted ({exc.signame} again): what was committed is kept and finished results still in the "
+                  f"journal are recovered; run the same command again to resume.", file=sys.stderr)
+        else:
+            print(f"interrupted ({exc.signame}) before any work was in flight: nothing is lost; run the same "
+                  f"command again to resume.", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    finally:
-        reap_children()
 
 
 def _main(argv: list[str] | None) -> int:

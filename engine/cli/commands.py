@@ -18,7 +18,8 @@ def cmd_run(args) -> int:
     if args.shard:
         overrides += [f"shard.index={args.shard[0]}", f"shard.count={args.shard[1]}"]
     cfg = load_config(args.config, overrides)
-    code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors).execute()
+    code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors,
+                        extend_input=args.extend_input).execute()
     print_summary(summary)
     if code == ExitCode.INTERRUPTED:
         print("interrupted: everything finished so far is saved; run the same command again to resume.",
@@ -35,12 +36,26 @@ def print_summary(s: dict) -> None:
         f"  documents  input rows {rows if rows is not None else '?'}; stored per prompt: {stored}; "
         f"rejected rows {s['rejected_rows']:,}; failed {s['failed']:,}"
         f"{f' ({n:,} in this process)' if (n := s.get('failed_this_process', s['failed'])) != s['failed'] else ''}; "
-        f"truncated {s['truncated']:,}",
-        f"  generated  {s['requests_generated']:,} requests in {s['wall_seconds']:.1f} s "
-        f"({s['requests_per_s']:.2f} req/s); skipped (done before or rejected) {s['requests_skipped']:,}",
-        f"  tokens     input {s['input_tokens']:,}  output {s['output_tokens']:,}  "
-        f"output {s['output_tokens_per_s']:,.1f} tok/s  prefix-cache hit {s['prefix_cache_hit_rate']:.1%}",
+        f"input truncated {s['truncated']:,}",
+        f"  finished   {', '.join(f'{k} {v:,}' for k, v in sorted(s.get('finish_reasons', {}).items())) or '-'} "
+        f"(length: cut at max_new_tokens; repetition: stopped in a loop)",
+        f"  time       {s['wall_seconds']:.1f} s: start-up {s.get('startup_s', 0):.1f} s, generation "
+        f"{s.get('generation_s', 0):.1f} s, finishing {s.get('finishing_s', 0):.1f} s",
+        f"  generated  {s['requests_generated']:,} requests ({s['requests_per_s']:.2f} req/s over generation); "
+        f"skipped (done before or rejected) {s['requests_skipped']:,}",
+        f"  tokens     input {s['input_tokens']:,}  output {s['output_tokens']:,} "
+        f"({s['output_tokens_per_s']:,.1f} tok/s)  "
+        f"useful {s.get('useful_output_tokens', 0):,} ({s.get('useful_output_tokens_per_s', 0):,.1f} tok/s, "
+        f"{s.get('useful_share', 0):.0%})  prefix-cache hit {s['prefix_cache_hit_rate']:.1%}",
     ]
+    for prompt, q in s.get("per_prompt", {}).items():
+        lines.append(f"  {prompt:<10} output {q['output_tokens']:,} ({q['output_tokens_per_s']:,.1f} tok/s)  useful "
+                     f"{q['useful_output_tokens']:,} ({q['useful_output_tokens_per_s']:,.1f} tok/s)  "
+                     + ", ".join(f"{k} {v:,}" for k, v in sorted(q["finish_reasons"].items())))
+    if t := s.get("shard_totals"):  # the figures above are this process's; the shard's over every attempt:
+        lines.append(f"  shard      every attempt ({t['attempts']:,}): rows {t['rows']:,}, output tokens "
+                     f"{t['output_tokens']:,} (from the stored rows), {t.get('wall_s', 0):,.1f} s wall, "
+                     f"{t.get('generation_s', 0):,.1f} s generating")
     for w in s.get("input_warnings", []):
         lines.append(f"  warning    {w}")
     if s.get("report"):
@@ -77,7 +92,13 @@ def cmd_launch(args) -> int:
     from engine.ops.launch import SlurmOptions, launch_ray, launch_slurm
 
     if args.scheduler == "slurm":
-        opts = SlurmOptions(gpus_per_shard=int(args.gpus_per_shard if args.gpus_per_shard is not None else 1),
+        gpus = args.gpus_per_shard if args.gpus_per_shard is not None else 1
+        if gpus < 0 or not float(gpus).is_integer():  # Slurm's --gres counts whole GPUs; Ray takes fractions
+            raise ConfigError(f"--gpus-per-shard {gpus:g}: Slurm takes a whole number of GPUs per task "
+                              "(0 for a partition without GPUs: no --gres line)")
+        if args.cpus_per_shard < 1 or not float(args.cpus_per_shard).is_integer():
+            raise ConfigError(f"--cpus-per-shard {args.cpus_per_shard:g}: Slurm takes a whole number of CPUs per task")
+        opts = SlurmOptions(gpus_per_shard=int(gpus),
                             cpus_per_shard=int(args.cpus_per_shard), max_concurrent=args.max_concurrent,
                             partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                             signal_seconds=args.signal_seconds, job_name=args.job_name,

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from engine.errors import ConfigError, ExitCode
 
+SHARE_TOLERANCE = 0.05  # `engine mix` warns when the achieved synthetic share is further than this from the asked one
+
 
 def _ratio(args) -> float:
     """The synthetic share, checked before any token is counted (that can take hours on real data)."""
@@ -41,6 +43,10 @@ def cmd_mix(args) -> int:
     for source, counts in s["skipped"].items():
         for reason, n in counts.items():
             print(f"  left out   {source}: {n:,} x {reason}")
+    if abs(s["ratio_achieved"] - s["ratio_requested"]) > SHARE_TOLERANCE:
+        print(f"WARNING: the synthetic share is {s['ratio_achieved']:.1%} of tokens, asked {s['ratio_requested']:.0%}: "
+              f"whole documents are mixed and these sources are too small (or their documents too long) to come "
+              f"closer; mix more rows or choose another --ratio", file=sys.stderr)
     return ExitCode.OK
 
 
@@ -52,7 +58,7 @@ def cmd_export(args) -> int:
     if args.target == "lighteval":
         from engine.handoff.lighteval_export import export_lighteval
         r = export_lighteval(Path(args.out).resolve(), _split(args.tasks), args.checkpoint, args.max_samples,
-                             Path(args.results).resolve() if args.results else None)
+                             Path(args.results).resolve() if args.results else None, args.overwrite)
         print(f"tasks file  {r['tasks_file']}\ntask list   {r['task_list']} ({', '.join(r['tasks'])})\n"
               f"1. convert the nanotron checkpoint to transformers format (the command `engine export nanotron` "
               f"printed; in the nanotron checkout)\n"

@@ -2,25 +2,37 @@
 from __future__ import annotations
 
 import argparse
+import copy
 
 from engine.cli.commands import cmd_launch, cmd_prompts, cmd_report, cmd_run, cmd_serve, cmd_status
 from engine.cli.handoff import cmd_compare, cmd_export, cmd_mix
-from engine.errors import ExitCode
+from engine.errors import RESUMABLE, ExitCode
 
+_RESUMABLE = [str(int(c)) for c in RESUMABLE]
 EXIT_STATUSES = "exit statuses: " + ", ".join(f"{int(c)} {c.name.lower().replace('_', ' ')}" for c in ExitCode) + \
-    " (3 and 4 are resumable: run the same command again)"
+    f" ({', '.join(_RESUMABLE[:-1])} and {_RESUMABLE[-1]} are resumable: run the same command again)"
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter):
     """--help shows each option's default (where it has one worth showing: not None, False or empty)."""
 
+    @staticmethod
+    def _shows_default(action: argparse.Action) -> bool:
+        default = action.default
+        return bool(action.option_strings) and not (default is None or default is False
+                                                    or default in ("", argparse.SUPPRESS))
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        default = action.default
-        if "%(default)" in text or default is None or default is False or default in ("", argparse.SUPPRESS) \
-                or not action.option_strings:
+        if "%(default)" in text or not self._shows_default(action):
             return text
         return f"{text} (default: %(default)s)"
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._shows_default(action):  # argparse prints no help line for an option without help
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="delete earlier results in output.dir instead of resuming (needed after a config change)")
     run.add_argument("--retry-errors", action="store_true",
                      help="remove the stored error rows (finish_reason = error) and generate those documents again")
+    run.add_argument("--extend-input", action="store_true",
+                     help="accept input files that joined since output.dir was made (one shard only); changed or "
+                          "removed files are still refused")
     run.set_defaults(fn=cmd_run)
 
     st = sub.add_parser("status", help="progress of a run's output directory, per shard and prompt")
@@ -78,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--shards", type=int, required=True, help="number of shards (tasks)")
     la.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every shard")
     la.add_argument("--gpus-per-shard", type=float, default=None,
-                    help="GPUs per task (slurm default 1; ray default 1 when the cluster has GPUs, else 0)")
+                    help="GPUs per task (slurm: a whole number, default 1, 0 for a partition without GPUs; "
+                         "ray: fractions allowed, default 1 when the cluster has GPUs, else 0)")
     la.add_argument("--cpus-per-shard", type=float, default=1, help="CPUs per task")
     la.add_argument("--max-concurrent", type=int, default=0, help="slurm: at most this many tasks at once")
     la.add_argument("--partition", default="")
@@ -121,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prompts", help="comma-separated prompts of the run to use (default: the preset's, else all)")
         p.add_argument("--text-column", default="text", help="text column of the mix-in files")
         p.add_argument("--keep-truncated", action="store_true",
-                       help="keep generations cut at max_new_tokens (finish_reason=length; left out by default)")
+                       help="keep cut-off generations: cut at max_new_tokens (finish_reason=length) or stopped in a "
+                            "repetition loop (finish_reason=repetition, the text before the loop); left out by default")
         p.add_argument("--overwrite", action="store_true", help="replace what an earlier mix/export wrote in --out")
 
     from engine.handoff import PRESETS
@@ -157,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--checkpoint", default="CHECKPOINT_DIR", help="the model (transformers format)")
     le.add_argument("--max-samples", type=int, default=1000, help="documents per task (0: all)")
     le.add_argument("--results", help="lighteval's --output-dir (default: OUT/results); one per run to compare")
+    le.add_argument("--overwrite", action="store_true", help="replace what an earlier export wrote in --out")
     le.set_defaults(fn=cmd_export)
 
     cp = sub.add_parser("compare", help="lighteval results of several runs in one table (per task, macro average)")

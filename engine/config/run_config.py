@@ -34,12 +34,20 @@ class OutputConfig:
     file_max_mb: int = 256  # a part file is committed once it grows past this size
     compression_level: int = 3  # zstd level of the Parquet files
     flush_seconds: float = 2.0  # journal flush interval: the most work a crash can cost
+    progress_seconds: float = 30.0  # progress line interval when stderr is not a terminal (logs, Slurm)
     writer_queue: int = 64  # completion batches waiting for the writer thread (back-pressure)
     # output.dir as a store URL (s3://, gs://, hf://datasets/...): the run writes to a local staging
     # directory and uploads committed parts and progress (output/remote.py)
     staging_dir: str = ""  # "": ~/.cache/synth-engine/staging/<name>-<hash of the URL> (SYNTH_ENGINE_STAGING)
     sync_seconds: float = 0.0  # upload interval; 0: 10 s for object stores, 60 s for the Hub (its commit limits)
     store_give_up_seconds: float = 300.0  # a store failing this long (after retries) ends the run: status 4
+    # one writer per (output, shard): a lease (output/lease.py) renewed every lease_heartbeat_seconds; a lease
+    # whose heartbeat is older than lease_timeout_seconds is stale (on the same host: as soon as its pid is gone)
+    lease_heartbeat_seconds: float = 10.0
+    lease_timeout_seconds: float = 60.0
+    # how long to wait for a live lease before exiting 6; -1: 0, or on a requeued Slurm attempt
+    # (SLURM_RESTART_COUNT > 0) long enough for the old attempt's lease to go stale (timeout + 2 heartbeats)
+    lease_wait_seconds: float = -1.0
 
 
 @dataclass
@@ -61,6 +69,18 @@ class SamplingConfig:
     repetition_penalty: float | None = None  # None: the model's generation config, else off (1 = off)
     seed: int | None = None  # None: no per-request seeds (torch/instant/report use 0); set it for reproducible sampling
     ignore_eos: bool = False  # benchmarks only (fixed-length outputs); real data always stops at EOS
+
+
+@dataclass
+class RepetitionConfig:
+    # Stop a generation while it runs once its output ends in `min_count` back-to-back copies of one
+    # n-gram of min_pattern..max_pattern tokens (a shorter period counts through its multiples: a
+    # 2-token loop stops after 4 x 8 = 32 tokens); the row is kept up to the loop, finish_reason
+    # "repetition". Defaults measured (README, Performance): no stop on table separators, lists, Q:/A:.
+    enabled: bool = True
+    min_pattern: int = 8
+    max_pattern: int = 32
+    min_count: int = 4
 
 
 @dataclass
@@ -150,6 +170,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     torch: TorchConfig = field(default_factory=TorchConfig)
     instant: InstantConfig = field(default_factory=InstantConfig)
@@ -251,15 +272,22 @@ def validate(cfg: RunConfig) -> None:
         ("sampling.top_k", cfg.sampling.top_k is None or cfg.sampling.top_k >= 0),
         ("sampling.min_p", cfg.sampling.min_p is None or 0 <= cfg.sampling.min_p <= 1),
         ("sampling.repetition_penalty", cfg.sampling.repetition_penalty is None or cfg.sampling.repetition_penalty > 0),
+        ("repetition.min_pattern", cfg.repetition.min_pattern >= 1),
+        ("repetition.max_pattern", cfg.repetition.max_pattern >= cfg.repetition.min_pattern),
+        ("repetition.min_count", cfg.repetition.min_count >= 2),
         ("input.batch_rows", cfg.input.batch_rows >= 1),
         ("input.max_doc_chars", cfg.input.max_doc_chars >= 1),
         ("output.row_group_rows", cfg.output.row_group_rows >= 1),
         ("output.file_max_mb", cfg.output.file_max_mb >= 1),
         ("output.compression_level", 1 <= cfg.output.compression_level <= 22),
         ("output.flush_seconds", cfg.output.flush_seconds > 0),
+        ("output.progress_seconds", cfg.output.progress_seconds > 0),
         ("output.sync_seconds", cfg.output.sync_seconds >= 0),
         ("output.store_give_up_seconds", cfg.output.store_give_up_seconds > 0),
         ("output.writer_queue", cfg.output.writer_queue >= 1),
+        ("output.lease_heartbeat_seconds", cfg.output.lease_heartbeat_seconds > 0),
+        ("output.lease_timeout_seconds", cfg.output.lease_timeout_seconds > cfg.output.lease_heartbeat_seconds),
+        ("output.lease_wait_seconds", cfg.output.lease_wait_seconds >= 0 or cfg.output.lease_wait_seconds == -1),
         ("scheduler.max_in_flight", cfg.scheduler.max_in_flight >= 1),
         ("scheduler.lookahead", cfg.scheduler.lookahead >= 1),
         ("scheduler.prefetch_batches", cfg.scheduler.prefetch_batches >= 1),

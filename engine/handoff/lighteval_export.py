@@ -11,7 +11,8 @@ import ast
 import shlex
 import shutil
 from pathlib import Path
-from engine.errors import ConfigError
+
+from engine.errors import ConfigError, SourceError
 
 TASKS_FILE = Path(__file__).with_name("early_signal_tasks.py")
 
@@ -27,12 +28,18 @@ def task_names() -> list[str]:
 
 
 def export_lighteval(out: Path, tasks: list[str] | None, checkpoint: str, max_samples: int | None,
-                     results: Path | None = None) -> dict:
+                     results: Path | None = None, overwrite: bool = False) -> dict:
+    """An existing non-empty `out` is refused unless `overwrite` (as `engine mix` and `export nanotron` do);
+    with it, only the two files an export writes are replaced (lighteval's results under `out` stay)."""
     available = task_names()
     chosen = tasks or available
     unknown = sorted(set(chosen) - set(available))
     if unknown:
         raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (the suite has {', '.join(available)})")
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"{out} is a file, not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     tasks_py = out / TASKS_FILE.name
     shutil.copyfile(TASKS_FILE, tasks_py)

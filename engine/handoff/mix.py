@@ -160,15 +160,22 @@ def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: 
               MIX_IN: count_tokens(mix_in_rows(mix_in, text_column, skipped_o), tokenizer)}
     plan = plan_mix(tokens, ratio, seed)
     out.mkdir(parents=True, exist_ok=True)
-    streams = {GENERATED: _selected(generated_rows(output_dir, prompts, Skipped(), keep_truncated), plan.keep[GENERATED],
+    streams = {GENERATED: _selected(generated_rows(output_dir, prompts, Skipped(), keep_truncated),
+                                    plan.keep[GENERATED],
                                     tokens[GENERATED]),
                MIX_IN: _selected(mix_in_rows(mix_in, text_column, Skipped()), plan.keep[MIX_IN], tokens[MIX_IN])}
-    result = write_mix(out, interleave(streams, plan.target), seed, shuffle_window, part_rows)
+    try:
+        result = write_mix(out, interleave(streams, plan.target), seed, shuffle_window, part_rows)
+    except BaseException:  # a bad mix-in row mid-way, Ctrl-C, a full disk: no partial mix that looks usable
+        for part in [*out.glob("part-*.parquet"), *out.glob("part-*.parquet.tmp")]:
+            part.unlink(missing_ok=True)
+        raise
     total = sum(s["tokens"] for s in result["sources"].values())
     summary = {
         "output_dir": str(output_dir), "mix_in": mix_in, "prompts": prompts, "out": str(out),
         "ratio_requested": ratio, "ratio_achieved": round(result["sources"][GENERATED]["tokens"] / total, 4),
-        "seed": seed, "tokenizer": tokenizer_name, "keep_truncated": keep_truncated, "parts": result["parts"], "sources": result["sources"],
+        "seed": seed, "tokenizer": tokenizer_name, "keep_truncated": keep_truncated, "parts": result["parts"],
+        "sources": result["sources"],
         "available": {s: {"rows": int(len(t)), "tokens": int(t.sum())} for s, t in tokens.items()},
         "skipped": {GENERATED: skipped_g.counts, MIX_IN: skipped_o.counts},
     }

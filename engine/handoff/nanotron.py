@@ -28,9 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from engine.errors import CoverageError
+from engine.errors import CoverageError, SourceError
 from engine.handoff.token_files import TokenFolder
-from engine.errors import SourceError
 
 NANOTRON_COMMIT = "1dfee7f5"  # github.com/huggingface/nanotron (full: 1dfee7f5, see README)
 DATATROVE_COMMIT = "2c895af7"  # github.com/huggingface/datatrove, branch nouamane/avoid-s3
@@ -178,10 +177,39 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
                     eos_token: str | None = None, keep_truncated: bool = False, allow_repeat: bool = False,
                     overwrite: bool = False) -> dict:
     """Tokenise both sources into OUT/generated and OUT/mix-in, write OUT/nanotron.yaml (and OUT/tokenizer),
-    check coverage: a folder smaller than the plan is a CoverageError unless `allow_repeat`."""
+    check coverage: a folder smaller than the plan is a CoverageError unless `allow_repeat`. A refused or
+    failed export removes what it wrote (no config or record is left that looks usable)."""
+    from engine.errors import SourceError
+
+    if not 0 < ratio < 1:
+        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
+    ours = ("generated", "mix-in", "tokenizer", "nanotron.yaml", "_export.json")
+    if out.exists() and any(p.name not in ("checkpoints",) for p in out.iterdir()):
+        if not overwrite:
+            raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
+        import shutil
+        for name in ours:
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # only what an export writes
+    created = not out.exists()
+    try:
+        return _export(output_dir, mix_in, tokenizer_name, out, ratio, seed, plan, prompts, text_column, say,
+                       eos_token, keep_truncated, allow_repeat)
+    except BaseException:  # a refusal (CoverageError), a bad source, Ctrl-C: remove what this export began
+        import shutil
+        for name in ours:
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _export(output_dir, mix_in, tokenizer_name, out, ratio, seed, plan, prompts, text_column, say, eos_token,
+            keep_truncated, allow_repeat) -> dict:
+    """export_nanotron's work; the token folders first, then the checks, then the config and record."""
     from tqdm import tqdm
 
-    from engine.errors import SourceError
     from engine.handoff.sources import (
         GENERATED,
         MIX_IN,
@@ -194,16 +222,6 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
     )
     from engine.handoff.token_files import write_token_folder
 
-    if not 0 < ratio < 1:
-        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
-    ours = ("generated", "mix-in", "tokenizer", "nanotron.yaml", "_export.json")
-    if out.exists() and any(p.name not in ("checkpoints",) for p in out.iterdir()):
-        if not overwrite:
-            raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
-        import shutil
-        for name in ours:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # only what an export writes
     tt = training_tokenizer(tokenizer_name, eos_token)
     say(f"training tokenizer {tokenizer_name}" + (f" (saved to {out / 'tokenizer'}, recorded as 'tokenizer')" if tt.copy
                                                  else "") + f": {tt.note}")
@@ -226,13 +244,14 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
                              tok.bos_token_id, tt.eos_id, seed, folder_names=[GENERATED, MIX_IN],
                              repeat=allow_repeat)
     config_path = out / "nanotron.yaml"
-    write_config(config_path, config)
     cov = coverage(folders, weights, plan)
     result = {"folders": folders, "weights": weights, "coverage": cov, "config": config_path,
               "launch": launch_command(out, plan), "convert": convert_command(out, plan, tt.recorded),
               "install": INSTALL, "tokenizer": tt.recorded, "tokenizer_note": tt.note, "eos_id": tt.eos_id,
               "vocab_size": len(tok), "skipped": {k: v.counts for k, v in skipped.items()}, "prompts": prompts,
               "repeat": allow_repeat}
+    _check_coverage(folders, cov, plan, allow_repeat, result)  # a refusal writes no config (the caller cleans up)
+    write_config(config_path, config)
     import json
     (out / "_export.json").write_text(json.dumps({
         "nanotron": NANOTRON_COMMIT, "datatrove": DATATROVE_COMMIT, "output_dir": str(output_dir.resolve()),
@@ -240,6 +259,10 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
         "tokenizer": tt.recorded, "eos_id": tt.eos_id, "keep_truncated": keep_truncated, "allow_repeat": allow_repeat,
         "plan": vars(plan), "folders": {f.folder.name: {"documents": f.documents, "tokens": f.tokens} for f in folders},
         "skipped": result["skipped"]}, indent=2))
+    return result
+
+
+def _check_coverage(folders, cov, plan, allow_repeat: bool, result: dict) -> None:
     short = [c for c in cov if not c.ok]
     if short and not allow_repeat:
         most = min(c.max_steps for c in cov)
@@ -255,4 +278,3 @@ def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, ou
         raise CoverageError(f"{', '.join(empty)}: fewer tokens than one training sample ({plan.sequence_length + 1:,} "
                             f"tokens); nanotron cannot read such a folder at all. Generate or mix in more data, or "
                             f"use a shorter --seq-len", result)
-    return result

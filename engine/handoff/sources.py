@@ -2,12 +2,15 @@
 
 Generated rows come from OUTPUT_DIR/<prompt>/*.parquet (the `generation` column). The quality gate
 before training leaves out, and counts by reason, rows that failed (finish_reason "error"), came
-back empty, or were cut at max_new_tokens (finish_reason "length": a student trained on them learns
-to end documents mid-sentence; `keep_truncated` keeps them). The mix-in set is read with
+back empty, were cut at max_new_tokens (finish_reason "length": a student trained on them learns
+to end documents mid-sentence) or were stopped in a repetition loop (finish_reason "repetition": the
+text before the loop, cut off just the same); `keep_truncated` keeps both kinds of cut-off row
+(`--keep-truncated`). The mix-in set is read with
 the engine's own reader (Parquet, JSONL, JSONL.zst; bad rows are skipped and counted).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +18,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from engine.errors import SourceError
+from engine.ids import id_hash
 from engine.input.reader import Reader
 from engine.output import layout as output
+
+log = logging.getLogger(__name__)
 
 GENERATED, MIX_IN = "generated", "mix-in"
 
@@ -54,30 +60,48 @@ def generated_prompts(output_dir: Path, prompts: list[str] | None = None) -> lis
     return found
 
 
+DUPLICATE = "DUPLICATE id (a second copy of a stored row; the first is used)"
 TRUNCATED = "truncated generation (finish_reason=length; --keep-truncated keeps them)"
+REPEATED = "stopped in a repetition loop (finish_reason=repetition; --keep-truncated keeps them)"
 
 
 def generated_rows(output_dir: Path, prompts: list[str], skipped: Skipped,
                    keep_truncated: bool = False) -> Iterator[Row]:
-    """Every usable generated row, prompt by prompt, part by part, in stored order."""
+    """Every usable generated row, prompt by prompt, part by part, in stored order. An id stored twice in a
+    prompt (two runs wrote one shard at once, before leases) is counted in `skipped`, said loudly, and only
+    its first copy used."""
     for prompt in prompts:
+        seen: set[int] = set()
+        dupes = 0
         for part in sorted((output_dir / prompt).glob("*.parquet")):
             f = pq.ParquetFile(part)
             for batch in f.iter_batches(columns=["id", "generation", "finish_reason"], batch_size=4096):
                 d = batch.to_pydict()
                 for i, text, reason in zip(d["id"], d["generation"], d["finish_reason"]):
+                    h = id_hash(i)
+                    if h in seen:
+                        dupes += 1
+                        skipped.add(DUPLICATE)
+                        continue
+                    seen.add(h)
                     if reason == "error":
                         skipped.add("generation failed (finish_reason=error)")
                     elif not text or not text.strip():
                         skipped.add("empty generation")
                     elif reason == "length" and not keep_truncated:
                         skipped.add(TRUNCATED)
+                    elif reason == "repetition" and not keep_truncated:
+                        skipped.add(REPEATED)
                     else:
                         yield Row(i, text, prompt)
+        if dupes:
+            log.warning("DUPLICATES: %s/%s stores %d id(s) more than once (two runs wrote one shard at once); "
+                        "only the first copy of each is used", output_dir, prompt, dupes)
 
 
 def mix_in_rows(paths: list[str], text_column: str, skipped: Skipped) -> Iterator[Row]:
     reader = Reader(paths, text_column, "id", 1024, 50_000_000)
+    reader.text_option = "--text-column"
     reader.preflight()
     for batch in reader.batches():
         for rej in batch.rejected:

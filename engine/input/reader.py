@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from engine.errors import InputError
+from engine.input.identity import check_labels, label_for
 from engine.types import Doc, Rejection
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,16 @@ def file_kind(path: Path | str) -> str:
 
 
 def expand_paths(patterns: list[str]) -> list[Path | str]:
-    files: list[Path | str] = []
+    return [p for p, _ in expand_inputs(patterns)]
+
+
+def expand_inputs(patterns: list[str]) -> list[tuple[Path | str, str]]:
+    """Every input file once, with its label (input/identity.py: relative to its own glob's base)."""
+    files: dict[Path | str, str] = {}
     for pattern in patterns:
         if _remote(pattern):
-            files.extend(_expand_remote(pattern))
+            for m in _expand_remote(pattern):
+                files.setdefault(m, label_for(m, pattern))
             continue
         if pattern.startswith("file://"):
             pattern = pattern[len("file://"):]
@@ -105,9 +112,9 @@ def expand_paths(patterns: list[str]) -> list[Path | str]:
         matches = [m for m in matches if not os.path.isdir(m)]
         if not matches or not os.path.exists(matches[0]):
             raise InputError(f"input path {pattern!r} matches no file")
-        files.extend(Path(m).resolve() for m in matches)
-    unique = list(dict.fromkeys(files))
-    return unique
+        for m in matches:
+            files.setdefault(Path(m).resolve(), label_for(m, pattern))
+    return check_labels(list(files.items()))
 
 
 def _expand_remote(pattern: str) -> list[str]:
@@ -126,15 +133,6 @@ def _expand_remote(pattern: str) -> list[str]:
     if not found:
         raise InputError(f"input path {pattern!r} matches no file")
     return [fs.unstrip_protocol(m) for m in found]
-
-
-def _labels(paths: list[Path | str]) -> list[str]:
-    pure = [_pure(p) for p in paths]
-    names = [p.name for p in pure]
-    if len(set(names)) == len(names):
-        return names
-    root = os.path.commonpath([str(p.parent) for p in pure])
-    return [os.path.relpath(str(p), root) for p in pure]
 
 
 def _zst_chunks(path: Path | str) -> Iterator[bytes]:
@@ -173,14 +171,15 @@ def _open_lines(f: InputFile) -> Iterator[bytes]:
 class Reader:
     """Validates the inputs up front, then yields `DocBatch`es of this shard's rows."""
 
+    text_option = "input.text_column"  # the setting a hint names (`engine mix` reads with --text-column)
+
     def __init__(self, patterns: list[str], text_column: str, id_column: str, batch_rows: int,
                  max_doc_chars: int, shard_index: int = 0, shard_count: int = 1):
         self.text_column = text_column
         self.id_column = id_column
         self.batch_rows = batch_rows
         self.max_doc_chars = max_doc_chars
-        paths = expand_paths(patterns)
-        self.files = [InputFile(p, label, file_kind(p)) for p, label in zip(paths, _labels(paths))]
+        self.files = [InputFile(p, label, file_kind(p)) for p, label in expand_inputs(patterns)]
         # Shards split whole files when there are enough of them, else rows (row % count).
         self.shard_index, self.shard_count = shard_index, shard_count
         self.split_files = len(self.files) >= shard_count
@@ -215,11 +214,11 @@ class Reader:
                 schema, rows = pf.schema_arrow, pf.metadata.num_rows
         except InputError:
             raise
-        except Exception as exc:  # pyarrow raises several types for a bad footer
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a bad footer
             raise InputError(f"{f.path}: not a readable Parquet file (truncated or another format): {exc}") from None
         if self.text_column not in schema.names:
             raise InputError(f"{f.path}: no text column {self.text_column!r} (columns: {', '.join(schema.names)}); "
-                             "set input.text_column")
+                             f"set {self.text_option}")
         tp = schema.field(self.text_column).type
         if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_string_view(tp)):
             raise InputError(f"{f.path}: text column {self.text_column!r} has type {tp}, expected a string type")
@@ -261,7 +260,8 @@ class Reader:
             raise InputError(f"{f.path}: none of the first {min(rows, PREFLIGHT_JSON_LINES)} lines is a JSON object; "
                              "is this JSON lines?")
         if parsed and not with_text:
-            raise InputError(f"{f.path}: the JSON objects have no field {self.text_column!r}; set input.text_column")
+            raise InputError(f"{f.path}: the JSON objects have no field {self.text_column!r}; "
+                             f"set {self.text_option}")
         f.rows = rows
 
     @property

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from engine.config.run_config import RunConfig
 from engine.model.store import resolve_model
-from engine.types import SamplingParams
+from engine.types import RepetitionStop, SamplingParams
 
 
 def generation_config(model_dir: Path | str) -> dict:
@@ -29,7 +29,7 @@ def sampling_defaults(gen: dict, temperature: float | None, top_p: float | None)
     return temperature, top_p
 
 
-def resolve_sampling(gen: dict, s) -> SamplingParams:
+def resolve_sampling(gen: dict, s, repetition=None) -> SamplingParams:
     """Every sampling knob from the run config's `[sampling]` first, then the model's generation
     config (as vLLM applies it by default: temperature, top_p, top_k, min_p, repetition_penalty),
     then off. One resolution for every backend, so SGLang, vLLM, HTTP and torch sample alike."""
@@ -42,7 +42,10 @@ def resolve_sampling(gen: dict, s) -> SamplingParams:
     return SamplingParams(temperature, top_p, s.seed, s.ignore_eos,
                           top_k=max(0, pick("top_k", s.top_k, int, 0)),
                           min_p=pick("min_p", s.min_p, float, 0.0),
-                          repetition_penalty=pick("repetition_penalty", s.repetition_penalty, float, 1.0))
+                          repetition_penalty=pick("repetition_penalty", s.repetition_penalty, float, 1.0),
+                          repetition_stop=(RepetitionStop(repetition.min_pattern, repetition.max_pattern,
+                                                          repetition.min_count)
+                                           if repetition is not None and repetition.enabled else None))
 
 
 @dataclass
@@ -58,8 +61,10 @@ class ModelSetup:
     def load(cls, cfg: RunConfig) -> ModelSetup:
         from transformers import AutoConfig, AutoTokenizer
 
-        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=cfg.backend in ("sglang", "sglang-http", "vllm"))
+        model_dir, model_name = resolve_model(cfg.model.name,
+                                              allow_hub=cfg.backend in ("sglang", "sglang-http", "vllm"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # get_text_config: multimodal checkpoints (Gemma-3 4B+) keep it in their text config
         context = cfg.model.context or AutoConfig.from_pretrained(model_dir).get_text_config().max_position_embeddings
-        return cls(model_dir, model_name, tokenizer, context, resolve_sampling(generation_config(model_dir), cfg.sampling))
+        sampling = resolve_sampling(generation_config(model_dir), cfg.sampling, cfg.repetition)
+        return cls(model_dir, model_name, tokenizer, context, sampling)

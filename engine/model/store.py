@@ -105,6 +105,7 @@ def resolve_model(name: str, allow_hub: bool = False) -> tuple[Path | str, str]:
         if allow_hub and not path.is_absolute() and not name.startswith("."):
             return name, name.rsplit("/", 1)[-1]
         raise ModelError(
-            f"model {name!r}: not 'embedded', not 'tiny-random' and not a local transformers directory with config.json "
+            f"model {name!r}: not 'embedded', not 'tiny-random' and not a local transformers directory with "
+            "config.json "
             "(this engine does not download from a hub at run time)")
     return path.resolve(), path.name

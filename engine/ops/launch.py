@@ -4,6 +4,11 @@ Each task is the ordinary `engine run CONFIG --shard i/N` (its own journal, stat
 the shared output.dir), so the exactly-once guarantee of a single run holds across the cluster:
 a task that is preempted, killed or requeued resumes from its journal. Shards that are already
 complete (their state file says so) are not launched again.
+
+Slurm: `slurm_script` writes the job array's script (its task body forwards one SIGTERM, waits for the
+engine's real status and requeues the task on every status in RESUMABLE; each attempt appends to its
+logs between '=== start' and '=== end' lines); `launch_slurm` writes and submits it (`job_id=N`) and
+warns when --time leaves less than the measured start-up. Tested on a real cluster: tests/test_slurm.py.
 """
 from __future__ import annotations
 
@@ -16,8 +21,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from engine.config.run_config import load_config
-from engine.errors import RESUMABLE, ExitCode, ShardFailed, ShardInterrupted
+from engine.errors import RESUMABLE, ConfigError, ExitCode, ShardFailed, ShardInterrupted
 from engine.output.layout import read_states, shard_tag
 from engine.signals import SIGNALS, Interrupted, signal_on_parent_death
 
@@ -68,7 +75,7 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
     lines = ["#!/bin/bash", f"#SBATCH --job-name={opts.job_name}", f"#SBATCH --array={array}",
              f"#SBATCH --output={logs}/%A_%a.out", f"#SBATCH --error={logs}/%A_%a.err",
              f"#SBATCH --cpus-per-task={opts.cpus_per_shard}", f"#SBATCH --time={opts.time}",
-             f"#SBATCH --signal=B:TERM@{opts.signal_seconds}", "#SBATCH --requeue"]
+             f"#SBATCH --signal=B:TERM@{opts.signal_seconds}", "#SBATCH --requeue", "#SBATCH --open-mode=append"]
     if opts.gpus_per_shard:
         lines.append(f"#SBATCH --gres=gpu:{opts.gpus_per_shard}")
     for key in ("partition", "account", "qos"):
@@ -77,23 +84,48 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
     lines += [f"#SBATCH {e}" for e in opts.extra]
     cmd = " ".join(shlex.quote(c) for c in engine_command(config, "__SHARD__", overrides))
     cmd = cmd.replace("__SHARD__", f'"${{SLURM_ARRAY_TASK_ID}}/{shards}"')
+    resumable = " ".join(str(int(c)) for c in RESUMABLE)
     lines += [
         "",
-        "# One shard of the run. Slurm sends SIGTERM to this shell before the time limit (--signal B:TERM);",
-        "# it is passed on to the engine, which commits what is finished and exits 3; the task then requeues",
-        "# itself and resumes from its journal.",
+        "# One shard of the run; every attempt appends to the task's logs (--open-mode=append) between a",
+        "# '=== start' and an '=== end' line. Slurm sends SIGTERM before the time limit (--signal B:TERM),",
+        "# and to every process of the job on `scontrol requeue`, preemption or `scancel -f`: the first one",
+        "# is passed on to the engine (a repeat is the same request), which commits what is finished and",
+        f"# exits with a resumable status ({resumable}); the shell waits for that real status, however many",
+        "# signals come, and then requeues the task, which resumes from its journal.",
         "set -u",
         f"cd {shlex.quote(str(Path.cwd()))}",
+        'task="${SLURM_ARRAY_JOB_ID:-0}_${SLURM_ARRAY_TASK_ID:-0}"',
+        f'attempt="shard ${{SLURM_ARRAY_TASK_ID:-?}}/{shards}: job ${{SLURM_JOB_ID:-?}} (array task $task), '
+        'SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, host ${SLURMD_NODENAME:-$(hostname)}"',
+        "note() { echo \"$1\"; echo \"$1\" >&2; }",
+        "note \"=== start $attempt, at $(date '+%Y-%m-%d %H:%M:%S')\"",
         f"{cmd} &",
         "pid=$!",
-        "term=0",
-        "trap 'term=1; kill -TERM $pid 2>/dev/null' TERM",
-        "wait $pid; code=$?",
-        "if [ $term -eq 1 ]; then wait $pid; code=$?; fi  # the trap interrupted the first wait",
-        f"if [ $code -eq {RESUMABLE[0]} ] || [ $code -eq {RESUMABLE[1]} ]; then",
-        '  echo "shard ${SLURM_ARRAY_TASK_ID}: exit $code, requeueing to resume" >&2',
-        '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-        "fi",
+        "signals=0",
+        "forward() { signals=$((signals + 1)); if [ $signals -eq 1 ]; then kill -TERM $pid 2>/dev/null; fi; }",
+        "trap forward TERM",
+        "code=''",
+        "while :; do  # a signal interrupts `wait` (status > 128) while the engine still runs: wait again",
+        "  seen=$signals",
+        "  wait $pid; c=$?",
+        "  if [ $c -eq 127 ] && [ -n \"$code\" ]; then break; fi  # collected already: $code is the engine's",
+        "  code=$c",
+        "  if [ $signals -eq $seen ] || [ $c -le 128 ]; then break; fi",
+        "done",
+        "how=''",
+        f'case " {resumable} " in *" $code "*)',
+        "  for try in 1 2 3 4 5 6; do  # Slurm may answer 'try again later' while it is signalling the array",
+        '    msg=$(scontrol requeue "$task" 2>&1) && { how="resumable: requeued"; break; }',
+        '    state=$(scontrol show job "$task" 2>/dev/null | grep -o "JobState=[A-Z_]*")',
+        '    case "$state $msg" in',
+        '      *REQUEUE*|*PENDING*|*"pending execution"*) how="resumable: requeued by Slurm"; break;;',
+        '      *"try again"*) how="resumable: requeue failed: $msg"; sleep 5;;',
+        '      *) how="resumable: requeue failed: $msg"; break;;',
+        "    esac",
+        "  done;;",
+        "esac",
+        "note \"=== end $attempt, at $(date '+%Y-%m-%d %H:%M:%S'): exit $code${how:+ ($how)}\"",
         "exit $code",
     ]
     return "\n".join(lines) + "\n"
@@ -123,12 +155,74 @@ def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     print(f"{len(ids)} of {shards} shards to run; script: {path}")
+    _warn_short_time_limit(out, opts)
     if submit:
-        proc = subprocess.run(["sbatch", str(path)], capture_output=True, text=True)
-        print(proc.stdout.strip() or proc.stderr.strip())
-        return proc.returncode
+        proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(f"error: sbatch {path} failed (status {proc.returncode}): {proc.stderr.strip()}", file=sys.stderr)
+            return ExitCode.ERROR
+        job_id = proc.stdout.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"
+        print(f"job_id={job_id}")  # machine-readable: the array's job id (tasks are {job_id}_<shard>)
+        print(f"submitted: squeue -r -j {job_id}; logs {logs}/{job_id}_<shard>.out|.err; engine status {out}")
+        return ExitCode.OK
     print(f"submit with: sbatch {path}")
-    return 0
+    return ExitCode.OK
+
+
+def slurm_seconds(limit: str) -> float | None:
+    """Slurm's --time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds; None: no limit."""
+    text = limit.strip().lower()
+    if text in ("", "infinite", "unlimited", "-1"):
+        return None
+    days, _, rest = text.rpartition("-")
+    try:
+        parts = [int(x) for x in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        raise ConfigError(f"--time {limit!r}: not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])") \
+            from None
+    if days:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return float(((d * 24 + h) * 60 + m) * 60 + sec)
+
+
+EARLY_SIGNAL_S = 60  # Slurm checks time limits about once a minute: --signal may come up to this much early
+
+
+def measured_startup(out: Path) -> float | None:
+    """The longest start-up an earlier run of this output measured (`startup_s` in its state files and
+    summaries); None when no run left one."""
+    found = [st.get("startup_s") for st in read_states(out)]
+    for p in out.glob("summary*.json"):
+        try:
+            found.append(orjson.loads(p.read_bytes()).get("startup_s"))
+        except (OSError, ValueError):
+            pass
+    found = [float(x) for x in found if isinstance(x, (int, float))]
+    return max(found) if found else None
+
+
+def _warn_short_time_limit(out: Path, opts: SlurmOptions) -> None:
+    limit = slurm_seconds(opts.time)
+    if limit is None:
+        return
+    usable = limit - opts.signal_seconds - EARLY_SIGNAL_S
+    startup = measured_startup(out)
+    if usable <= 0:
+        log.warning("--time %s minus --signal-seconds %d (and up to %d s Slurm may signal early) leaves no time "
+                    "to generate: every attempt is stopped before it starts; raise --time", opts.time,
+                    opts.signal_seconds, EARLY_SIGNAL_S)
+    elif startup is not None and usable < startup:
+        log.warning("--time %s minus --signal-seconds %d (and up to %d s Slurm may signal early) leaves %.0f s, less "
+                    "than the %.0f s start-up an earlier run of %s measured: the tasks would be requeued forever "
+                    "without progress; raise --time", opts.time, opts.signal_seconds, EARLY_SIGNAL_S, usable,
+                    startup, out)
 
 
 def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: str, log_dir: str) -> int:

@@ -4,12 +4,15 @@
     OUTPUT_DIR/rejected/part-*.parquet     input rows that were skipped, with the reason
     OUTPUT_DIR/_run/fingerprint.json       what the results depend on (model, prompts, sampling ...)
     OUTPUT_DIR/_state/<shard>.json         progress of each shard (read by `engine status`)
-    OUTPUT_DIR/_journal, _manifest         crash recovery (see journal.py)
+    OUTPUT_DIR/_journal, _manifest         crash recovery (see parts.py)
+    OUTPUT_DIR/_lease/<shard>.*            one writer per shard (lease.py); never deleted by clear()
     OUTPUT_DIR/summary.json                the last run's summary (per shard: summary-<shard>.json)
     OUTPUT_DIR/README.md                   the dataset card (card.py)
 """
 from __future__ import annotations
 
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -19,15 +22,19 @@ import pyarrow as pa
 
 from engine.atomic import temp_name, write_atomic
 from engine.errors import ResumeError, WriterError
-from engine.types import ENGINE_DIRS, REJECTED
+from engine.input.identity import compare as input_changes
+from engine.types import ENGINE_DIRS, REJECTED  # noqa: F401 - REJECTED re-exported (layout.REJECTED)
 
+log = logging.getLogger(__name__)
 
 RESULT_FIELDS = [
     pa.field("id", pa.string()),
     pa.field("prompt", pa.string()),
     pa.field("model", pa.string()),
     pa.field("generation", pa.string()),
-    pa.field("finish_reason", pa.string()),  # stop | length | error
+    # stop | length (cut at max_new_tokens) | repetition (stopped in a loop: the text up to it, completion_tokens
+    # counting every token generated, the loop included) | error
+    pa.field("finish_reason", pa.string()),
     pa.field("prompt_tokens", pa.int32()),
     pa.field("completion_tokens", pa.int32()),
     pa.field("cached_tokens", pa.int32()),
@@ -67,21 +74,55 @@ def writable_dir(out: Path) -> Path:
     return out
 
 
-def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool) -> bool:
-    """Refuse to mix results of different configs in one directory; True when resuming."""
+def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_input: bool = False) -> bool:
+    """Refuse to mix results of different configs or inputs in one directory; True when resuming.
+
+    The input record (`input.files`, input/identity.py): a file changed or gone is refused; files that
+    joined are refused unless `extend_input` (`--extend-input`, one shard only); an output of an earlier
+    version, without a record, is accepted once with a warning and its record written then."""
     path = out / "_run" / "fingerprint.json"
     if overwrite and out.exists():
         clear(out)
-    if path.exists():
-        old = orjson.loads(path.read_bytes())
-        diffs = _diff(old, fingerprint)
-        if diffs:
-            raise ResumeError(
-                f"{out} holds results of a different run configuration:\n  " + "\n  ".join(diffs) +
-                "\nUse another output.dir, restore the old settings, or pass --overwrite to delete those results.")
+    if not path.exists():
+        _write_fingerprint(path, fingerprint)
+        return False
+    old = orjson.loads(path.read_bytes())
+    old_files = old.get("input", {}).get("files")
+    new_files = fingerprint.get("input", {}).get("files")
+    diffs = _diff(_without_files(old), _without_files(fingerprint))
+    afresh = "To start afresh: pass --overwrite (deletes those results) or use another output.dir."
+    if diffs:
+        raise ResumeError(f"{out} holds results of a different run configuration:\n  " + "\n  ".join(diffs) +
+                          "\nRestore the old settings to resume. " + afresh)
+    if new_files is None:
         return True
+    if old_files is None:
+        log.warning("%s was made by an earlier version that did not record its input files: taking this run's "
+                    "%d input file(s) as its input and recording them now", out, len(new_files))
+        _write_fingerprint(path, fingerprint)
+        return True
+    changed, added = input_changes(old_files, new_files)
+    if changed:
+        raise ResumeError(f"{out} holds results of another input:\n  " + "\n  ".join(changed) + "\n" + afresh)
+    if added and not extend_input:
+        raise ResumeError(f"{out}: {len(added)} file(s) joined the input since these results were made ("
+                          f"{', '.join(added[:5])}{' ...' if len(added) > 5 else ''}). Pass --extend-input to add "
+                          f"them to this output (the stored results are kept), or " + afresh[len("To start afresh: "):])
+    if added:
+        if fingerprint.get("shard_count", 1) > 1:
+            raise ResumeError(f"{out}: --extend-input needs shard.count = 1 (with more shards a new file moves "
+                              f"other files to other shards); write the new files to another output.dir")
+        log.info("--extend-input: %d file(s) added to the input of %s: %s", len(added), out, ", ".join(added))
+        _write_fingerprint(path, fingerprint)
+    return True
+
+
+def _write_fingerprint(path: Path, fingerprint: dict) -> None:
     write_atomic(path, orjson.dumps(fingerprint, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
-    return False
+
+
+def _without_files(fp: dict) -> dict:
+    return {**fp, "input": {k: v for k, v in fp.get("input", {}).items() if k != "files"}}
 
 
 def _diff(old, new, prefix="") -> list[str]:
@@ -113,3 +154,14 @@ def read_states(out: Path) -> list[dict]:
     if not folder.is_dir():
         return []
     return [orjson.loads(p.read_bytes()) for p in sorted(folder.glob("*.json"))]
+
+
+def slurm_attempt() -> dict:
+    """Under Slurm, for the state file: the job, array task and restart count of this attempt."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return {}
+    task = f"{env.get('SLURM_ARRAY_JOB_ID', env['SLURM_JOB_ID'])}_{env['SLURM_ARRAY_TASK_ID']}" \
+        if "SLURM_ARRAY_TASK_ID" in env else env["SLURM_JOB_ID"]
+    return {"slurm": {"job_id": env["SLURM_JOB_ID"], "task": task,
+                      "restart_count": int(env.get("SLURM_RESTART_COUNT") or 0)}}

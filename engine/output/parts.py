@@ -28,8 +28,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import fsync_dir, replace_synced
-from engine.ids import DoneSet, id_hash
 from engine.errors import WriterError
+from engine.ids import DoneSet, id_hash
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,8 @@ class PartSink:
     Lifecycle: `recover()` once (clean up after a crash; returns what is done and the journaled rows),
     `replay()` those rows, then `add()` record batches (journaled at once, flushed by `flush()`),
     `commit()` whenever a part is full and at `close()`. Counts: `rows_total` (every stored row of the
-    shard, recovered ones included), `counts` (rows per value of `count_column`), `dropped` (error rows
+    shard, recovered ones included), `counts` (rows per value of `count_column`), `tokens` (their
+    completion_tokens per value), `dropped` (error rows
     removed by --retry-errors). Used from one thread at a time (the writer thread once the run goes)."""
 
     def __init__(self, spec: PartSpec):
@@ -82,7 +83,11 @@ class PartSink:
         self.part_rows = 0
         self.rows_total = 0  # rows stored (committed + journaled), recovered ones included
         self.dropped = 0  # error rows removed by recover(drop_errors=True)
+        self.duplicates = 0  # committed rows whose key another committed row of this shard has (found by recover)
         self.counts: dict[str, int] = {}  # rows per value of `count_column` (finish reasons), this shard
+        # completion_tokens per value of `count_column` (when the schema has that column), this shard
+        self.tokens: dict[str, int] = {}
+        self.token_column = "completion_tokens" if spec.schema.get_field_index("completion_tokens") >= 0 else None
 
     # ---- names -----------------------------------------------------------------------------------
     def _part(self, k: int) -> Path:
@@ -116,12 +121,18 @@ class PartSink:
         hashes: list[int] = []
         for p in parts.values():
             cols = [self.key_column] + ([self.count_column] if self.count_column else [])
+            cols += [self.token_column] if self.count_column and self.token_column else []
             table = pq.read_table(p, columns=cols)
             keys = table.column(0).to_pylist()
             hashes.extend(map(id_hash, keys))
             self.rows_total += len(keys)
             if self.count_column:
-                self._count(table.column(1))
+                self._count(table.column(1), table.column(2) if self.token_column else None)
+        self.duplicates = len(hashes) - len(np.unique(np.asarray(hashes, dtype=np.uint64)))
+        if self.duplicates:
+            log.warning("DUPLICATES: %s holds %d row(s) whose %s is stored more than once (two runs wrote shard %s "
+                        "at once, before leases existed); they are counted, not removed", self.data_dir,
+                        self.duplicates, self.key_column, self.shard_tag)
         replay: list[pa.RecordBatch] = []
         for k, j in sorted(journals.items()):
             if k in parts:
@@ -211,14 +222,19 @@ class PartSink:
         self.buffered += batch.num_rows
         self.rows_total += batch.num_rows
         if self.count_column:
-            self._count(batch.column(self.count_column))
+            self._count(batch.column(self.count_column),
+                        batch.column(self.token_column) if self.token_column else None)
         if self.buffered >= self.row_group_rows:
             self._write_group()
 
-    def _count(self, values: pa.Array | pa.ChunkedArray) -> None:
+    def _count(self, values: pa.Array | pa.ChunkedArray, tokens: pa.Array | pa.ChunkedArray | None = None) -> None:
         for item in pc.value_counts(values).to_pylist():
             v = item["values"]
             self.counts[v] = self.counts.get(v, 0) + item["counts"]
+        if tokens is not None:
+            sums = pa.table({"v": values, "t": tokens}).group_by("v").aggregate([("t", "sum")])
+            for v, t in zip(sums.column("v").to_pylist(), sums.column("t_sum").to_pylist()):
+                self.tokens[v] = self.tokens.get(v, 0) + int(t or 0)
 
     def _write_group(self) -> None:
         if not self.buffer:

@@ -20,7 +20,9 @@ import re
 import threading
 from pathlib import Path, PurePosixPath
 
-from engine.atomic import replace_synced
+import orjson
+
+from engine.atomic import replace_synced, write_atomic
 from engine.stores import filesystem, retrying
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class RemoteOutput:
         fp = "_run/fingerprint.json"
         if self._retry(lambda: self.fs.exists(self.remote(fp)), "checking the fingerprint"):
             self._get(fp)
+        self._pull_state(f"_state/{shard_tag}.json")
         for stream in streams:
             pattern = self.remote(f"{stream}/part-{shard_tag}-*.parquet")
             names = self._retry(lambda p=pattern: self.fs.glob(p, detail=True), f"listing {stream}")
@@ -79,6 +82,19 @@ class RemoteOutput:
                 self._mark(rel)
                 fetched += 1
         return fetched
+
+    def _pull_state(self, rel: str) -> None:
+        """The shard's state file (the sums of its earlier attempts: output/totals.py), the newer copy."""
+        if not self._retry(lambda: self.fs.exists(self.remote(rel)), "checking the state file"):
+            return
+        theirs = self._retry(lambda: self.fs.cat_file(self.remote(rel)), "reading the state file")
+        local = self.staging / rel
+        try:
+            newer = orjson.loads(theirs).get("updated_at", 0) > orjson.loads(local.read_bytes()).get("updated_at", 0)
+        except (OSError, orjson.JSONDecodeError):
+            newer = True
+        if newer:
+            write_atomic(local, theirs)
 
     def _get(self, rel: str) -> None:
         local = self.staging / rel
@@ -200,9 +216,10 @@ def fetch_progress(url: str, dest: Path) -> Path:
         if retrying(lambda r=rel: fs.exists(f"{root}/{r}"), f"{url}: reading {rel}", 60):
             (dest / "_run").mkdir(parents=True, exist_ok=True)
             retrying(lambda r=rel: fs.get_file(f"{root}/{r}", str(dest / r)), f"{url}: reading {rel}", 60)
-    states = retrying(lambda: fs.glob(f"{root}/_state/*.json"), f"{url}: listing _state", 60)
-    (dest / "_state").mkdir(parents=True, exist_ok=True)
-    for path in states:
-        name = PurePosixPath(path).name
-        retrying(lambda p=path, n=name: fs.get_file(p, str(dest / "_state" / n)), f"{url}: reading {name}", 60)
+    for folder in ("_state", "_lease"):  # the leases tell running from stopped (output/status.py)
+        found = retrying(lambda f=folder: fs.glob(f"{root}/{f}/*.json"), f"{url}: listing {folder}", 60)
+        (dest / folder).mkdir(parents=True, exist_ok=True)
+        for path in found:
+            name = PurePosixPath(path).name
+            retrying(lambda p=path, n=name, f=folder: fs.get_file(p, str(dest / f / n)), f"{url}: reading {name}", 60)
     return dest

@@ -25,9 +25,29 @@ _SENTENCE_END = re.compile(r"(?<=[^\d\s][.!?])\s|\n")  # "1. Step" is not a sent
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
+# A warning must mean something: the top opening's share must be above the threshold beyond chance
+# (one-sided binomial test of its count against top_opening_share, p < SIGNIFICANCE: 12 outputs all
+# different never warn, 3 alike of 12 do not either, 4 alike of 12 do), and the distinct-openings rule
+# needs at least MIN_SAMPLE outputs.
+SIGNIFICANCE = 0.01
+MIN_SAMPLE = 20
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), in log space (samples of thousands overflow floats otherwise)."""
+    from math import exp, lgamma, log
+    if k <= 0 or p >= 1:
+        return 1.0
+    if p <= 0:
+        return 0.0
+    head = sum(exp(lgamma(n + 1) - lgamma(i + 1) - lgamma(n - i + 1) + i * log(p) + (n - i) * log(1 - p))
+               for i in range(min(k, n + 1)))
+    return max(0.0, 1.0 - head)
+
+
 @dataclass
 class Thresholds:
-    top_opening_share: float = 0.05  # warn when more outputs than this share one first sentence
+    top_opening_share: float = 0.05  # warn when more outputs than this share one first sentence (beyond chance)
     distinct_prefix20: float = 0.5  # warn when fewer than this share of 20-character openings are distinct
 
 
@@ -126,7 +146,8 @@ class _Group:
             "opening": {
                 "top_first_sentence_share": round(top_share, 4),
                 "distinct_prefixes": {str(n): round(distinct_prefix_share(texts, n), 4) for n in PREFIX_LENGTHS},
-                "distinct_prefix_counts": {str(n): len({" ".join(t.split())[:n] for t in texts}) for n in PREFIX_LENGTHS},
+                "distinct_prefix_counts": {str(n): len({" ".join(t.split())[:n] for t in texts})
+                                           for n in PREFIX_LENGTHS},
                 "most_common_first_sentences": [{"text": s, "count": c} for s, c in top],
             },
             "distinct_ngrams": {str(n): round(distinct_ngram_ratio(texts, n), 4) for n in (1, 2, 3, 4)},
@@ -140,15 +161,18 @@ class _Group:
             "share_stopped_by_length": round(self.stopped_by_length / self.rows, 4) if self.rows else 0.0,
             "share_empty": round(self.empty / self.rows, 4) if self.rows else 0.0,
             "share_failed": round(self.errors / self.rows, 4) if self.rows else 0.0,
-            "output_input_token_ratio": round(self.completion_tokens / self.prompt_tokens, 4) if self.prompt_tokens else 0.0,
+            "output_input_token_ratio": (round(self.completion_tokens / self.prompt_tokens, 4)
+                                         if self.prompt_tokens else 0.0),
             "prefix_curve": {str(n): round(distinct_prefix_share(texts, n), 4) for n in CURVE_LENGTHS},
         }
         warnings = []
-        if texts and top_share > thresholds.top_opening_share:
+        if texts and top_share > thresholds.top_opening_share and top[0][1] > 1 and \
+                binomial_tail(top[0][1], len(texts), thresholds.top_opening_share) < SIGNIFICANCE:
             warnings.append(f"template collapse: {top_share:.1%} of outputs open with the same sentence "
-                            f"(threshold {thresholds.top_opening_share:.0%}): {top[0][0][:80]!r}")
+                            f"({top[0][1]} of {len(texts)}; threshold {thresholds.top_opening_share:.0%}, beyond "
+                            f"chance): {top[0][0][:80]!r}")
         d20 = res["opening"]["distinct_prefixes"]["20"]
-        if texts and d20 < thresholds.distinct_prefix20:
+        if len(texts) >= MIN_SAMPLE and d20 < thresholds.distinct_prefix20:
             warnings.append(f"template collapse: only {d20:.1%} of 20-character openings are distinct "
                             f"(threshold {thresholds.distinct_prefix20:.0%})")
         res["warnings"] = warnings
@@ -190,9 +214,11 @@ def to_markdown(report: dict) -> str:
         o, L = g["opening"], g["length_tokens"]
         dp = "/".join(f"{o['distinct_prefixes'][k]:.0%}" for k in ("10", "20", "50"))
         ng = " ".join(f"{g['distinct_ngrams'][k]:.2f}" for k in ("1", "2", "3", "4"))
-        lines.append(f"| {g['prompt']} | {g['model']} | {g['rows']:,} | {o['top_first_sentence_share']:.1%} | {dp} | {ng} "
+        lines.append(f"| {g['prompt']} | {g['model']} | {g['rows']:,} | {o['top_first_sentence_share']:.1%} | {dp} "
+                     f"| {ng} "
                      f"| {g['repeated_line_rate']:.1%} | {L.get('p50', 0)} ({L.get('p5', 0)}-{L.get('p95', 0)}) "
-                     f"| {g['share_stopped_by_length']:.1%} | {g['share_empty']:.1%} | {g['output_input_token_ratio']:.2f} |")
+                     f"| {g['share_stopped_by_length']:.1%} | {g['share_empty']:.1%} "
+                     f"| {g['output_input_token_ratio']:.2f} |")
     for g in report["groups"]:
         lines += ["", f"## {g['prompt']} / {g['model']}", ""]
         lines += [f"**WARNING** {w}" for w in g["warnings"]] or ["No template-collapse warning."]

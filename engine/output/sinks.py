@@ -11,6 +11,7 @@ from engine.config.run_config import OutputConfig
 from engine.ids import DoneSet
 from engine.output.layout import REJECTED, REJECTED_SCHEMA, result_schema, source_column_names
 from engine.output.parts import PartSink, PartSpec
+from engine.types import USEFUL
 
 
 @dataclass
@@ -60,6 +61,11 @@ class ShardSinks:
         return self.streams[REJECTED].rows_total
 
     def per_prompt(self) -> dict[str, dict]:
-        """The state file's per-prompt counts."""
-        return {p: {"done": self.streams[p].rows_total, "failed": self.streams[p].counts.get("error", 0)}
+        """The state file's per-prompt counts: rows stored, failed, per finish reason, and output tokens
+        (every stored row's completion_tokens) of which useful (rows finished by the model: USEFUL)."""
+        return {p: {"done": self.streams[p].rows_total, "failed": self.streams[p].counts.get("error", 0),
+                    "finish_reasons": dict(self.streams[p].counts),
+                    "output_tokens": sum(self.streams[p].tokens.values()),
+                    "useful_tokens": sum(self.streams[p].tokens.get(r, 0) for r in USEFUL),
+                    "duplicates": self.streams[p].duplicates}
                 for p in self.prompts}

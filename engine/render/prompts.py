@@ -54,7 +54,8 @@ def load_prompt_file(path: Path) -> Prompt:
         raise PromptError(f"{path}: not valid TOML: {exc}") from None
     missing = [k for k in REQUIRED if k not in data]
     if missing:
-        raise PromptError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise PromptError(f"{path}: missing key(s) {', '.join(missing)} (a prompt file needs {', '.join(REQUIRED)}; "
+                          f"optional: notes, recommended)")
     unknown = set(data) - set(REQUIRED) - {"notes", "recommended"}
     if unknown:
         raise PromptError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
@@ -80,7 +81,8 @@ def load_prompt(name_or_path: str) -> Prompt:
         return load_prompt_file(path)
     candidate = PROMPTS_DIR / f"{name_or_path}.toml"
     if not candidate.exists():
-        raise PromptError(f"unknown prompt {name_or_path!r}; available: {', '.join(available())} (or give a .toml path)")
+        raise PromptError(f"unknown prompt {name_or_path!r}; available: {', '.join(available())} "
+                          "(or give a .toml path)")
     return load_prompt_file(candidate)
 
 

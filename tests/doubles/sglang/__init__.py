@@ -25,12 +25,20 @@ tests/test_sglang_backends.py:
   with an earlier request. Aborts: a dict `{"type": "abort"}` without a status code, a ValueError for
   400, an HTTPException otherwise (`tokenizer_manager.py:1891-1923`). A request never finishes once
   the scheduler is gone (no timeout for Engine requests, :1956).
+- Custom logit processors (the repetition stop uses one): a request carrying `custom_logit_processor`
+  is a ValueError unless the engine was built with `enable_custom_logit_processor`
+  (`tokenizer_manager.py:1413`); the processor string is loaded as `CustomLogitProcessor.from_str` does
+  (orjson, then dill of the hex `callable`, `sampling/custom_logit_processor.py`) and called on every
+  step's logits with the row's `custom_params` plus `"__req__"` (the Req, whose `output_ids` it reads:
+  `schedule_batch.py:1148`) before sampling (`layers/sampler.py:143`); a stop token it makes the sampled
+  one ends the request as a stop (`{"type": "stop", "matched": id}`, the stop id last in `output_ids`).
 - `shutdown()` stops the watchdog and kills the children, not the caller.
 
 Knobs for tests (environment, so an `engine run` subprocess sees them too): SGLANG_DOUBLE_DELAY_S
 (seconds per request), SGLANG_DOUBLE_PIDFILE (the scheduler child's pid is written there),
 SGLANG_DOUBLE_MAX_RUNNING (requests served at once; default max_running_requests, else all),
-SGLANG_DOUBLE_FAIL_LOAD=1, SGLANG_DOUBLE_ABORT_EVERY=N with SGLANG_DOUBLE_ABORT_STATUS (none | 400 | 503).
+SGLANG_DOUBLE_FAIL_LOAD=1, SGLANG_DOUBLE_ABORT_EVERY=N with SGLANG_DOUBLE_ABORT_STATUS (none | 400 | 503),
+SGLANG_DOUBLE_LOOP_AFTER=N (the "model" loops on a 3-token unit after N tokens, where it would run to its limit).
 """
 from __future__ import annotations
 
@@ -112,7 +120,8 @@ class Engine:
             else:
                 logger.error("Using custom SIGQUIT handler: %s", handler)
             signal.signal(signal.SIGQUIT, handler)
-        assert float(kwargs.get("schedule_conservativeness", 1.0)) >= 0, "schedule_conservativeness must be non-negative"
+        assert float(kwargs.get("schedule_conservativeness", 1.0)) >= 0, \
+            "schedule_conservativeness must be non-negative"
         # named as SGLang's process title names it (setproctitle "sglang::scheduler")
         child = subprocess.Popen([sys.executable, "-c", _CHILD, "sglang::scheduler_TP0"], preexec_fn=_pdeathsig)
         self.children.append(child)
@@ -138,12 +147,15 @@ class Engine:
         return all(c.poll() is None for c in self.children)
 
     async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, image_data=None,
-                             return_logprob=False, rid=None, stream=False, **_):
+                             return_logprob=False, rid=None, stream=False, custom_logit_processor=None, **_):
         assert prompt is None and input_ids and self.kwargs["skip_tokenizer_init"] is True
         sp = dict(sampling_params or {})
         unknown = set(sp) - SAMPLING_PARAMS
         if unknown:
             raise TypeError(f"Unexpected keyword argument(s) for SamplingParams: {sorted(unknown)}")
+        if custom_logit_processor and not self.kwargs.get("enable_custom_logit_processor"):
+            raise ValueError("The server is not configured to enable custom logit processor. "
+                             "Please set `--enable-custom-logit-processor` to enable this feature.")
         self.requests.append(sp)
         self.calls += 1
         call = self.calls
@@ -179,13 +191,19 @@ class Engine:
         self.seen.append(input_ids)
         n = max(0, min(asked, (self.context_length - 1) - len(input_ids) - 1))
         stops_early = call % 2 and not sp.get("ignore_eos") and n > 1
-        if stops_early:
+        loop_after = int(os.environ.get("SGLANG_DOUBLE_LOOP_AFTER", "-1"))  # the "model" loops: 3 tokens for ever
+        if loop_after >= 0 and not stops_early:
+            out = (input_ids[::-1] * n)[:loop_after] + [5, 6, 7] * n
+            out, reason = out[:n], {"type": "length", "length": n}
+        elif stops_early:
             stop = (sp.get("stop_token_ids") or [2])[0]
             out = (input_ids[::-1] * n)[: n - 2] + [stop]
             reason = {"type": "stop", "matched": stop}
         else:
             out = (input_ids[::-1] * (n // len(input_ids) + 1))[:n]
             reason = {"type": "length", "length": n}
+        if custom_logit_processor and isinstance(sp.get("custom_params"), dict):
+            out, reason = _with_processor(custom_logit_processor, sp, out, reason)
         return {"output_ids": out, "meta_info": {
             "id": rid or str(call), "finish_reason": reason, "prompt_tokens": len(input_ids),
             "completion_tokens": len(out), "cached_tokens": cached, "e2e_latency": 0.01}}
@@ -210,6 +228,37 @@ class Engine:
                 c.kill()
             c.wait(timeout=60)
         self.shut = True
+
+
+class _Req:  # the part of schedule_batch.Req a custom logit processor reads (through "__req__")
+    def __init__(self, input_ids):
+        self.origin_input_ids, self.output_ids = list(input_ids), []
+
+
+def _with_processor(serialized: str, sp: dict, out: list[int], reason: dict):
+    """Decode `out` token by token through a custom logit processor, as SGLang 0.5.23 does: the processor
+    is loaded with CustomLogitProcessor.from_str (orjson + dill of the hex string, custom_logit_processor.py),
+    called on each step's logits with the row's custom_params plus "__req__" (schedule_batch.py:1148) before
+    sampling (sampler.py:143); a sampled stop token ends the request (finish_reason stop, matched)."""
+    import dill
+    import orjson
+    import torch
+
+    processor = dill.loads(bytes.fromhex(orjson.loads(serialized)["callable"]))()
+    req = _Req([])
+    params = dict(sp["custom_params"], __req__=req)
+    stops = set(sp.get("stop_token_ids") or [])
+    vocab = max([*out, *stops, 0]) + 8
+    for j, tok in enumerate(out):
+        req.output_ids = out[:j]
+        logits = torch.full((1, vocab), -10.0)
+        logits[0, tok] = 10.0  # greedy: the "model's" token, unless the processor says otherwise
+        chosen = int(processor(logits, [params]).argmax(dim=-1)[0])
+        if chosen != tok:  # the processor changed this step's token
+            if chosen in stops and not sp.get("ignore_eos"):
+                return out[:j] + [chosen], {"type": "stop", "matched": chosen}
+            out = out[:j] + [chosen] + out[j + 1:]
+    return out, reason
 
 
 def _lcp(a, b):

@@ -1,7 +1,7 @@
 """Input read speed: the engine's Reader over a local disk against the same files in an S3 store on
-loopback (moto's S3 service, tests/s3_server.py, through s3fs as on AWS), side by side in one run.
+loopback (moto's S3 service, engine/bench/s3_server.py, through s3fs as on AWS), side by side in one run.
 
-    .venv/bin/python tools/bench_storage.py [--mb 200] [--formats jsonl,jsonl.zst,parquet] [--block-mb 1,8,32]
+    .venv/bin/python -m engine.bench.storage [--mb 200] [--formats jsonl,jsonl.zst,parquet] [--block-mb 1,8,32]
 
 Reports MB/s of input bytes (the files' size on disk) and documents/s through `Reader.batches()`
 (parse + validate, no tokenisation), per format and read-ahead block size, and the raw byte rate of
@@ -22,10 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 
 def cpu_name() -> str:
@@ -82,31 +78,30 @@ def read_all(url: str, block_mb: int, prefetch: int = 2) -> tuple[float, int]:
         storage.open_input = orig
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.storage", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=200, help="approximate input size (MB of text)")
     ap.add_argument("--formats", default="jsonl,jsonl.zst,parquet")
     ap.add_argument("--block-mb", default="4,16", help="read-ahead block sizes to compare (MB)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     formats = args.formats.split(",")
     blocks = [int(b) for b in args.block_mb.split(",")]
-    from conftest import free_port
-
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, str(REPO / "tests" / "s3_server.py"), str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "engine.bench.s3_server", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        assert server.stdout.readline().startswith("READY")
-        endpoint = f"http://127.0.0.1:{port}"
+        ready = server.stdout.readline()  # "READY <port>": the port it bound
+        assert ready.startswith("READY"), ready
+        endpoint = f"http://127.0.0.1:{ready.split()[1]}"
         os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
         import s3fs
         fs = s3fs.S3FileSystem(skip_instance_cache=True)
         fs.mkdir("bench")
         files = make_files(work, args.mb, formats)
-        for kind, path in files.items():
+        for path in files.values():
             fs.put_file(str(path), f"bench/{path.name}")
         print(f"CPU: {cpu_name()}; store: moto S3 on loopback ({endpoint}); input ~{args.mb} MB of text")
         results = []

@@ -1,7 +1,7 @@
 """GPU smoke test of the in-process SGLang path: one GPU, a few hundred documents, end to end.
-(The acceptance checks of the SGLang review are tools/gpu_acceptance.py: run that first.)
+(The acceptance checks of the SGLang review are engine/bench/gpu_acceptance.py: run that first.)
 
-    .venv/bin/python tools/gpu_smoke.py [--model embedded|HUB_ID|DIR] [--docs 512] [--set key=value ...]
+    .venv/bin/python -m engine.bench.gpu_smoke [--model embedded|HUB_ID|DIR] [--docs 512] [--set key=value ...]
 
 Prints output tok/s per GPU and the prefix-cache hit rate; exits 0 (with a note) where CUDA or
 sglang is missing, so it is safe anywhere. It drives the same code as `engine run`.
@@ -13,9 +13,6 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def available() -> str | None:
@@ -34,12 +31,14 @@ def available() -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.gpu_smoke", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--docs", type=int, default=512)
     ap.add_argument("--prompt", default="tutorial")
     ap.add_argument("--max-new-tokens", type=int, default=512)
-    ap.add_argument("--set", action="append", default=[], help="extra config overrides, e.g. sglang.server_args.tp_size=1")
+    ap.add_argument("--set", action="append", default=[],
+                    help="extra config overrides, e.g. sglang.server_args.tp_size=1")
     args = ap.parse_args(argv)
     why = available()
     if why:
@@ -48,8 +47,8 @@ def main(argv=None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
-    from corpus import make_documents
 
+    from engine.bench.corpus import make_documents
     from engine.config.run_config import load_config
     from engine.run import Run
 

@@ -1,6 +1,6 @@
 """The first thing to run on a GPU machine: every SGLang check that needs a GPU, PASS/FAIL per item.
 
-    .venv/bin/python tools/gpu_acceptance.py [--model embedded|HUB_ID|DIR] [--docs 256] [--only 16,17]
+    .venv/bin/python -m engine.bench.gpu_acceptance [--model embedded|HUB_ID|DIR] [--docs 256] [--only 16,17]
 
 Each item is a finding of ../shared/reviews/sglang-0.5.23-first-contact.md that cannot be settled
 without a real `sglang.Engine`, checked through `engine run` exactly as a user runs it (a subprocess
@@ -39,13 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tools"))
-sys.path.insert(0, str(REPO))
+from engine.bench.gpu_smoke import available  # the same "can this machine run SGLang" check
+from engine.signals import session_processes
 
-from gpu_smoke import available  # noqa: E402 - the same "can this machine run SGLang" check
-
-from engine.signals import session_processes  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 RESULTS: list[tuple[str, str, str]] = []
 
@@ -74,7 +71,7 @@ class Work:
     """A work directory with the documents and one config per item."""
 
     def __init__(self, root: Path, model: str, docs: int, timeout: float):
-        from corpus import make_documents
+        from engine.bench.corpus import make_documents
 
         self.root, self.model, self.timeout = root, model, timeout
         self.inputs = {}
@@ -220,7 +217,8 @@ def item_end_to_end(w: Work) -> dict:
 
         conf = load_config(cfg)
         gpus = gpus_used(conf, resolve_model(conf.model.name, allow_hub=True)[0], None)
-        report("INFO", "29 tok/s per GPU", f"{s['output_tokens_per_s'] / gpus:,.0f} output tok/s/GPU over {gpus} GPU(s) "
+        report("INFO", "29 tok/s per GPU",
+               f"{s['output_tokens_per_s'] / gpus:,.0f} output tok/s/GPU over {gpus} GPU(s) "
                f"(wall {s['wall_seconds']:.0f} s with the engine start)")
     return s
 
@@ -337,7 +335,8 @@ ITEMS = ("2", "9", "11", "10", "13", "15", "16", "17", "20")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.gpu_acceptance", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--docs", type=int, default=256, help="documents per item (x8 for the kill / Ctrl-C items)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds one engine run may take")

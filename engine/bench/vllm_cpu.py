@@ -1,7 +1,7 @@
 """The engines a CPU user can pick, side by side in one run, on the same documents and settings.
 
-    .venv/bin/python tools/bench_vllm_cpu.py --docs 16 --max-new-tokens 256 --dtype float32
-    .venv/bin/python tools/bench_vllm_cpu.py --only offline,engine-vllm     # a subset
+    .venv/bin/python -m engine.bench.vllm_cpu --docs 16 --max-new-tokens 256 --dtype float32
+    .venv/bin/python -m engine.bench.vllm_cpu --only offline,engine-vllm     # a subset
 
 The shipped web-like documents (runs/data/demo_docs.jsonl, cycled under new ids past 20), one prompt
 (`faq`), the model's chat template with its default system prompt, the same sampling, real EOS:
@@ -10,7 +10,7 @@ The shipped web-like documents (runs/data/demo_docs.jsonl, cycled under new ids 
   datatrove     datatrove 0.10.1's InferenceRunner (the field's pipeline) sending /v1/chat/completions
                 to a `vllm serve` on loopback (tools/vllm_cpu_serve.py), writing JSONL;
   engine-torch  `engine run` with backend = "torch" (our own batched loop);
-  naive         `model.generate` one document at a time (tools/bench_torch_cpu.py's loop).
+  naive         `model.generate` one document at a time (engine/bench/torch_cpu.py's loop).
 Each runs in a process of its own, one after the other (nothing else should run meanwhile). Reported:
 load seconds, generation seconds (load excluded everywhere: the model is loaded and the server up
 before the clock starts), output tokens and output tok/s, and each one's ratio to `offline`. The CPU
@@ -28,9 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
+ROOT = Path(__file__).resolve().parents[2]
 
 KINDS = ("offline", "engine-vllm", "datatrove", "engine-torch", "naive")
 
@@ -48,8 +46,8 @@ def cpu_label() -> str:
 
 
 def documents(n: int, dest: Path, mean_chars: int = 0) -> Path:
-    if mean_chars:  # longer web-like documents (tools/corpus.py: sentences of the shipped ones)
-        from corpus import make_documents
+    if mean_chars:  # longer web-like documents (engine/bench/corpus.py: sentences of the shipped ones)
+        from engine.bench.corpus import make_documents
         out = make_documents(n, seed=1, mean_chars=mean_chars, min_chars=mean_chars // 2, max_chars=2 * mean_chars)
         dest.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in out))
         return dest
@@ -101,7 +99,8 @@ def _engine(a, backend: str) -> dict:
                              f"prompts=['{a.prompt}']", f"sampling.max_new_tokens={a.max_new_tokens}",
                              f"sampling.temperature={a.temperature}", f"sampling.top_p={a.top_p}",
                              f"model.dtype='{a.dtype}'", "report.enabled=false", f"torch.batch_size={a.docs}",
-                             f"vllm.engine_args={{max_model_len = {a.context}}}", f"vllm.cpu_threads_bind='{a.cpu_bind}'"])
+                             f"vllm.engine_args={{max_model_len = {a.context}}}",
+                             f"vllm.cpu_threads_bind='{a.cpu_bind}'"])
     t = time.perf_counter()
     setup = ModelSetup.load(cfg)
     be = make_backend(cfg, setup)
@@ -155,7 +154,8 @@ def run_datatrove(a) -> dict:
             return {"text": result.text, "completion_tokens": result.usage["completion_tokens"]}
 
         out = a.work / "out-datatrove"
-        cfg = InferenceConfig(server_type="endpoint", endpoint_url=f"http://127.0.0.1:{port}", model_name_or_path="bench",
+        cfg = InferenceConfig(server_type="endpoint", endpoint_url=f"http://127.0.0.1:{port}",
+                              model_name_or_path="bench",
                               use_chat=True, max_concurrent_generations=500, metric_interval=3600,
                               default_generation_params={"temperature": a.temperature, "top_p": a.top_p})
         pipeline = [JsonlReader(str(a.src.parent), glob_pattern=a.src.name),
@@ -180,7 +180,8 @@ def run_datatrove(a) -> dict:
 
 def run_naive(a) -> dict:
     import torch
-    from bench_torch_cpu import naive
+
+    from engine.bench.torch_cpu import naive
 
     texts = [json.loads(line)["text"] for line in a.src.read_text().splitlines()]
     gen, tokens = naive(a.model_dir, a.prompt, texts, a.max_new_tokens, a.temperature, a.top_p, getattr(torch, a.dtype))
@@ -192,7 +193,8 @@ MEASURE = {"offline": run_offline, "engine-vllm": lambda a: _engine(a, "vllm"), 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.vllm_cpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prompt", default="faq")
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--mean-chars", type=int, default=0,
                     help="0: the shipped documents (~370 prompt tokens); N: web-like documents of N characters on "
-                         "average (tools/corpus.py; 4500 gives ~1,200-token prompts)")
+                         "average (engine/bench/corpus.py; 4500 gives ~1,200-token prompts)")
     ap.add_argument("--cpu-bind", default="all",
                     help="vLLM compute cores for offline and engine-vllm: all (the engine's default), auto (vLLM's: "
                          "one core kept for the scheduler) or a list; `vllm serve` (datatrove) keeps vLLM's default")
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
         documents(a.docs, work / "docs.jsonl", a.mean_chars)
         results = {}
         for kind in [k.strip() for k in a.only.split(",") if k.strip()]:
-            cmd = [sys.executable, __file__, "--one", kind, "--work", str(work), "--docs", str(a.docs),
+            cmd = [sys.executable, "-m", "engine.bench.vllm_cpu", "--one", kind, "--work", str(work),
+                   "--docs", str(a.docs),
                    "--max-new-tokens", str(a.max_new_tokens), "--prompt", a.prompt, "--dtype", a.dtype,
                    "--temperature", str(a.temperature), "--top-p", str(a.top_p), "--context", str(a.context),
                    "--cpu-bind", a.cpu_bind]
@@ -248,7 +251,8 @@ def main(argv=None) -> int:
             print(f"{kind}: {r['output_tokens']} tokens in {r['gen_s']:.1f} s = {r['tok_per_s']:.1f} tok/s",
                   file=sys.stderr, flush=True)
         base = results.get("offline", {}).get("tok_per_s")
-        print(f"\nCPU: {cpu}\n{'configuration':<14}{'load s':>8}{'gen s':>8}{'out tokens':>12}{'tok/s':>8}{'vs offline':>12}")
+        print(f"\nCPU: {cpu}\n{'configuration':<14}{'load s':>8}{'gen s':>8}{'out tokens':>12}{'tok/s':>8}"
+              f"{'vs offline':>12}")
         for k, r in results.items():
             if "error" in r:
                 print(f"{k:<14}  failed")
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
         out = ROOT / a.out
         out.mkdir(parents=True, exist_ok=True)
         (out / f"vllm_cpu_{a.dtype}_{a.cpu_bind}.json").write_text(json.dumps(
-            {"cpu": cpu, "cpu_bind": a.cpu_bind, "mean_chars": a.mean_chars, "docs": a.docs, "prompt": a.prompt, "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
+            {"cpu": cpu, "cpu_bind": a.cpu_bind, "mean_chars": a.mean_chars, "docs": a.docs, "prompt": a.prompt,
+             "max_new_tokens": a.max_new_tokens, "dtype": a.dtype,
              "temperature": a.temperature, "top_p": a.top_p, "results": results}, indent=2))
         return 0
     finally:

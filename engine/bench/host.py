@@ -11,7 +11,7 @@ are context for this machine):
      (`report_seconds`, a bounded cost: it samples 5,000 outputs).
 Target: engine documents/s >= 75% of the tokenizer's documents/s.
 
-    .venv/bin/python tools/bench_host.py --docs 20000
+    .venv/bin/python -m engine.bench.host --docs 20000
 """
 from __future__ import annotations
 
@@ -26,14 +26,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from corpus import write_corpus  # noqa: E402
-
-from engine.config.run_config import load_config  # noqa: E402
-from engine.model.store import resolve_model  # noqa: E402
-from engine.run import Run  # noqa: E402
+from engine.bench.corpus import write_corpus
+from engine.config.run_config import load_config
+from engine.model.store import resolve_model
+from engine.run import Run
 
 
 def tokenizer_alone(tok, texts: list[str], batch: int) -> float:
@@ -61,7 +57,8 @@ def parquet_alone(src: Path, dst: Path, completion_chars: int, level: int, batch
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.host", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--completion-tokens", type=int, default=400)
     ap.add_argument("--model", default="embedded", help="whose tokenizer and chat template")

@@ -1,6 +1,6 @@
 """Torch backend vs a naive loop, on the real SmolLM2-135M-Instruct, CPU, side by side in one process.
 
-The same documents (from tools/corpus.py), the same rendered prompts (chat template, instruction
+The same documents (from engine/bench/corpus.py), the same rendered prompts (chat template, instruction
 first), the same sampling and a rewrite-sized budget with real end-of-sequence:
   naive           `model.generate` one document at a time, in float32 (its fastest dtype on this
                   machine: measured 20.3 vs 18.5 tok/s for bfloat16; --naive-dtypes adds others);
@@ -9,7 +9,7 @@ first), the same sampling and a rewrite-sized budget with real end-of-sequence:
   no prefix cache the same with torch.prefix_cache=false.
 Reported: output tokens/s of each, and ratios to the fastest naive loop (target: engine >= 4x).
 
-    .venv/bin/python tools/bench_torch_cpu.py --docs 64 --max-new-tokens 256
+    .venv/bin/python -m engine.bench.torch_cpu --docs 64 --max-new-tokens 256
 """
 from __future__ import annotations
 
@@ -21,17 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import pyarrow.parquet as pq
+import torch
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
-from corpus import make_documents  # noqa: E402
-
-from engine.config.run_config import load_config  # noqa: E402
-from engine.model.store import resolve_model  # noqa: E402
-from engine.render.prompts import load_prompts  # noqa: E402
-from engine.run import Run  # noqa: E402
+from engine.bench.corpus import make_documents
+from engine.config.run_config import load_config
+from engine.model.store import resolve_model
+from engine.render.prompts import load_prompts
+from engine.run import Run
 
 
 def naive(model_dir: Path, prompt: str, texts: list[str], max_new: int, temperature: float, top_p: float,
@@ -67,7 +64,8 @@ def engine(src: Path, out: Path, prompt: str, max_new: int, temperature: float, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.torch_cpu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--mean-chars", type=int, default=2000, help="mean document length of the sample")

@@ -1,0 +1,222 @@
+"""The repetition stop measured: `engine run` with the stop on and off, side by side in one run.
+
+    .venv/bin/python -m engine.bench.repetition --docs 32 --max-new-tokens 1024 --backends vllm,torch \
+        --prompts faq,table,math --out runs/bench/repetition
+
+Documents: real text shipped inside installed packages (no download): the README pages of the installed
+distributions (their METADATA descriptions: markdown with lists, tables and code, as on the web) and
+Python's own documentation topics (`pydoc_data.topics`), cut to `--max-chars`. Every configuration
+(backend x stop on/off) is one `engine run` subprocess on the same documents, prompts and sampling,
+one after the other. Reported from each run's summary.json and its stored rows: raw and useful output
+tok/s (over generation time: start-up excluded), seconds per 1k useful tokens, the share of rows
+stopped for repetition, per prompt; and the loop check: stored rows NOT marked "repetition" whose
+generation, re-tokenised, ends in a loop by the issue's definition (one n-gram of up to 32 tokens
+repeated >= 4 times to the end), with and without a minimum span of 32 tokens. The stopped rows'
+loops are listed (`loops.md`) so a reader can judge them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def documents(n: int, max_chars: int) -> list[dict]:
+    """`n` documents: package READMEs (two thirds) and Python documentation topics, interleaved."""
+    import importlib.metadata as md
+    from pydoc_data.topics import topics
+
+    readmes, seen = [], set()
+    for d in sorted(md.distributions(), key=lambda d: (d.metadata.get("Name") or "").lower()):
+        name = (d.metadata.get("Name") or "").lower()
+        body = d.metadata.get_payload() if hasattr(d.metadata, "get_payload") else ""
+        text = (d.metadata.get("Description") or body or "").strip()
+        if name and name not in seen and 1500 <= len(text):
+            seen.add(name)
+            readmes.append({"id": f"readme-{name}", "text": text[:max_chars], "source": "package README"})
+    docs = [{"id": f"pydoc-{k}", "text": v.strip()[:max_chars], "source": "Python docs"}
+            for k, v in sorted(topics.items()) if len(v) >= 1500]
+    want = n - n // 3  # two READMEs for one documentation topic, each set spread over its whole range
+    readmes = [readmes[int(i * len(readmes) / want)] for i in range(min(want, len(readmes)))]
+    docs = [docs[int(i * len(docs) / (n - len(readmes)))] for i in range(min(n - len(readmes), len(docs)))]
+    out = []
+    for i in range(max(len(readmes), len(docs))):
+        out += ([readmes[i]] if i < len(readmes) else []) + ([docs[i]] if i < len(docs) else [])
+    return out[:n]
+
+
+def loop_span(ids: list[int], max_n: int = 32, count: int = 4) -> int:
+    """Tokens of the loop `ids` end in (the issue's definition: an n-gram of up to `max_n` tokens repeated
+    >= `count` times to the end, followed back as far as it goes); 0 when none."""
+    for n in range(1, max_n + 1):
+        if n * count > len(ids):
+            return 0
+        tail = ids[-n * count:]
+        if tail[n:] == tail[:-n]:
+            start = len(ids) - n
+            while start > 0 and ids[start - 1] == ids[start - 1 + n]:
+                start -= 1
+            return len(ids) - start
+    return 0
+
+
+def first_stop(ids: list[int], rs) -> int:
+    """Where the stop would have fired on `ids` (the first prefix that ends in a loop), else -1."""
+    from engine.backends.shared import loop_period
+
+    for end in range(rs.min_pattern * rs.min_count, len(ids) + 1):
+        if loop_period(ids[:end], rs):
+            return end
+    return -1
+
+
+def run_one(cfg_dir: Path, docs: Path, backend: str, stop: bool, a) -> dict:
+    out = cfg_dir / f"out-{backend}-{'on' if stop else 'off'}"
+    cfg = cfg_dir / f"{backend}-{'on' if stop else 'off'}.toml"
+    cfg.write_text(f"""backend = "{backend}"
+prompts = {json.dumps(a.prompts.split(","))}
+[input]
+paths = ["{docs}"]
+[output]
+dir = "{out}"
+[model]
+name = "embedded"
+[sampling]
+max_new_tokens = {a.max_new_tokens}
+temperature = {a.temperature}
+top_p = 0.95
+[repetition]
+enabled = {"true" if stop else "false"}
+[torch]
+batch_size = {a.batch_size}
+[report]
+enabled = false
+""")
+    t = time.perf_counter()
+    proc = subprocess.run([str(ROOT / ".venv/bin/engine"), "run", str(cfg), "--overwrite"], capture_output=True,
+                          text=True, timeout=a.timeout)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"{backend} stop={stop}: engine run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    summary = json.loads((out / "summary.json").read_text())
+    return {"backend": backend, "stop": stop, "wall_s": round(wall, 1), "out": str(out), "summary": summary}
+
+
+def analyse(r: dict, tokenizer) -> dict:
+    import pyarrow.parquet as pq
+
+    s = r["summary"]
+    gen, useful, raw = s["generation_s"], s["useful_output_tokens"], s["output_tokens"]
+    rows, per_prompt, loops = [], {}, []
+    for part in sorted(Path(r["out"]).glob("*/*.parquet")):
+        if part.parent.name.startswith(("_", "rejected")):
+            continue
+        rows += pq.read_table(part, columns=["prompt", "generation", "finish_reason", "completion_tokens"]).to_pylist()
+    from engine.types import RepetitionStop
+    rs = RepetitionStop()  # the defaults: where would they have stopped the rows of a run without the stop?
+    unmarked = unmarked_32 = 0
+    would = []
+    for row in rows:
+        q = per_prompt.setdefault(row["prompt"], {"rows": 0, "repetition": 0, "length": 0, "unmarked_loops": 0,
+                                                  "would_stop": 0})
+        q["rows"] += 1
+        q[row["finish_reason"]] = q.get(row["finish_reason"], 0) + 1
+        ids = tokenizer(row["generation"] or "", add_special_tokens=False)["input_ids"]
+        if row["finish_reason"] == "repetition":
+            loops.append((row["prompt"], row["generation"][-300:], row["completion_tokens"], len(ids)))
+        elif (span := loop_span(ids)) and row["finish_reason"] != "error":
+            unmarked += 1
+            unmarked_32 += span >= 32
+            q["unmarked_loops"] += 1
+        if not r["stop"] and (at := first_stop(ids, rs)) >= 0:
+            q["would_stop"] += 1
+            would.append((row["prompt"], tokenizer.decode(ids[max(0, at - 120):at]), row["finish_reason"], at))
+    n = len(rows) or 1
+    return {"backend": r["backend"], "stop": r["stop"], "rows": len(rows), "generation_s": gen,
+            "startup_s": s["startup_s"], "output_tokens": raw, "useful_output_tokens": useful,
+            "raw_tok_s": round(raw / gen, 1) if gen else 0.0, "useful_tok_s": round(useful / gen, 1) if gen else 0.0,
+            "s_per_1k_useful": round(gen / useful * 1000, 1) if useful else None,
+            "stopped_share": round(sum(x["repetition"] for x in per_prompt.values()) / n, 3),
+            "length_share": round(sum(x["length"] for x in per_prompt.values()) / n, 3),
+            "unmarked_loops": unmarked, "unmarked_loops_32": unmarked_32, "per_prompt": per_prompt, "loops": loops,
+            "would_stop": would}
+
+
+def markdown(results: list[dict], cpu: str, load: str) -> str:
+    lines = [f"CPU: {cpu}; {load}", "",
+             "| backend | stop | rows | gen s | out tok | useful tok | raw tok/s | useful tok/s | s / 1k useful "
+             "| stopped | length | unmarked loops (any / >= 32 tok) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for x in results:
+        lines.append(f"| {x['backend']} | {'on' if x['stop'] else 'off'} | {x['rows']} | {x['generation_s']:.0f} | "
+                     f"{x['output_tokens']:,} | {x['useful_output_tokens']:,} | {x['raw_tok_s']} | {x['useful_tok_s']} "
+                     f"| {x['s_per_1k_useful']} | {x['stopped_share']:.1%} | {x['length_share']:.1%} | "
+                     f"{x['unmarked_loops']} / {x['unmarked_loops_32']} |")
+    lines += ["", "| backend | stop | prompt | rows | stopped (repetition) | length | unmarked loops "
+              "| stop off: rows the stop would have ended |", "|---|---|---|---:|---:|---:|---:|---:|"]
+    for x in results:
+        for prompt, q in sorted(x["per_prompt"].items()):
+            lines.append(f"| {x['backend']} | {'on' if x['stop'] else 'off'} | {prompt} | {q['rows']} | "
+                         f"{q['repetition']} | {q['length']} | {q['unmarked_loops']} | "
+                         f"{q['would_stop'] if not x['stop'] else '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench.repetition", description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=32)
+    ap.add_argument("--max-chars", type=int, default=3000)
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--backends", default="vllm,torch")
+    ap.add_argument("--prompts", default="faq,table,math")
+    ap.add_argument("--stops", default="on,off", help="the repetition stop settings to run (on, off or both)")
+    ap.add_argument("--batch-size", type=int, default=16, help="torch.batch_size")
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "repetition"))
+    a = ap.parse_args(argv)
+    from engine.bench.vllm_cpu import cpu_label
+    from engine.model.store import resolve_model
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = documents(a.docs, a.max_chars)
+    if len(docs) < a.docs:
+        print(f"only {len(docs)} documents found in the installed packages", file=sys.stderr)
+    src = out / "docs.jsonl"
+    src.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs))
+    cpu = cpu_label()
+    load = f"load average at start {os.getloadavg()[0]:.2f} (other work shared the cores)"
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
+    results = []
+    for backend in a.backends.split(","):
+        for stop in [s == "on" for s in a.stops.split(",")]:
+            print(f"{backend} stop={'on' if stop else 'off'} ...", file=sys.stderr, flush=True)
+            r = analyse(run_one(out, src, backend, stop, a), tokenizer)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("loops", "per_prompt")}), file=sys.stderr,
+                  flush=True)
+            (out / "results.json").write_text(json.dumps({"cpu": cpu, "load": load, "args": vars(a),
+                                                          "results": results}, indent=1))
+    table = markdown(results, cpu, f"{load}; {len(docs)} documents x {a.prompts}, max_new_tokens {a.max_new_tokens}")
+    (out / "table.md").write_text(table)
+    with open(out / "loops.md", "w") as fh:
+        for x in results:
+            for prompt, tail, generated, kept in x["loops"]:
+                fh.write(f"## {x['backend']} {prompt}: {generated} generated, {kept} kept\n\n```\n{tail}\n```\n\n")
+            for prompt, before, reason, at in x["would_stop"]:
+                fh.write(f"## stop off, {x['backend']} {prompt} ({reason}): would stop at token {at}, "
+                         f"after\n\n```\n{before}\n```\n\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""What the input of a run is: file labels (the `<file>` of derived ids and `doc_ref`) and the input record
+kept in the run's fingerprint, so that a resume into an output made from other input is refused.
+
+Labels: a file matched by a glob is labelled by its path relative to the glob's own base (the leading
+path components without `*`, `?` or `[`): `data/**/*.jsonl` gives `2024/a.jsonl` for
+`data/2024/a.jsonl`. A file given by name (no glob) is labelled by its name. A label depends only on the
+file and its own pattern, never on which other files are in the run, so ids do not change when files
+join. Two files with the same label would give colliding ids: refused (InputError), naming both.
+
+Input record: per file its label, path (as expanded: absolute for local files, the URL for stores),
+size, and a content signature: sha256 of the size, the first 64 KiB and the last 64 KiB (the Parquet
+footer; the head and tail of a JSONL file), read with two range requests from a store.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+from pathlib import Path, PurePosixPath
+
+from engine.errors import InputError
+
+BLOCK = 64 * 1024
+
+
+def _strip(path: str) -> str:
+    return str(path).split("://", 1)[-1]
+
+
+def label_for(match: str, pattern: str) -> str:
+    """The label of `match`, a file `pattern` expanded to (module doc)."""
+    m, p = PurePosixPath(_strip(match)), _strip(pattern)
+    if not glob.has_magic(p):
+        return m.name
+    base: list[str] = []
+    for part in PurePosixPath(p).parts:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    try:
+        return m.relative_to(PurePosixPath(*base)).as_posix() if base else m.as_posix()
+    except ValueError:
+        return m.name
+
+
+def check_labels(files: list[tuple[Path | str, str]]) -> list[tuple[Path | str, str]]:
+    seen: dict[str, Path | str] = {}
+    for path, label in files:
+        if label in seen:
+            raise InputError(f"input files {seen[label]} and {path} have the same label {label!r}: their derived ids "
+                             f"(<file>:<row>) would collide. Give them as one glob whose base is their common "
+                             f"folder (e.g. 'corpus/*/{PurePosixPath(label).name}'), so that labels keep their folders")
+        seen[label] = path
+    return files
+
+
+def signature(path: Path | str) -> tuple[int, str]:
+    """(size, content signature) of a local file or a store object, reading at most 128 KiB."""
+    from engine.stores import is_remote
+
+    if isinstance(path, str) and is_remote(path):
+        from engine.stores import filesystem, retrying
+
+        fs, p = filesystem(path)
+        size = int(retrying(lambda: fs.size(p), f"{path}: size", 60))
+        head = retrying(lambda: fs.cat_file(p, start=0, end=min(size, BLOCK)), f"{path}: reading", 60) if size else b""
+        tail = retrying(lambda: fs.cat_file(p, start=max(0, size - BLOCK), end=size), f"{path}: reading", 60) \
+            if size > BLOCK else b""
+    else:
+        size = Path(path).stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(BLOCK)
+            tail = b""
+            if size > BLOCK:
+                fh.seek(max(0, size - BLOCK))
+                tail = fh.read(BLOCK)
+    h = hashlib.sha256(str(size).encode() + b"\0" + head + b"\0" + tail)
+    return size, h.hexdigest()[:24]
+
+
+def input_record(files) -> list[dict]:
+    """The fingerprint's record of the input files (objects with .path and .label)."""
+    out = []
+    for f in files:
+        size, sig = signature(f.path)
+        out.append({"label": f.label, "path": str(f.path), "size": size, "signature": sig})
+    return out
+
+
+def compare(old: list[dict], new: list[dict]) -> tuple[list[str], list[str]]:
+    """(what changed or went missing, labels that joined) between two input records."""
+    before, after = {f["label"]: f for f in old}, {f["label"]: f for f in new}
+    changed = []
+    for label, f in before.items():
+        g = after.get(label)
+        if g is None:
+            changed.append(f"input file {label} ({f['path']}) is no longer in the input")
+        elif (f["size"], f["signature"]) != (g["size"], g["signature"]):
+            what = f"size {f['size']:,} -> {g['size']:,} bytes" if f["size"] != g["size"] else "its content differs"
+            changed.append(f"input file {label} ({g['path']}) is not the file these results were made from ({what})")
+    return changed, [label for label in after if label not in before]
