@@ -33,7 +33,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def documents():
-    from corpus import make_documents
+    from engine.bench.corpus import make_documents
     return make_documents(512, seed=3)
 
 

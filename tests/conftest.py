@@ -195,3 +195,31 @@ class Watched:
                 pass
         self.proc.wait(timeout=timeout)
         return self.proc.returncode, out, "".join(self.err)
+
+
+DOUBLES = REPO / "tests" / "doubles"
+
+
+def load_double():
+    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring)."""
+    sys.modules.pop("sglang", None)
+    sys.path.insert(0, str(DOUBLES))
+    try:
+        import sglang
+    finally:
+        sys.path.remove(str(DOUBLES))
+    assert sglang.__file__.startswith(str(DOUBLES))
+    return sglang
+
+
+@pytest.fixture
+def fake_sglang(monkeypatch):
+    quit_handler = signal.getsignal(signal.SIGQUIT)
+    double = load_double()
+    double.instances.clear()
+    monkeypatch.setitem(sys.modules, "sglang", double)
+    yield double
+    for eng in double.instances:
+        if not eng.shut:
+            eng.shutdown()
+    signal.signal(signal.SIGQUIT, quit_handler)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import REPO, sample_docs, write_config, write_jsonl
+from conftest import sample_docs, write_config, write_jsonl
 
 from engine.backends import shared
 from engine.backends import torch_backend as tb
@@ -17,26 +17,6 @@ from engine.backends.shared import cut_loop, loop_period, tail_loops
 from engine.types import RepetitionStop, Request, SamplingParams
 
 RS = RepetitionStop()  # the shipped defaults: 8..32-token n-grams, 4 copies
-
-
-@pytest.fixture
-def fake_sglang(monkeypatch):
-    """tests/doubles/sglang as `sglang` (as in test_sglang_backends.py)."""
-    import signal
-    import sys
-
-    quit_handler = signal.getsignal(signal.SIGQUIT)
-    sys.modules.pop("sglang", None)
-    monkeypatch.syspath_prepend(str(REPO / "tests" / "doubles"))
-    import sglang as double
-    assert double.__file__.startswith(str(REPO / "tests" / "doubles"))
-    double.instances.clear()
-    monkeypatch.setitem(sys.modules, "sglang", double)
-    yield double
-    for eng in double.instances:
-        if not eng.shut:
-            eng.shutdown()
-    signal.signal(signal.SIGQUIT, quit_handler)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
+    DOUBLES,
     REPO,
     Watched,
     engine_cli,
     free_port,
+    load_double,
     reap_session,
     sample_docs,
     stored_rows,
@@ -76,32 +78,6 @@ def test_unknown_server_argument_is_named(tmp_path):
         load_config(cfg)
 
 
-DOUBLES = REPO / "tests" / "doubles"
-
-
-def load_double():
-    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring)."""
-    sys.modules.pop("sglang", None)
-    sys.path.insert(0, str(DOUBLES))
-    try:
-        import sglang
-    finally:
-        sys.path.remove(str(DOUBLES))
-    assert sglang.__file__.startswith(str(DOUBLES))
-    return sglang
-
-
-@pytest.fixture
-def fake_sglang(monkeypatch):
-    quit_handler = signal.getsignal(signal.SIGQUIT)
-    double = load_double()
-    double.instances.clear()
-    monkeypatch.setitem(sys.modules, "sglang", double)
-    yield double
-    for eng in double.instances:
-        if not eng.shut:
-            eng.shutdown()
-    signal.signal(signal.SIGQUIT, quit_handler)
 
 
 def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):

@@ -130,7 +130,8 @@ def array_of_four(slurm, tmp_path, tiny_model) -> dict:
 
 
 def scancel_batch(slurm, tmp_path, tiny_model) -> dict:
-    job, out, _, ids = submit(slurm, tmp_path, tiny_model, 100, 1, 60.0)
+    # 400 documents: the run must still be generating after `engine status` below (seconds on a loaded machine)
+    job, out, _, ids = submit(slurm, tmp_path, tiny_model, 400, 1, 60.0)
     task = wait_running_and_generating(slurm, job, out, 0, 1)
     seen = {"running": engine_cli("status", str(out)).stdout}  # while squeue says RUNNING
     slurm.cmd("scancel", "-b", "-s", "TERM", task)
