@@ -44,6 +44,7 @@ from engine.metrics import Metrics
 from engine.model.setup import ModelSetup
 from engine.output import layout
 from engine.output.card import StoreCard, write_card
+from engine.output.lease_store import take_lease
 from engine.output.sinks import ShardSinks
 from engine.output.totals import earlier, read_state, shard_totals, this_process
 from engine.output.writer import AsyncWriter
@@ -168,7 +169,6 @@ class Run:
 
     def _output_location(self, prompts: list[Prompt], tag: str) -> tuple[Path, object]:
         """The directory the run writes to, and the store it is mirrored to (None: a local output.dir)."""
-        from engine.output.lease import take_lease
         from engine.output.remote import RemoteOutput, default_staging  # lazy: fsspec clients (s3fs ...)
         from engine.stores import is_remote
 

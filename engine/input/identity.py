@@ -18,6 +18,7 @@ import hashlib
 from pathlib import Path, PurePosixPath
 
 from engine.errors import InputError
+from engine.stores import filesystem, is_remote, retrying
 
 BLOCK = 64 * 1024
 
@@ -55,10 +56,8 @@ def check_labels(files: list[tuple[Path | str, str]]) -> list[tuple[Path | str, 
 
 def signature(path: Path | str) -> tuple[int, str]:
     """(size, content signature) of a local file or a store object, reading at most 128 KiB."""
-    from engine.stores import is_remote
 
     if isinstance(path, str) and is_remote(path):
-        from engine.stores import filesystem, retrying
 
         fs, p = filesystem(path)
         size = int(retrying(lambda: fs.size(p), f"{path}: size", 60))

@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from engine.errors import InputError
+from engine.errors import InputError, StoreError
 from engine.input.identity import check_labels, label_for
+from engine.stores import filesystem, is_remote, open_input, retrying
 from engine.types import Doc, Rejection
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,6 @@ def _pure(path: Path | str) -> PurePosixPath:
 
 
 def _remote(path: Path | str) -> bool:
-    from engine.stores import is_remote
     return isinstance(path, str) and is_remote(path)
 
 
@@ -67,7 +67,6 @@ def _remote(path: Path | str) -> bool:
 def open_binary(path: Path | str):
     """A local file, or a store object streamed with read-ahead (stores.open_input)."""
     if _remote(path):
-        from engine.stores import open_input
         with open_input(str(path)) as fh:
             yield fh
     else:
@@ -77,7 +76,6 @@ def open_binary(path: Path | str):
 
 def _size(path: Path | str) -> int:
     if _remote(path):
-        from engine.stores import filesystem
         fs, p = filesystem(str(path))
         return int(fs.size(p))
     return Path(path).stat().st_size
@@ -118,8 +116,6 @@ def expand_inputs(patterns: list[str]) -> list[tuple[Path | str, str]]:
 
 
 def _expand_remote(pattern: str) -> list[str]:
-    from engine.errors import StoreError
-    from engine.stores import filesystem, retrying
 
     fs, path = filesystem(pattern)
     try:

@@ -295,22 +295,6 @@ def exit_lost() -> None:
     os._exit(ExitCode.LEASE_HELD)
 
 
-def take_lease(o, tag: str, out: Path | None = None, remote=None, on_lost=exit_lost) -> Lease:
-    """The lease of shard `tag` of a local output `out` or a store output `remote` (RemoteOutput), taken
-    (waiting as `o`, the OutputConfig, says); `on_lost` is called if another run takes it over later."""
-    timing = (o.lease_heartbeat_seconds, o.lease_timeout_seconds,
-              lease_wait(o.lease_wait_seconds, o.lease_timeout_seconds, o.lease_heartbeat_seconds))
-    if remote is None:
-        lease: Lease = FileLease(out, tag, *timing, on_lost=on_lost)
-    else:
-        from engine.output.lease_store import StoreLease
-
-        lease = StoreLease(remote.fs, remote.root, remote.url, tag, *timing, give_up_after=o.store_give_up_seconds,
-                           on_lost=on_lost)
-    lease.acquire()
-    return lease
-
-
 def lease_wait(configured: float, timeout: float, heartbeat: float) -> float:
     """output.lease_wait_seconds; -1 (the default): 0, or on a requeued Slurm attempt long enough for the old
     attempt's lease to go stale."""

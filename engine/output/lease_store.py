@@ -1,4 +1,5 @@
-"""The lease of a shard of an output in an object store (StoreLease; the protocol is in lease.py's doc).
+"""The lease of a shard of an output in an object store (StoreLease; the protocol is in lease.py's doc), and
+`take_lease`, which takes a shard's lease of either kind.
 
 S3 (s3fs): the lease object is created with `If-None-Match: *` and renewed or taken over with
 `If-Match: <its ETag>` (PutObject conditional writes; moto 5.2.5 implements both, s3fs 2026.9.0 passes
@@ -9,10 +10,12 @@ its lease is renewed every HUB_HEARTBEAT seconds at least (and goes stale after 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import orjson
 
-from engine.output.lease import Lease, describe, stale_reason
+from engine.output.lease import FileLease, Lease, describe, exit_lost, lease_wait, stale_reason
+from engine.stores import retrying, status_code
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +23,6 @@ HUB_HEARTBEAT = 120.0  # seconds, at least, between lease commits on the Hub (it
 
 
 def _precondition(exc: BaseException) -> bool:
-    from engine.stores import status_code
-
     return isinstance(exc, FileExistsError) or status_code(exc) == 412 or "PreconditionFailed" in str(exc)
 
 
@@ -42,7 +43,6 @@ class StoreLease(Lease):
 
     def _call(self, fn, what: str):
         """fn() with transient errors retried; a failed precondition returns FAILED."""
-        from engine.stores import retrying
 
         def once():
             try:
@@ -124,3 +124,17 @@ class StoreLease(Lease):
     def _drop(self) -> None:
         if self._ours():
             self._call(lambda: self.fs.rm(self.path), "releasing")
+
+
+def take_lease(o, tag: str, out: Path | None = None, remote=None, on_lost=exit_lost) -> Lease:
+    """The lease of shard `tag` of a local output `out` or a store output `remote` (RemoteOutput), taken
+    (waiting as `o`, the OutputConfig, says); `on_lost` is called if another run takes it over later."""
+    timing = (o.lease_heartbeat_seconds, o.lease_timeout_seconds,
+              lease_wait(o.lease_wait_seconds, o.lease_timeout_seconds, o.lease_heartbeat_seconds))
+    if remote is None:
+        lease: Lease = FileLease(out, tag, *timing, on_lost=on_lost)
+    else:
+        lease = StoreLease(remote.fs, remote.root, remote.url, tag, *timing, give_up_after=o.store_give_up_seconds,
+                           on_lost=on_lost)
+    lease.acquire()
+    return lease
