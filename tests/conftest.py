@@ -5,6 +5,7 @@ file, a port answering, a log line, a process ending) under a generous deadline,
 on a loaded machine."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -201,15 +202,23 @@ DOUBLES = REPO / "tests" / "doubles"
 
 
 def load_double():
-    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring)."""
-    sys.modules.pop("sglang", None)
-    sys.path.insert(0, str(DOUBLES))
+    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring).
+
+    A fresh module each call, and `sys.modules["sglang"]` left as it was: a test that wants the double
+    installed uses the `fake_sglang` fixture, and later tests in the same process still find the real
+    (installed) sglang source."""
+    spec = importlib.util.spec_from_file_location("sglang", DOUBLES / "sglang" / "__init__.py")
+    before = sys.modules.get("sglang")
+    double = importlib.util.module_from_spec(spec)
+    sys.modules["sglang"] = double  # the double's own `import sglang`-style lookups (pickle) see itself
     try:
-        import sglang
+        spec.loader.exec_module(double)
     finally:
-        sys.path.remove(str(DOUBLES))
-    assert sglang.__file__.startswith(str(DOUBLES))
-    return sglang
+        if before is None:
+            sys.modules.pop("sglang", None)
+        else:
+            sys.modules["sglang"] = before
+    return double
 
 
 @pytest.fixture

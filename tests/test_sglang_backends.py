@@ -2,7 +2,7 @@
 adapter against a faithful double of `Engine.async_generate`, the HTTP backend against a real
 server on loopback (`engine serve`), including timeouts, retries, a server that dies, and resume."""
 import ast
-import importlib.util
+import importlib.machinery
 import inspect
 import json
 import os
@@ -36,7 +36,8 @@ from engine.run import Run
 
 
 def sglang_source() -> Path:
-    spec = importlib.util.find_spec("sglang")
+    # the installed package on sys.path, whatever a double left in sys.modules
+    spec = importlib.machinery.PathFinder.find_spec("sglang")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("sglang source not installed (scripts/setup.sh installs sglang==0.5.23 --no-deps)")
     return Path(list(spec.submodule_search_locations)[0])
