@@ -2,11 +2,14 @@
 
 Time is split in three (Run marks the boundaries): start-up (`started` until the backend is ready:
 model load, engine start), generation (ready until the last completion is collected) and finishing
-(parts committed, summary, report, card). Rates are over generation time; the progress line's recent
+(parts committed, summary, report, card). `process_startup_s` is the start-up counted from the
+process's own start (interpreter, imports, model set-up, input preflight, lease): what a Slurm time
+limit has to cover before any row is generated. Rates are over generation time; the progress line's recent
 rate is over the last WINDOW_S seconds, and its ETA comes from that rate.
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -16,6 +19,18 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 WINDOW_S = 60.0  # the progress line's recent rate covers this many seconds
+
+
+def process_started() -> float | None:
+    """This process's start on the `time.perf_counter()` clock (Linux: /proc), None where unknown."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22, starttime, in clock ticks after boot
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.perf_counter() - max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 @dataclass
@@ -39,6 +54,7 @@ class Metrics:
     # this process's rows and completion tokens per prompt and finish reason: {prompt: {reason: [rows, tokens]}}
     kinds: dict = field(default_factory=dict)
     useful_tokens: int = 0  # completion tokens of rows that pass the quality gate (USEFUL, non-empty)
+    process_started: float | None = None  # the process's start (process_started()), when this run owns it
 
     def __post_init__(self) -> None:
         self.tty = sys.stderr.isatty()
@@ -84,6 +100,13 @@ class Metrics:
         return (self.ready_at if self.ready_at is not None else time.perf_counter()) - self.started
 
     @property
+    def process_startup_s(self) -> float | None:
+        """Start-up from the process's own start; None when unknown or the backend was passed in."""
+        if self.process_started is None:
+            return None
+        return (self.ready_at if self.ready_at is not None else time.perf_counter()) - self.process_started
+
+    @property
     def generation_s(self) -> float:
         if self.ready_at is None:
             return 0.0
@@ -92,7 +115,10 @@ class Metrics:
     def rates(self) -> dict:
         """The state file's timing: start-up, generation and finishing seconds, rates over generation."""
         gen = max(self.generation_s, 1e-9)
-        return {"startup_s": round(self.startup_s, 1), "generation_s": round(self.generation_s, 1),
+        proc = self.process_startup_s
+        return {"startup_s": round(self.startup_s, 1),
+                **({"process_startup_s": round(proc, 1)} if proc is not None else {}),
+                "generation_s": round(self.generation_s, 1),
                 "finishing_s": round(self.finishing_s, 1), "requests_per_s": round(self.requests_done / gen, 3),
                 "output_tokens_per_s": round(self.completion_tokens / gen, 1),
                 "useful_output_tokens": self.useful_tokens,
@@ -212,6 +238,7 @@ class Metrics:
             "prefix_cache_hit_rate": round(self.cached_tokens / self.prompt_tokens, 4) if self.prompt_tokens else 0.0,
             "wall_seconds": round(t, 2),
             "startup_s": round(self.startup_s, 2),
+            **({"process_startup_s": round(self.process_startup_s, 2)} if self.process_startup_s is not None else {}),
             "generation_s": round(gen, 2),
             "finishing_s": round(self.finishing_s, 2),
             "requests_per_s": round(self.requests_done / gen, 2) if gen else 0.0,

@@ -40,7 +40,7 @@ from engine.errors import (
 )
 from engine.input.identity import input_record
 from engine.input.reader import Reader
-from engine.metrics import Metrics
+from engine.metrics import Metrics, process_started
 from engine.model.setup import ModelSetup
 from engine.output import layout
 from engine.output.card import StoreCard, write_card
@@ -81,9 +81,9 @@ class Run:
     """One shard of one run. `setup` and a started `backend` may be passed in to reuse them across
     runs (tools/bench warms a backend up, then measures with it); a passed backend is not closed."""
 
-    def __init__(self, cfg: RunConfig, overwrite: bool = False, quiet: bool = False,
-                 setup: ModelSetup | None = None, backend=None, retry_errors: bool = False, extend_input: bool = False):
-        self.cfg, self.overwrite, self.quiet, self.retry_errors = cfg, overwrite, quiet, retry_errors
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, setup: ModelSetup | None = None, backend=None,
+                 retry_errors: bool = False, extend_input: bool = False):
+        self.cfg, self.overwrite, self.retry_errors = cfg, overwrite, retry_errors
         self.extend_input = extend_input  # --extend-input: files that joined the input are accepted (layout.py)
         self.setup, self.shared_backend = setup, backend
         self.stop = threading.Event()
@@ -133,7 +133,10 @@ class Run:
             log.info("--retry-errors: %d stored error rows removed; their documents are generated again", sinks.dropped)
         total = reader.total_rows
         metrics = Metrics(total_requests=total * len(prompts) if total is not None else None,
-                          log_every=cfg.output.progress_seconds)
+                          log_every=cfg.output.progress_seconds,
+                          # a run that set itself up counts its process's start too (imports, model, input)
+                          process_started=process_started() if self.setup is None and self.shared_backend is None
+                          else None)
         row_model = f"instant:{setup.model_name}" if cfg.backend == "instant" else setup.model_name  # no model ran
         builders = {p.name: RowBuilder(p.name, row_model, setup.tokenizer, sinks.schema, sinks.renames)
                     for p in prompts}

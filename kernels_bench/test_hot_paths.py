@@ -6,8 +6,6 @@
 Saved runs are JSON files under .benchmarks/. In the normal test suite these run once each, untimed.
 """
 import random
-import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,8 +17,6 @@ from engine.render.prompts import load_prompts
 from engine.render.renderer import Renderer
 from engine.schedule.buckets import length_buckets
 from engine.types import Request
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 
 
 @pytest.fixture(scope="module")

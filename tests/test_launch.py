@@ -60,6 +60,12 @@ def test_slurm_warns_when_the_time_limit_leaves_less_than_the_measured_startup(t
     assert "start-up" not in fine.stderr, fine.stderr
     none = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "5", check=True)  # 300 s <= 300 s
     assert "leaves no time" in none.stderr, none.stderr
+    # a start-up counted from the process's start (imports, model, input) is the one that counts
+    state["process_startup_s"] = 700.0
+    (out / "_state" / "s00000-of-00002.json").write_text(json.dumps(state))
+    longer = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "12", "--signal-seconds", "60",
+                        check=True)  # 720 - 120 = 600 s: more than startup_s, less than process_startup_s
+    assert "less than the 700 s start-up" in longer.stderr, longer.stderr
 
 
 @pytest.mark.parametrize("code", sorted({0, 1, 2, 5, *(int(c) for c in RESUMABLE)}))

@@ -95,6 +95,10 @@ def test_summary_status_and_card_show_useful_tokens_per_prompt(tmp_path):
     assert s["output_truncated"] == 8 and s["finish_reasons"] == {"stop": 8, "length": 8}
     assert s["input_truncated"] == 0
     assert s["startup_s"] + s["generation_s"] + s["finishing_s"] <= s["wall_seconds"] + 0.1
+    # counted from the process's start: the interpreter, imports and model set-up come on top
+    assert s["process_startup_s"] > s["startup_s"]
+    state = json.loads(next((out / "_state").glob("*.json")).read_text())
+    assert state["process_startup_s"] >= state["startup_s"]
     assert "useful 4,800" in run.stdout and "summary    output 4,096" in run.stdout
     status = engine_cli("status", str(out), check=True).stdout
     faq_line = next(line for line in status.splitlines() if " faq " in f" {line} ")

@@ -137,6 +137,26 @@ def test_vllm_sampling_params_carry_vllms_own_repetition_detection():
     assert c.completion_tokens == len(ids)
 
 
+def test_every_vllm_finish_reason_is_a_row_or_a_retried_error():
+    """vLLM's own FinishReason strings: `abort` and `error` (a retryable request-level failure) are
+    errors our retry takes, never a row stored as if the model had finished it."""
+    pytest.importorskip("vllm")
+    from vllm.v1.engine import FINISH_REASON_STRINGS
+
+    from engine.backends.vllm_engine import completion_from_output
+
+    req = Request(3, "faq", [1, 2, 3], 0, 64)
+    seen = {}
+    for reason in FINISH_REASON_STRINGS:
+        out = SimpleNamespace(outputs=[SimpleNamespace(token_ids=[4, 5], finish_reason=reason)],
+                              prompt_token_ids=[1, 2, 3], num_cached_tokens=0)
+        c = completion_from_output(req, out, 0.1, SamplingParams(0.7, 0.95, None))
+        seen[reason] = c.finish_reason
+        assert (c.finish_reason == "error") == (c.error is not None)
+    assert seen == {"stop": "stop", "length": "length", "abort": "error", "error": "error",
+                    "repetition": "repetition"}
+
+
 def test_vllm_engine_stops_a_loop_with_the_real_vllm_check():
     """vLLM's own check (v1/core/sched/utils.py), run on our parameters: the engine-side test we rely on."""
     pytest.importorskip("vllm")

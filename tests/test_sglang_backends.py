@@ -3,6 +3,7 @@ adapter against a faithful double of `Engine.async_generate`, the HTTP backend a
 server on loopback (`engine serve`), including timeouts, retries, a server that dies, and resume."""
 import ast
 import importlib.machinery
+import importlib.util
 import inspect
 import json
 import os
@@ -44,9 +45,9 @@ def sglang_source() -> Path:
 
 
 def test_shipped_names_match_the_pinned_sglang_source():
-    sys.path.insert(0, str(REPO / "tools"))
-    import sglang_api
-
+    spec = importlib.util.spec_from_file_location("sglang_api", REPO / "tools" / "sglang_api.py")
+    sglang_api = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sglang_api)  # the maintainers' script, by path: tools/ is not a package
     pkg = sglang_source()
     version = (pkg.parent / f"sglang-{sglang_engine.SGLANG_VERSION}.dist-info").exists()
     assert version, f"installed sglang is not the pinned {sglang_engine.SGLANG_VERSION}"
@@ -412,6 +413,9 @@ def test_openai_abort_is_an_error_not_a_success():
     req = Request(7, "faq", [1, 2, 3], 1, 16)
     aborted = b._parse(req, {"choices": [{"text": "", "finish_reason": "abort"}], "usage": {"prompt_tokens": 3}})
     assert aborted.finish_reason == "error" and "aborted" in aborted.error
+    # vLLM's "error" (a retryable request-level failure) is not a stop either
+    failed = b._parse(req, {"choices": [{"text": "", "finish_reason": "error"}], "usage": {"prompt_tokens": 3}})
+    assert failed.finish_reason == "error" and "'error'" in failed.error
     ok = b._parse(req, {"choices": [{"text": "hi", "finish_reason": "length"}],
                         "usage": {"prompt_tokens": 3, "completion_tokens": 16,
                                   "prompt_tokens_details": {"cached_tokens": 2}}})

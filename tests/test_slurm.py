@@ -174,7 +174,18 @@ def slurm_signals(*command: str):
     return scenario
 
 
-SCENARIOS = {"array": array_of_four, "scancel_b": scancel_batch, "scancel_b_sibling": scancel_batch_sibling_pending,
+def time_limit(slurm, tmp_path, tiny_model) -> dict:
+    # --time 2 with --signal-seconds 30: Slurm sends B:TERM about 90 s in (its time-limit check runs every
+    # ~30 s, so up to that much earlier); 2,400 documents at 60 ms take 144 s, longer than the limit itself,
+    # so the first attempt is always stopped by it. Each attempt commits, exits 3 and is requeued.
+    job, out, _, ids = submit(slurm, tmp_path, tiny_model, 2400, 1, 60.0, "--time", "2", "--signal-seconds", "30")
+    wait_running_and_generating(slurm, job, out, 0, 1)
+    wait_job_gone(slurm, job, out, timeout=840)
+    return {"job": job, "out": out, "ids": ids}
+
+
+SCENARIOS = {"array": array_of_four, "time_limit": time_limit, "scancel_b": scancel_batch,
+             "scancel_b_sibling": scancel_batch_sibling_pending,
              "requeue": slurm_signals("scontrol", "requeue"),  # slurmstepd signals every process of the job
              "scancel_f": slurm_signals("scancel", "-f", "-s", "TERM")}  # the shell and the engine both get SIGTERM
 
@@ -246,6 +257,13 @@ def test_scontrol_requeue_of_a_running_task(slurm, scenarios):
 def test_scancel_force_term_signals_every_process(slurm, scenarios):
     r = result(scenarios, "scancel_f")
     check_attempts(slurm, r["out"], r["job"], 0, interrupted=1)
+    check_complete(r["out"], r["ids"])
+
+
+def test_a_task_stopped_by_its_time_limit_is_requeued_and_completes(slurm, scenarios):
+    r = result(scenarios, "time_limit")
+    runs = check_attempts(slurm, r["out"], r["job"], 0, interrupted=1)
+    assert "TIMEOUT" not in {a["JobState"] for a in runs}, runs  # signalled before the limit, never killed by it
     check_complete(r["out"], r["ids"])
 
 

@@ -53,6 +53,37 @@ def test_wrong_model_or_api_is_a_config_error_before_any_row(tmp_path, server):
     assert not list((out / "faq").glob("*.parquet"))
 
 
+def test_vllm_serve_stops_a_loop_with_its_own_detector_and_we_cut_it(server):
+    """The request fields our backend sends (`repetition_detection`, `return_token_ids`) on the real
+    server: a greedy continuation of a counted sequence loops, vLLM ends it with finish_reason
+    "repetition", and the row keeps the tokens up to the loop's start."""
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.backends.shared import loop_period
+    from engine.types import RepetitionStop, Request, SamplingParams
+
+    rs = RepetitionStop(8, 32, 4)
+    tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
+    ids = tok("one two three four five six seven eight nine ten. " * 6)["input_ids"]
+    b = SGLangHTTPBackend([server.url], "openai", SamplingParams(0.0, 1.0, None, repetition_stop=rs), 1)
+    req = Request(1, "faq", ids, 0, 400)
+
+    async def ask():
+        await b.astart()
+        try:
+            return await b.agenerate(req)
+        finally:
+            await b.aclose()
+
+    c = asyncio.run(ask())
+    assert c.finish_reason == "repetition", c
+    assert c.output_ids is not None and len(c.output_ids) < c.completion_tokens < 400, c
+    assert not loop_period(c.output_ids, rs)  # what is kept no longer ends in the loop
+
+
 def test_server_killed_mid_run_then_restarted_and_resumed_exactly_once(tmp_path, server):
     # Six documents, one in flight: the server dies with five or fewer left (which used to end "complete",
     # exit 0, with error rows: too few requests to count as a dead server).

@@ -164,10 +164,11 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         usage = data.get("usage") or {}
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
         reason = choice.get("finish_reason")
-        if reason == "abort":  # SGLang's OpenAI route reports a retracted/aborted request this way: not a success
+        finish = {None: "stop", "stop": "stop", "length": "length", "repetition": "repetition"}.get(reason)
+        if finish is None:  # SGLang's "abort" (a retracted request), vLLM's "abort" / "error": retried, not a success
+            what = "aborted by the server" if reason == "abort" else f"the server finished it with {reason!r}"
             return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
-                              error=f"aborted by the server: {choice.get('text', '')[:200]}")
-        finish = {"length": "length", "repetition": "repetition"}.get(reason, "stop")
+                              error=f"{what}: {choice.get('text', '')[:200]}")
         ids = choice.get("token_ids") if finish == "repetition" else None  # vLLM's, with return_token_ids
         kept = cut_loop(list(ids), self.sampling.repetition_stop) if ids else None
         return Completion(req.key, finish, text=None if kept is not None else choice.get("text", ""), output_ids=kept,

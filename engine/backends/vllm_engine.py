@@ -4,7 +4,8 @@ The renderer's token ids go in (`tokens_input(ids)`: vLLM never tokenises or re-
 token ids come out (`detokenize=False`: the writer thread decodes them), one `generate` per request
 under the same in-flight window as the SGLang backends (async_window.py). Prefix caching is on;
 each `RequestOutput` gives the prompt and completion token counts, the cached prompt tokens
-(`num_cached_tokens`) and the finish reason (`abort` is an error, never a success).
+(`num_cached_tokens`) and the finish reason (`abort`, `error` or an unknown one is an error, retried,
+never a success).
 
 - The engine is built on the caller's (main) thread, so that a SIGTERM during its minute-long start
   interrupts it at once (see signals.py); its output handler task starts on the backend's event-loop
@@ -66,6 +67,10 @@ def vllm_sampling(req: Request, sampling: SamplingParams):
     return VSamplingParams(**kw)
 
 
+# vLLM's FinishReason strings (v1/engine/__init__.py) that mean the row is done; any other is an error
+_FINISH = {"stop": "stop", "length": "length", "repetition": "repetition"}
+
+
 def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: SamplingParams | None = None) \
         -> Completion:
     """A completion from vLLM's final `RequestOutput` (`latency_s` measured by the caller: vLLM's own
@@ -74,10 +79,11 @@ def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: 
     prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else len(req.input_ids)
     cached = int(out.num_cached_tokens or 0)
     ids = list(o.token_ids)
-    if o.finish_reason == "abort":
+    reason, kept = _FINISH.get(o.finish_reason), ids
+    if reason is None:  # "abort", "error" (vLLM: a retryable request-level failure, e.g. a KV load), or unknown
+        what = {"abort": "aborted by vLLM", "error": "vLLM reported a request-level error (finish_reason 'error')"}
         return Completion(req.key, "error", prompt_tokens=prompt_tokens, cached_tokens=cached,
-                          error="aborted by vLLM")
-    reason, kept = {"length": "length", "repetition": "repetition"}.get(o.finish_reason, "stop"), ids
+                          error=what.get(o.finish_reason, f"vLLM finished it with {o.finish_reason!r}"))
     if reason == "repetition":  # FINISHED_REPETITION: kept up to the loop, every generated token counted
         kept = cut_loop(ids, sampling.repetition_stop if sampling else None) or ids
     return Completion(req.key, reason, output_ids=kept, prompt_tokens=prompt_tokens, completion_tokens=len(ids),

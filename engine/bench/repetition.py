@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.bench.vllm_cpu import cpu_label
     from engine.model.store import resolve_model
 
-    out = Path(a.out)
+    out = Path(a.out).resolve()  # the config it writes resolves paths against its own folder
     out.mkdir(parents=True, exist_ok=True)
     docs = documents(a.docs, a.max_chars)
     if len(docs) < a.docs:

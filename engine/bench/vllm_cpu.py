@@ -108,7 +108,7 @@ def _engine(a, backend: str) -> dict:
     load = time.perf_counter() - t
     try:
         t = time.perf_counter()
-        code, summary = Run(cfg, setup=setup, backend=be, quiet=True).execute()
+        code, summary = Run(cfg, setup=setup, backend=be).execute()
         gen = time.perf_counter() - t
     finally:
         be.close()

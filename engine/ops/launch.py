@@ -195,15 +195,19 @@ def slurm_seconds(limit: str) -> float | None:
 EARLY_SIGNAL_S = 60  # Slurm checks time limits about once a minute: --signal may come up to this much early
 
 
+def _summary(path: Path) -> dict:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return {}
+
+
 def measured_startup(out: Path) -> float | None:
-    """The longest start-up an earlier run of this output measured (`startup_s` in its state files and
-    summaries); None when no run left one."""
-    found = [st.get("startup_s") for st in read_states(out)]
-    for p in out.glob("summary*.json"):
-        try:
-            found.append(orjson.loads(p.read_bytes()).get("startup_s"))
-        except (OSError, ValueError):
-            pass
+    """The longest start-up an earlier run of this output measured (`process_startup_s`, from its
+    process's start, else `startup_s`, in its state files and summaries); None when no run left one."""
+    found = []
+    for rec in list(read_states(out)) + [_summary(p) for p in out.glob("summary*.json")]:
+        found.append(rec.get("process_startup_s", rec.get("startup_s")))
     found = [float(x) for x in found if isinstance(x, (int, float))]
     return max(found) if found else None
 
