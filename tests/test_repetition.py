@@ -1,7 +1,10 @@
 """The repetition stop (`[repetition]`): the detector on real tokenisations of formats that repeat by
 design and of real loops, each backend's mechanism (torch's decode loop, vLLM's SamplingParams, the
 SGLang double's custom logit processor, the HTTP payloads), and what a stopped row becomes."""
+import json
 import random
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -294,3 +297,18 @@ def test_the_collapse_rule_holds_on_samples_of_thousands(tmp_path):
                   + [f"{i} " + varied(i) for i in range(2820)])
     (w,) = build_report(tmp_path)["groups"][0]["warnings"]
     assert "180 of 3000" in w
+
+
+@pytest.mark.slow
+def test_the_repetition_benchmark_runs_from_any_directory(tmp_path):
+    """`python -m engine.bench.repetition` end to end (instant backend, 3 documents), its --out relative
+    to the caller's directory: both settings run, results.json, table.md and loops.md written."""
+    p = subprocess.run([sys.executable, "-m", "engine.bench.repetition", "--docs", "3", "--max-new-tokens", "16",
+                        "--backends", "instant", "--prompts", "faq", "--out", "rel/out"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = tmp_path / "rel" / "out"
+    res = json.loads((out / "results.json").read_text())
+    got = [(r["backend"], r["stop"], r["rows"]) for r in res["results"]]
+    assert got == [("instant", True, 3), ("instant", False, 3)]
+    assert {"table.md", "loops.md"} <= {f.name for f in out.iterdir()}

@@ -28,8 +28,9 @@ def reference(model_dir, reqs):
     return out
 
 
-def run_backend(model_dir, reqs, **kw):
-    b = TorchBackend(str(model_dir), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0, dtype="float32", **kw)
+def run_backend(model_dir, reqs, sampling=None, **kw):
+    b = TorchBackend(str(model_dir), sampling or SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0,
+                     dtype="float32", **kw)
     b.start()
     got = {}
     for done in b.generate(iter(reqs), threading.Event()):
@@ -50,6 +51,24 @@ def test_matches_generate_token_for_token(tiny_model, batch_size, prefix_cache, 
         assert c.output_ids == ref[k], f"request {k}"
         assert c.finish_reason == "length" and c.completion_tokens == len(ref[k])
         assert c.cached_tokens == (12 if prefix_cache else 0)
+
+
+def test_a_seeded_row_samples_the_same_tokens_whatever_its_batch(tiny_model):
+    """sampling.seed set: each row draws from its own generator (request_seed), so batch size, refills and
+    the order of the other rows do not change what it samples; unset, one generator serves the batch."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = make_requests(tok, 7, 12)
+    seeded = SamplingParams(1.0, 0.9, 7)
+    alone = run_backend(tiny_model, reqs, seeded, batch_size=1)
+    for kw in ({"batch_size": 4}, {"batch_size": 3, "refill_fraction": 1.0}):
+        got = run_backend(tiny_model, reqs, seeded, **kw)
+        assert {k: c.output_ids for k, c in got.items()} == {k: c.output_ids for k, c in alone.items()}, kw
+    shuffled = run_backend(tiny_model, reqs[::-1], seeded, batch_size=4)
+    assert {k: c.output_ids for k, c in shuffled.items()} == {k: c.output_ids for k, c in alone.items()}
+    other = run_backend(tiny_model, reqs, SamplingParams(1.0, 0.9, 8), batch_size=1)
+    assert {k: c.output_ids for k, c in other.items()} != {k: c.output_ids for k, c in alone.items()}
+    shared = [run_backend(tiny_model, reqs, SamplingParams(1.0, 0.9, None), batch_size=n) for n in (1, 4)]
+    assert {k: c.output_ids for k, c in shared[0].items()} != {k: c.output_ids for k, c in shared[1].items()}
 
 
 def test_eos_stops_a_row_and_is_not_returned(tiny_model):

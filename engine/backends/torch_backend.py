@@ -28,7 +28,7 @@ from itertools import islice
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from engine.backends.shared import cpu_has_bf16, loop_cut, loop_period, tail_loops
+from engine.backends.shared import cpu_has_bf16, loop_cut, loop_period, request_seed, tail_loops
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -156,10 +156,19 @@ def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -
     return logits.scatter(1, idx, torch.where(seen < 0, seen * penalty, seen / penalty))
 
 
-def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator,
+def _draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+    """One index per row drawn from [rows, n] weights: from one generator, or from each row's own."""
+    if isinstance(generator, list):
+        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator | list[torch.Generator],
            histories: list[list[int]] | None = None) -> torch.Tensor:
     """Next token per row from [rows, vocab] logits: repetition penalty, then greedy at temperature 0,
-    else temperature, top-k, top-p (nucleus) and min-p, in transformers' order.
+    else temperature, top-k, top-p (nucleus) and min-p, in transformers' order. `generator` is one for
+    the batch, or a list with each row's own (`sampling.seed` set: a row's draws then do not depend on
+    which other rows share its batch).
 
     The nucleus is looked for among the 256 most likely tokens first (a top-k is far cheaper than
     sorting the vocabulary every step); only rows whose nucleus is wider fall back to a full sort,
@@ -172,7 +181,7 @@ def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator,
     vocab = probs.shape[-1]
     k = s.top_k if 0 < s.top_k < vocab else 0
     if not k and s.top_p >= 1.0 and s.min_p <= 0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return _draw(probs, generator).squeeze(-1)
     if k:
         top, order = probs.topk(k, dim=-1)
         top = top / top.sum(dim=-1, keepdim=True)  # the nucleus is taken within the top k
@@ -185,7 +194,7 @@ def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator,
         top = top.masked_fill(outside, 0.0)
     if s.min_p > 0:
         top = top.masked_fill(top < s.min_p * top[:, :1], 0.0)  # the most likely token always stays
-    choice = torch.multinomial(top, 1, generator=generator)
+    choice = _draw(top, generator)
     return order.gather(-1, choice).squeeze(-1)
 
 
@@ -206,6 +215,7 @@ class TorchBackend:
     model: object = None
     _prefix_kv: dict = field(default_factory=dict)  # prompt name -> per-layer (keys, values) of its prefix
     _steps: int = 0
+    _row_generators: dict = field(default_factory=dict)  # request key -> its generator (sampling.seed set)
 
     def start(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -237,6 +247,17 @@ class TorchBackend:
         # On CPU the cache is float32 whatever the weights (see cpu_attention.py); on GPUs, the model's dtype.
         self.cache_dtype = torch.float32 if self.device == "cpu" else dtype
         self.generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed or 0)
+
+    def _generators(self, reqs: list[Request], alive: list[bool] | None = None):
+        """The batch's generator; with `sampling.seed` set, each live row's own, seeded from the seed and
+        the request (request_seed, as the other backends' per-request seeds), so that a row samples the
+        same tokens whatever else is in its batch (dead rows, still in the batch, draw from the shared one)."""
+        seed = self.sampling.seed
+        if seed is None:
+            return self.generator
+        gens = self._row_generators
+        return [gens.setdefault(r.key, torch.Generator(device=self.device).manual_seed(request_seed(seed, r.key)))
+                if alive is None or alive[i] else self.generator for i, r in enumerate(reqs)]
 
     def close(self) -> None:
         self.model = None
@@ -293,7 +314,7 @@ class TorchBackend:
                 layer.n = plen
                 layer._view()
         logits = self._forward(ids, mask, pos, layers)
-        first = sample(logits, self.sampling, self.generator, [r.input_ids for r in group])
+        first = sample(logits, self.sampling, self._generators(group), [r.input_ids for r in group])
         now = time.perf_counter()
         return _Rows(layers, mask, pos[:, -1] + 1, first, list(group), [[int(t)] for t in first],
                      [now] * n, [plen] * n)
@@ -304,7 +325,7 @@ class TorchBackend:
         logits = self._forward(rows.last[:, None], rows.mask, rows.pos[:, None], rows.layers)
         histories = ([r.input_ids + o for r, o in zip(rows.reqs, rows.outs)]
                      if self.sampling.repetition_penalty != 1.0 else None)
-        nxt = sample(logits, self.sampling, self.generator, histories)
+        nxt = sample(logits, self.sampling, self._generators(rows.reqs, rows.alive), histories)
         for out, t, alive in zip(rows.outs, nxt.tolist(), rows.alive):
             if alive:
                 out.append(t)
@@ -331,6 +352,7 @@ class TorchBackend:
             else:
                 continue
             rows.alive[i] = False
+            self._row_generators.pop(req.key, None)
             done.append(Completion(req.key, reason, output_ids=ids, prompt_tokens=len(req.input_ids),
                                    completion_tokens=len(out), cached_tokens=rows.cached[i],
                                    latency_s=now - rows.started[i]))

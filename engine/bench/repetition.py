@@ -12,7 +12,14 @@ tok/s (over generation time: start-up excluded), seconds per 1k useful tokens, t
 stopped for repetition, per prompt; and the loop check: stored rows NOT marked "repetition" whose
 generation, re-tokenised, ends in a loop by the issue's definition (one n-gram of up to 32 tokens
 repeated >= 4 times to the end), with and without a minimum span of 32 tokens. The stopped rows'
-loops are listed (`loops.md`) so a reader can judge them.
+loops are listed (`loops.md`) so a reader can judge them. For a run without the stop, the rows the stop
+would have ended are counted, and among them those the model then finished itself (`stop`): the useful
+rows the stop costs.
+
+The torch runs set `sampling.seed`: each request has its own generator, so with the stop on and off a
+row draws the same tokens until the stop fires (a paired comparison: the useful rows differ only where
+the stop ended a row). vLLM's CPU engine refuses per-request seeds, so its two runs are independent
+samples and their useful counts differ by chance as well.
 """
 from __future__ import annotations
 
@@ -91,6 +98,7 @@ name = "embedded"
 max_new_tokens = {a.max_new_tokens}
 temperature = {a.temperature}
 top_p = 0.95
+{"seed = 1" if backend == "torch" else ""}
 [repetition]
 enabled = {"true" if stop else "false"}
 [torch]
@@ -124,7 +132,7 @@ def analyse(r: dict, tokenizer) -> dict:
     would = []
     for row in rows:
         q = per_prompt.setdefault(row["prompt"], {"rows": 0, "repetition": 0, "length": 0, "unmarked_loops": 0,
-                                                  "would_stop": 0})
+                                                  "would_stop": 0, "would_stop_finished": 0})
         q["rows"] += 1
         q[row["finish_reason"]] = q.get(row["finish_reason"], 0) + 1
         ids = tokenizer(row["generation"] or "", add_special_tokens=False)["input_ids"]
@@ -136,6 +144,7 @@ def analyse(r: dict, tokenizer) -> dict:
             q["unmarked_loops"] += 1
         if not r["stop"] and (at := first_stop(ids, rs)) >= 0:
             q["would_stop"] += 1
+            q["would_stop_finished"] += row["finish_reason"] == "stop"  # the model ended it after the loop
             would.append((row["prompt"], tokenizer.decode(ids[max(0, at - 120):at]), row["finish_reason"], at))
     n = len(rows) or 1
     return {"backend": r["backend"], "stop": r["stop"], "rows": len(rows), "generation_s": gen,
@@ -159,12 +168,14 @@ def markdown(results: list[dict], cpu: str, load: str) -> str:
                      f"| {x['s_per_1k_useful']} | {x['stopped_share']:.1%} | {x['length_share']:.1%} | "
                      f"{x['unmarked_loops']} / {x['unmarked_loops_32']} |")
     lines += ["", "| backend | stop | prompt | rows | stopped (repetition) | length | unmarked loops "
-              "| stop off: rows the stop would have ended |", "|---|---|---|---:|---:|---:|---:|---:|"]
+              "| stop off: rows the stop would have ended (of them finished by the model) |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
     for x in results:
         for prompt, q in sorted(x["per_prompt"].items()):
             lines.append(f"| {x['backend']} | {'on' if x['stop'] else 'off'} | {prompt} | {q['rows']} | "
                          f"{q['repetition']} | {q['length']} | {q['unmarked_loops']} | "
-                         f"{q['would_stop'] if not x['stop'] else '-'} |")
+                         f"{q['would_stop'] if not x['stop'] else '-'}"
+                         f"{'' if x['stop'] else ' (' + str(q['would_stop_finished']) + ')'} |")
     return "\n".join(lines) + "\n"
 
 
