@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     src = out / "docs.jsonl"
     src.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in docs))
     cpu = cpu_label()
-    load = f"load average at start {os.getloadavg()[0]:.2f} (other work shared the cores)"
+    load = f"load average at start {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
     results = []
