@@ -28,6 +28,24 @@ from engine.input.reader import Reader
 from engine.signals import signal_on_parent_death
 
 OK, OOM, TIMEOUT, FAILURE, NOT_RUN = "ok", "oom", "timeout", "server_failure", "not_run"
+POLL_S = 0.5  # how often a running config's wait looks at a stop request
+
+
+class _StopRequest:
+    """Set by the sweep's SIGTERM handler (bench/__main__.py) before it raises KeyboardInterrupt. The
+    interpreter swallows an exception raised in some callbacks (an at-fork hook of `logging` while
+    subprocess forks a config: "Exception ignored in ... _releaseLock"); the flag still stops the sweep:
+    the running config's wait polls it, and no config starts once it is set."""
+    requested = False
+
+
+def request_stop() -> None:
+    _StopRequest.requested = True
+
+
+def _check_stop() -> None:
+    if _StopRequest.requested:
+        raise KeyboardInterrupt
 _OOM = re.compile(r"out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|Not enough memory|"
                   r"CUBLAS_STATUS_ALLOC_FAILED|MemoryError", re.IGNORECASE)
 MAX_FAILED_SHARE = 0.01  # more failed requests than this and the config counts as a server failure
@@ -217,6 +235,7 @@ class Driver:
             return [rec for m in models for _, rec in self.configs_of(m, execute)]
 
     def run_config(self, c: BenchConfig) -> dict:
+        _check_stop()
         self.count += 1
         head = f"[{self.count}/{self.total}] {c.model.label} {c.tier} ({c.describe()})"
         rec = self.store.records.get(c.key)
@@ -280,11 +299,16 @@ def _run_process(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
                                 preexec_fn=signal_on_parent_death(signal.SIGKILL))  # noqa: PLW1509 - no threads here
+        deadline = time.monotonic() + timeout_s
         try:
-            return proc.wait(timeout=timeout_s), False
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return proc.returncode, True
+            while True:
+                try:
+                    return proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic()))), False
+                except subprocess.TimeoutExpired:
+                    if time.monotonic() >= deadline:
+                        _kill_group(proc)
+                        return proc.returncode, True
+                    _check_stop()
         except BaseException:  # the sweep itself is interrupted: take the config's processes down with it
             _kill_group(proc)
             raise
