@@ -52,7 +52,7 @@ from engine.render.prompts import Prompt, load_prompts
 from engine.render.renderer import Renderer
 from engine.schedule.producer import Producer
 from engine.schedule.retry import RetryFeed
-from engine.signals import SIGNALS, Interrupted, stop_requested
+from engine.signals import SIGNALS, Interrupted, first_signal, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,8 @@ class Run:
             if on_main:  # from here on a signal lets the run finish its writes (see _on_signal)
                 for s in SIGNALS:
                     signal.signal(s, self._on_signal)
+                if (seen := first_signal()) is not None:  # one came during start-up and its exception was lost
+                    raise Interrupted(seen)
             p.producer.start()
             self._generate(p)
             if self.stop.is_set():

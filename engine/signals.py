@@ -53,6 +53,13 @@ def stop_requested(signum: int) -> bool:
     return False
 
 
+def first_signal() -> str | None:
+    """The first SIGTERM/SIGINT this process noted, if any: also one whose `Interrupted` the interpreter
+    swallowed (raised inside a callback whose exceptions are ignored, e.g. an at-fork hook while a
+    backend spawns its processes)."""
+    return _Stop.first
+
+
 def _raise(signum, _frame) -> None:
     if stop_requested(signum):
         raise Interrupted(signal.Signals(signum).name)

@@ -83,3 +83,24 @@ def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_aborts_witho
         assert reap_session(w.proc.pid) == []
     assert engine_cli("run", str(cfg)).returncode == 0
     check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)
+
+
+def test_a_signal_whose_exception_was_swallowed_during_start_up_still_stops_the_run(tmp_path, tiny_model,
+                                                                                      monkeypatch):
+    """A SIGTERM during start-up raises Interrupted; where the interpreter swallows it (raised inside an
+    at-fork hook while a backend spawns processes) the signal is still noted, and the run stops with the
+    resumable status as soon as its own handler is in place, before any row is generated."""
+    from engine import signals
+    from engine.config.run_config import load_config
+    from engine.errors import ExitCode
+    from engine.run import Run
+
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(20))], out)
+    monkeypatch.setattr(signals._Stop, "first", "SIGTERM")  # noted by stop_requested, its Interrupted lost
+    code, _ = Run(load_config(cfg)).execute()
+    assert code == ExitCode.INTERRUPTED
+    assert stored_rows(out) == 0
+    monkeypatch.setattr(signals._Stop, "first", None)
+    code, _ = Run(load_config(cfg)).execute()  # the resume generates everything
+    assert code == ExitCode.OK and stored_rows(out) == 20
