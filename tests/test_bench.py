@@ -190,14 +190,14 @@ def test_sigterm_stops_the_sweep_and_its_running_config(tmp_path, tiny_model, do
 def test_a_stop_request_the_interpreter_swallowed_still_stops_the_running_config(tmp_path, monkeypatch):
     """CI caught a SIGTERM whose KeyboardInterrupt was raised inside logging's at-fork hook while a config
     was forked ("Exception ignored in ... _releaseLock"): the sweep ran on and exited 0. The handler's flag
-    (driver.request_stop) is what the running config's wait and the next config's start look at."""
+    (noted by engine.signals) is what the running config's wait and the next config's start look at."""
+    from engine import signals
     from engine.bench import driver
 
-    monkeypatch.setattr(driver._StopRequest, "requested", False)
     proc_file = tmp_path / "pid"
     cmd = [sys.executable, "-c", f"import os, time; open({str(proc_file)!r}, 'w').write(str(os.getpid())); "
            "time.sleep(300)"]
-    driver.request_stop()  # the handler ran; its exception went nowhere
+    monkeypatch.setattr(signals._Stop, "first", "SIGTERM")  # the handler noted it; its exception went nowhere
     with pytest.raises(KeyboardInterrupt):
         driver._run_process(cmd, tmp_path / "log.txt", timeout_s=600)
     if proc_file.exists():  # the config started before the poll saw the request: it is gone now

@@ -69,6 +69,7 @@ def vllm_sampling(req: Request, sampling: SamplingParams):
 
 # vLLM's FinishReason strings (v1/engine/__init__.py) that mean the row is done; any other is an error
 _FINISH = {"stop": "stop", "length": "length", "repetition": "repetition"}
+_FAILED = {"abort": "aborted by vLLM", "error": "vLLM reported a request-level error (finish_reason 'error')"}
 
 
 def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: SamplingParams | None = None) \
@@ -81,9 +82,8 @@ def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: 
     ids = list(o.token_ids)
     reason, kept = _FINISH.get(o.finish_reason), ids
     if reason is None:  # "abort", "error" (vLLM: a retryable request-level failure, e.g. a KV load), or unknown
-        what = {"abort": "aborted by vLLM", "error": "vLLM reported a request-level error (finish_reason 'error')"}
         return Completion(req.key, "error", prompt_tokens=prompt_tokens, cached_tokens=cached,
-                          error=what.get(o.finish_reason, f"vLLM finished it with {o.finish_reason!r}"))
+                          error=_FAILED.get(o.finish_reason, f"vLLM finished it with {o.finish_reason!r}"))
     if reason == "repetition":  # FINISHED_REPETITION: kept up to the loop, every generated token counted
         kept = cut_loop(ids, sampling.repetition_stop if sampling else None) or ids
     return Completion(req.key, reason, output_ids=kept, prompt_tokens=prompt_tokens, completion_tokens=len(ids),

@@ -5,14 +5,15 @@ import argparse
 import signal
 import sys
 
-from engine.bench.driver import Driver, request_stop
+from engine.bench.driver import Driver
 from engine.bench.report import write_report
 from engine.bench.sweep import load_sweep
 from engine.errors import ConfigError, EngineError, ExitCode
+from engine.signals import stop_requested
 
 
 def _interrupt(signum, _frame):
-    request_stop()  # also seen where the interpreter swallows the exception below (driver._StopRequest)
+    stop_requested(signum)  # noted: seen even where the interpreter swallows the exception (driver._check_stop)
     raise KeyboardInterrupt
 
 

@@ -25,26 +25,18 @@ import pyarrow.parquet as pq
 from engine.bench.sweep import BASELINE, BenchConfig, ModelEntry, Sweep
 from engine.errors import SweepError
 from engine.input.reader import Reader
-from engine.signals import signal_on_parent_death
+from engine.signals import first_signal, signal_on_parent_death
 
 OK, OOM, TIMEOUT, FAILURE, NOT_RUN = "ok", "oom", "timeout", "server_failure", "not_run"
 POLL_S = 0.5  # how often a running config's wait looks at a stop request
 
 
-class _StopRequest:
-    """Set by the sweep's SIGTERM handler (bench/__main__.py) before it raises KeyboardInterrupt. The
-    interpreter swallows an exception raised in some callbacks (an at-fork hook of `logging` while
-    subprocess forks a config: "Exception ignored in ... _releaseLock"); the flag still stops the sweep:
-    the running config's wait polls it, and no config starts once it is set."""
-    requested = False
-
-
-def request_stop() -> None:
-    _StopRequest.requested = True
-
-
 def _check_stop() -> None:
-    if _StopRequest.requested:
+    """The sweep's SIGTERM handler (bench/__main__.py) notes the signal (engine.signals) before it raises
+    KeyboardInterrupt. The interpreter swallows an exception raised in some callbacks (`logging`'s at-fork
+    hook while subprocess forks a config: "Exception ignored in ... _releaseLock"); the noted signal still
+    stops the sweep: the running config's wait polls it, and no config starts once it is set."""
+    if first_signal() is not None:
         raise KeyboardInterrupt
 _OOM = re.compile(r"out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|Not enough memory|"
                   r"CUBLAS_STATUS_ALLOC_FAILED|MemoryError", re.IGNORECASE)
