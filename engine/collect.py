@@ -1,59 +1,74 @@
-"""The collector: completions back from the backend, joined to their documents, handed to the writer.
+"""The collector: what is in flight, and what comes back from the backend, joined to its documents.
 
-    backend completions -> retry a failed one (schedule/retry.py) or count it and pair it with its
-    document (schedule/producer.py's pending map) -> per prompt, to the writer's queue
-    -> (writer thread) RowBuilder: decode, one Arrow record batch of output rows -> PartSink
+    producer (Pending: document + request) -> Collector.admit: noted in flight, the request goes on
+    -> RetryFeed (schedule/retry.py: failed requests back in with backoff) -> backend
+    -> backend completions -> Collector: a failed one retried, or counted and paired with its document
+    -> per prompt, to the writer's queue -> (writer thread) RowBuilder: decode, one Arrow record batch
 
-A failed request that has used all its tries is stored as a row with finish_reason "error".
+The collector owns the in-flight map: it adds a request when the backend pulls it and removes it when its
+completion is final. A failed request that has used all its tries is stored as a row with finish_reason
+"error". Usefulness (engine/gate.py) is judged on the writer thread, where the text is decoded.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
-from engine.metrics import Metrics
+from engine.config.run_config import RetryConfig
+from engine.metrics import Counters
 from engine.schedule.producer import Pending
 from engine.schedule.retry import RetryFeed
-from engine.types import USEFUL, Completion, Rejection
+from engine.types import Completion, Rejection, Request
 
 
 class Collector:
-    """Completions -> (document, completion) pairs per prompt, put on the writer's queue; counts them."""
+    """Requests in flight, and their completions -> (document, completion) pairs per prompt on the writer's
+    queue; counts them. Iterate `requests` to feed the backend (retries first, then new work)."""
 
-    def __init__(self, pending: dict[int, Pending], put: Callable[[str, list], None], metrics: Metrics,
-                 feed: RetryFeed):
-        self.pending, self.put, self.metrics, self.feed = pending, put, metrics, feed
+    def __init__(self, pending: Iterable[Pending], put: Callable[[str, list], None], counters: Counters,
+                 retry: RetryConfig, stop: threading.Event):
+        self.put, self.counters = put, counters
+        self.in_flight: dict[int, Pending] = {}
+        self.feed = RetryFeed(self.admit(pending), retry.max_attempts, retry.backoff_seconds, stop)
+
+    def admit(self, pending: Iterable[Pending]) -> Iterator[Request]:
+        for p in pending:
+            self.in_flight[p.request.key] = p
+            yield p.request
+
+    @property
+    def requests(self) -> RetryFeed:
+        return self.feed
+
+    @property
+    def more(self) -> bool:
+        """Work is left: retries waiting, or input not yet read to its end."""
+        return self.feed.pending
 
     def __call__(self, completions: list[Completion]) -> None:
-        metrics, feed, pending = self.metrics, self.feed, self.pending
+        counters, feed, in_flight = self.counters, self.feed, self.in_flight
         by_prompt: dict[str, list] = {}
-        ptoks = ctoks = cached = failed = 0
-        done = 0
-        kinds: dict[tuple[str, str], list[int]] = {}  # (prompt, finish reason) -> rows, tokens, useful tokens
+        ptoks = ctoks = cached = failed = done = 0
         for c in completions:
-            if c.finish_reason == "error" and feed.retry(pending[c.key].request):
-                metrics.retries += 1
+            if c.finish_reason == "error" and feed.retry(in_flight[c.key].request):
+                counters.retries += 1
                 continue
             feed.succeeded(c.key)
             done += 1
-            p = pending.pop(c.key)
+            p = in_flight.pop(c.key)
             by_prompt.setdefault(p.request.prompt, []).append((p, c))
             ptoks += c.prompt_tokens
             ctoks += c.completion_tokens
             cached += c.cached_tokens
             if c.finish_reason == "error":
                 failed += 1
-                metrics.last_error = c.error
-            metrics.truncated += p.truncated
-            kind = kinds.setdefault((p.request.prompt, c.finish_reason), [0, 0, 0])
-            kind[0] += 1
-            kind[1] += c.completion_tokens
-            if c.finish_reason in USEFUL and (c.output_ids if c.text is None else c.text.strip()):
-                kind[2] += c.completion_tokens  # what passes the quality gate: finished by the model, not empty
+                counters.last_error = c.error
+            counters.truncated += p.truncated
         for prompt, items in by_prompt.items():
             self.put(prompt, items)
-        metrics.completed(done, ptoks, ctoks, cached, failed, kinds)
+        counters.completed(done, ptoks, ctoks, cached, failed)
 
 
 class RowBuilder:

@@ -9,7 +9,9 @@ The exception tree (each class says when it is raised; `exit_code` is what `engi
     │   ├── ResumeError              2  output.dir holds results of another configuration or input
     │   └── ProbeError               2  a server that answers, but not as the config says (http.model, http.api)
     ├── InputError                   1  a bad input file (named, with the row where there is one)
-    ├── WriterError                  1  writing the output failed (disk full, permissions)
+    │   └── InputChanged             1  an input file changed, was cut or removed while a run read it
+    ├── WriterError                  1  writing the output failed (disk full, permissions): names the file
+    ├── DamagedOutput                1  a file the engine wrote earlier is damaged (named, with what to do)
     ├── ModelError                   1  a model that cannot be found or converted
     ├── StoreError                   2  an object store refused (credentials, bucket); 4 when it stayed down
     ├── BackendDead                  4  the backend can serve no more requests (resumable)
@@ -27,11 +29,13 @@ The exception tree (each class says when it is raised; `exit_code` is what `engi
 """
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 __all__ = [
     "ExitCode", "EngineError", "ConfigError", "PromptError", "RenderError", "ResumeError", "ProbeError",
-    "InputError", "WriterError", "ModelError", "StoreError", "BackendDead", "TooManyErrors", "RunFailed",
+    "InputError", "InputChanged", "WriterError", "DamagedOutput", "ModelError", "StoreError", "BackendDead",
+    "TooManyErrors", "RunFailed",
     "ShardFailed", "ShardInterrupted", "SourceError", "TokenFileError", "CoverageError", "CompareError",
     "SweepError", "LeaseHeld", "RESUMABLE",
 ]
@@ -84,8 +88,31 @@ class InputError(EngineError, ValueError):
     """Bad input that stops the run before generation; the message names the file (and row)."""
 
 
+class InputChanged(InputError):
+    """The input changed under a running run (a file cut, replaced or removed, or fewer or more rows read than
+    counted at its start): what it stored is kept, but the run is not complete."""
+    hint = ("What finished is saved, but it was made from an input that is not the recorded one. Put the recorded "
+            "input back and run the same command again to resume, or start afresh (--overwrite, or another "
+            "output.dir).")
+
+
 class WriterError(EngineError, RuntimeError):
     """Writing the output failed (disk full, permissions); what was committed before stays readable."""
+
+    @classmethod
+    def writing(cls, path, exc: OSError) -> WriterError:
+        """`exc`, raised while writing `path`, as a message naming the file; a full disk says how to go on."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            err = cls(f"{path}: no space left on device")
+            err.hint = ("Free some space there (or give output.dir / output.staging_dir more room), then run the "
+                        "same command again: it resumes, keeping every committed part and journaled row.")
+            return err
+        return cls(f"{path}: {exc.strerror or exc}")
+
+
+class DamagedOutput(EngineError, RuntimeError):
+    """A file the engine wrote and reads back (a committed part, the fingerprint, a state file) is damaged or
+    missing; the message names it and says what to do."""
 
 
 class ModelError(EngineError, RuntimeError):
@@ -132,7 +159,7 @@ class RunFailed(EngineError, RuntimeError):
     """A run that stopped with an error after its output was set up; carries the run's summary (printed
     before the message) and the status its cause maps to."""
 
-    def __init__(self, code: int, summary: dict, cause: BaseException):
+    def __init__(self, code: int, summary, cause: BaseException):  # summary: output.record.RunSummary
         super().__init__(str(cause))
         self.code, self.summary, self.cause = code, summary, cause
 
@@ -142,6 +169,8 @@ class RunFailed(EngineError, RuntimeError):
 
     @property
     def hint(self) -> str:  # type: ignore[override]
+        if getattr(self.cause, "hint", None):  # the cause knows better (a changed input, a store that gave up)
+            return self.cause.hint
         if self.code == ExitCode.CONFIG:
             return "Nothing was generated; fix the configuration and run again."
         if self.code == ExitCode.TOO_MANY_ERRORS:
@@ -159,7 +188,8 @@ class ShardFailed(EngineError, RuntimeError):
 
 
 class SourceError(EngineError, ValueError):
-    """`engine mix` / `export`: a generated output or mix-in source that cannot be used as asked."""
+    """`engine mix` / `export` / `report`: a folder that is not an engine output, the output of an incomplete run
+    (without --allow-incomplete), or a mix-in source that cannot be used as asked."""
 
 
 class TokenFileError(EngineError, ValueError):
@@ -178,4 +208,4 @@ class CompareError(EngineError, ValueError):
 
 
 class SweepError(EngineError, RuntimeError):
-    """`python -m engine.bench`: a sweep file or a benchmark run that failed."""
+    """`engine bench`: a sweep file or a benchmark run that failed."""

@@ -6,6 +6,8 @@ is (argument parsing, imports, model load, backend start), the `finally` blocks 
 opened, and the command exits with status 3. While a run generates, `Run` replaces these handlers
 with its own graceful one (stop admitting work, commit what finished, exit 3). Either way only the
 first signal counts: a repeated SIGTERM is the same request, a second SIGINT aborts (`stop_requested`).
+Once a run's outcome is decided (its state and summary written), `settle` ignores both: a signal while
+the summary prints or the interpreter shuts down (Slurm's time limit, `scancel`) changes nothing.
 `reap_children` ends whatever child process is still alive when a command ends (an engine whose
 start-up was cut short), so that no engine process outlives us holding memory.
 """
@@ -70,6 +72,16 @@ def raise_on_signals() -> None:
     if threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, _raise)
+
+
+def settle() -> None:
+    """The command's work is done and its status known: ignore SIGTERM and SIGINT from now on (main thread
+    only), so that the process ends with that status, quietly, whenever a signal comes: not 3 ("interrupted"),
+    not a traceback from an atexit hook, not 143. SIG_IGN rather than a Python handler: CPython resets the
+    handlers it installed to SIG_DFL while the interpreter finalises, never an ignored signal."""
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def signal_on_parent_death(sig: int):

@@ -123,7 +123,7 @@ def retrying(fn, what: str, give_up_after: float = 300.0, first: float = 0.5, ca
 class RetryingFile(io.RawIOBase):
     """A store object read as a seekable stream of `block_size` range requests, `prefetch` blocks ahead
     on background threads (the next blocks download while this one is parsed: measured 2-4x faster
-    than fetching on demand, python -m engine.bench.storage); each range request is retried on transient errors,
+    than fetching on demand, python -m benchmarks.storage); each range request is retried on transient errors,
     so a 503 in the middle of a 10 GB input file costs a retry, not the run."""
 
     def __init__(self, url: str, block_size: int = 8 << 20, prefetch: int = 2, give_up_after: float = 300.0):

@@ -9,10 +9,6 @@ from dataclasses import dataclass
 REJECTED = "rejected"  # the output stream of skipped input rows (beside one stream per prompt)
 # Folders of an output directory that are not prompts (so no prompt may be named so: render/prompts.py)
 ENGINE_DIRS = ("_run", "_state", "_journal", "_manifest", REJECTED, "report")
-# Finish reasons of the rows that pass the quality gate of mix/export (handoff/sources.py): the model ended
-# them. Their output tokens are the "useful" ones (an empty generation, left out too, holds no tokens
-# beyond its stop token).
-USEFUL = ("stop",)
 
 
 @dataclass(slots=True)
@@ -32,7 +28,7 @@ class Rejection:
 
 @dataclass(slots=True)
 class Request:
-    key: int  # the runner's handle for the pending document row
+    key: int  # the request's handle: the collector's in-flight map (collect.py) finds its document by it
     prompt: str  # prompt name
     input_ids: list[int]
     prefix_len: int  # leading tokens shared by every request of this prompt

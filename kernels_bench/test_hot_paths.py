@@ -23,13 +23,13 @@ from engine.types import Request
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
     return AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
 
 
 @pytest.fixture(scope="module")
 def documents():
-    from engine.bench.corpus import make_documents
+    from benchmarks.corpus import make_documents
     return make_documents(512, seed=3)
 
 

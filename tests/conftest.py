@@ -123,8 +123,8 @@ def engine_cli(*args: str, timeout: float = 600, env: dict | None = None,
 
 
 def stored_rows(out: Path) -> int:
-    from engine.output.layout import read_states
-    return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
+    from engine.output.record import read_states
+    return sum(st.stored for st in read_states(out))
 
 
 def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.2):
@@ -141,7 +141,7 @@ def wait_for(cond, what: str, timeout: float, proc: subprocess.Popen | None = No
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-from engine.signals import session_processes  # noqa: E402 - shared with engine/bench/gpu_acceptance.py
+from engine.signals import session_processes  # noqa: E402 - shared with tests/gpu/acceptance.py
 
 
 def reap_session(sid: int, timeout: float = 60) -> list[str]:
@@ -202,7 +202,8 @@ DOUBLES = REPO / "tests" / "doubles"
 
 
 def load_double():
-    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring).
+    """tests/doubles/sglang: what sglang.Engine 0.5.23 does to its caller (see its docstring; its HTTP
+    server, `python -m sglang.launch_server` with tests/doubles on PYTHONPATH, is launch_server.py there).
 
     A fresh module each call, and `sys.modules["sglang"]` left as it was: a test that wants the double
     installed uses the `fake_sglang` fixture, and later tests in the same process still find the real
@@ -232,3 +233,68 @@ def fake_sglang(monkeypatch):
         if not eng.shut:
             eng.shutdown()
     signal.signal(signal.SIGQUIT, quit_handler)
+
+
+# ---- the command line in this process (tests that read a command's output, not its process's end) ---------------
+def engine_main(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`engine ARGS` run by engine.cli's own parse-and-dispatch (`_main`: the same subcommands, the same
+    one error handler and exit statuses) in this process: stdout, stderr (the log lines included, in the
+    command line's format) and the status come back as `engine_cli` returns them, without an interpreter
+    start-up and the heavy imports per call, and coverage counts the code that ran. For tests that read what
+    a command prints and writes; a test about the process itself (a signal, kill -9, two processes holding
+    one lease, a status set by the interpreter) uses `engine_cli`. `env` is set for the call only."""
+    import contextlib
+    import io
+    import logging
+    from unittest import mock
+
+    from engine import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    level = root.level
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    root.addHandler(handler)  # before _main: its logging.basicConfig then adds no handler of its own
+    root.setLevel(logging.INFO)
+    try:
+        with mock.patch.dict(os.environ, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = int(cli._main(list(args)))
+            except SystemExit as exc:  # argparse: a usage error (2) or --help (0)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    proc = subprocess.CompletedProcess(["engine", *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"engine {' '.join(args)} failed ({code}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+# ---- how the suite spreads over pytest-xdist workers (scripts/test.sh: -n N --dist loadfile) ---------------------
+# A file's tests stay on one worker (its module fixtures start once: the Slurm cluster, the `vllm serve` server,
+# the moto S3 server). xdist 3.8's `--dist loadgroup` would spread single tests, but under pytest 9 it groups
+# nothing (it renames item._nodeid; pytest 9 keeps the id in item._id), so a file is the unit.
+# The longest files are handed out first, so that none of them is what the other workers wait for at the end.
+LONGEST_FIRST = ("test_slurm.py", "test_vllm_serve.py", "test_vllm.py", "test_lease.py", "test_bench.py",
+                 "test_handoff.py", "test_sglang_backends.py", "test_storage.py", "test_integration_smollm2.py",
+                 "test_signals.py", "test_launch.py", "test_recovery.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-cov's own lines
+def pytest_terminal_summary(terminalreporter, config):
+    """One line with the coverage of engine/ (pytest-cov's total; the reports are in .coverage-report/)."""
+    cov = config.pluginmanager.getplugin("_cov")
+    total = getattr(cov, "cov_total", None)
+    if total is not None and getattr(cov, "cov_controller", None) is not None:
+        terminalreporter.write_line(f"coverage of engine/: {total:.1f}% of statements (html: .coverage-report/html/"
+                                    f"index.html, xml: .coverage-report/coverage.xml)")

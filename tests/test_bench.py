@@ -1,4 +1,5 @@
-"""tools/bench: sweep files, one process per config, outcomes, resume after kill -9, report files."""
+"""`engine bench` (= tools/bench, python -m engine.bench): sweep files, one process per config, outcomes,
+resume after kill -9, report files."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import REPO, sample_docs, wait_for, write_jsonl
+from conftest import REPO, engine_cli, sample_docs, wait_for, write_jsonl
 
 from engine.bench.driver import FAILURE, OK, OOM, TIMEOUT, classify, metrics
 from engine.bench.report import pareto
@@ -188,21 +189,22 @@ def test_sigterm_stops_the_sweep_and_its_running_config(tmp_path, tiny_model, do
 
 
 def test_a_stop_request_the_interpreter_swallowed_still_stops_the_running_config(tmp_path, monkeypatch):
-    """CI caught a SIGTERM whose KeyboardInterrupt was raised inside logging's at-fork hook while a config
-    was forked ("Exception ignored in ... _releaseLock"): the sweep ran on and exited 0. The handler's flag
+    """CI caught a SIGTERM whose exception was raised inside logging's at-fork hook while a config was
+    forked ("Exception ignored in ... _releaseLock"): the sweep ran on and exited 0. The handler's flag
     (noted by engine.signals) is what the running config's wait and the next config's start look at."""
     from engine import signals
     from engine.bench import driver
+    from engine.signals import Interrupted
 
     proc_file = tmp_path / "pid"
     cmd = [sys.executable, "-c", f"import os, time; open({str(proc_file)!r}, 'w').write(str(os.getpid())); "
            "time.sleep(300)"]
     monkeypatch.setattr(signals._Stop, "first", "SIGTERM")  # the handler noted it; its exception went nowhere
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="SIGTERM"):
         driver._run_process(cmd, tmp_path / "log.txt", timeout_s=600)
     if proc_file.exists():  # the config started before the poll saw the request: it is gone now
         assert not Path(f"/proc/{proc_file.read_text()}").exists()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="SIGTERM"):
         driver._check_stop()  # and no further config starts
 
 
@@ -234,6 +236,24 @@ def test_bad_sweeps_fail_before_running(tmp_path, tiny_model, docs):
         load_sweep(sweep)
     proc = bench(str(write_sweep(tmp_path / "s4.toml", tiny_model, docs, results)), "--set", "data.docs=500")
     assert proc.returncode == 1 and "12 usable documents" in proc.stderr
+
+
+def test_engine_bench_is_the_command_and_its_errors_go_through_the_one_handler(tmp_path, tiny_model, docs):
+    """`engine bench` is the sweep; tools/bench and `python -m engine.bench` are the same command, so an error
+    reads the same (engine.cli's handler: `error: ...`, status 2 for a bad sweep) whichever spelling ran."""
+    sweep = write_sweep(tmp_path / "s.toml", tiny_model, docs, tmp_path / "res")
+    p = engine_cli("bench", str(sweep), "--dry-run", check=True)
+    assert "tiny (" in p.stdout and "baseline + tier1 2, tier2 2 after tier1" in p.stdout
+    assert "5 configs, each in its own process" in p.stdout and not (tmp_path / "res" / "results.jsonl").exists()
+    wrong = engine_cli("bench", str(sweep), "--models", "tiny,huge", "--dry-run")
+    assert wrong.returncode == 2 and "error: --models: unknown huge (the sweep has tiny)" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    missing = str(tmp_path / "nope.toml")
+    for proc in (engine_cli("bench", missing), bench(missing),
+                 subprocess.run([sys.executable, "-m", "engine.bench", missing], capture_output=True, text=True,
+                                cwd=REPO)):
+        assert proc.returncode == 2 and proc.stderr.strip() == f"error: sweep file not found: {missing}", proc.stderr
+    assert "resumable" in engine_cli("bench", "--help", check=True).stdout.lower()
 
 
 def test_group_values_apply_settings_together(tmp_path, tiny_model, docs):

@@ -1,6 +1,8 @@
 """CLI manners, as a user meets them (../shared/reviews/newcomer-trial.md, "Friction"): no traceback for a user
 mistake, --help that shows defaults and exit statuses, every subcommand that writes a directory treating an
-existing one alike, hints that name the flag the user can set, and outputs that do not pass for a model's."""
+existing one alike, hints that name the flag the user can set, and outputs that do not pass for a model's.
+The commands run in this process (`engine_main`: the command line's own parser, commands and error handler,
+whose messages and statuses these tests read); the closed-pipe test starts processes, as a shell does."""
 from __future__ import annotations
 
 import os
@@ -10,7 +12,7 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, engine_cli, sample_docs, write_config, write_jsonl
+from conftest import REPO, engine_main, sample_docs, write_config, write_jsonl
 from test_bench import bench, write_sweep
 
 from engine.cli.parser import build_parser
@@ -29,21 +31,21 @@ def run_out(tmp_path_factory, tiny_model):
     src = write_jsonl(tmp / "in.jsonl", [{**d, "text": f"{i}: {d['text']}"} for i, d in enumerate(sample_docs(12))])
     out = tmp / "out"
     cfg = write_config(tmp / "r.toml", tiny_model, [src], out, instant={"completion_tokens": 8})
-    p = engine_cli("run", str(cfg), check=True)
+    p = engine_main("run", str(cfg), check=True)
     return type("Run", (), {"out": out, "cfg": cfg, "proc": p, "tmp": tmp})
 
 
 # ---- user mistakes end with `error: ...`, a status, and no traceback ------------------------------------------------
 def test_prompts_render_of_a_missing_file_or_too_small_a_context(tmp_path):
-    missing = engine_cli("prompts", "render", "faq", str(tmp_path / "nofile.txt"))
+    missing = engine_main("prompts", "render", "faq", str(tmp_path / "nofile.txt"))
     assert missing.returncode == ExitCode.CONFIG and "nofile.txt" in missing.stderr and "not found" in missing.stderr
     no_traceback(missing)
     doc = tmp_path / "doc.txt"
     doc.write_text("A short document about rivers and the sea.\n")
-    small = engine_cli("prompts", "render", "faq", str(doc), "--context", "300")
+    small = engine_main("prompts", "render", "faq", str(doc), "--context", "300")
     assert small.returncode == ExitCode.CONFIG and small.stderr.startswith("error: ") and "context 300" in small.stderr
     no_traceback(small)
-    fine = engine_cli("prompts", "render", "faq", str(doc))  # the same file with the default context renders
+    fine = engine_main("prompts", "render", "faq", str(doc))  # the same file with the default context renders
     assert fine.returncode == 0 and "rivers and the sea" in fine.stdout
 
 
@@ -70,7 +72,7 @@ def test_an_unwritable_output_dir_is_named_as_such(tmp_path, tiny_model):
     blocker.write_text("not a directory\n")
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(3))
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], blocker / "out")
-    p = engine_cli("run", str(cfg))
+    p = engine_main("run", str(cfg))
     assert p.returncode == ExitCode.ERROR, p.stderr
     assert f"error: output.dir {blocker / 'out'}: cannot write there" in p.stderr, p.stderr
     no_traceback(p)
@@ -80,7 +82,7 @@ def test_an_unwritable_output_dir_is_named_as_such(tmp_path, tiny_model):
 def test_a_prompt_file_missing_keys_lists_every_required_key(tmp_path):
     own = tmp_path / "mine.toml"
     own.write_text('name = "mine"\ntemplate = """Rewrite this.\n\n{document}"""\n')
-    p = engine_cli("prompts", "show", str(own))
+    p = engine_main("prompts", "show", str(own))
     assert p.returncode == ExitCode.CONFIG, p.stderr
     assert "missing key(s) origin, intent, max_new_tokens" in p.stderr
     assert "needs name, origin, intent, template, max_new_tokens" in p.stderr
@@ -99,11 +101,11 @@ def _subcommands(parser, prefix=()):
 def test_help_of_every_subcommand_shows_its_defaults_and_the_exit_statuses():
     statuses = [f"{int(c)} {c.name.lower().replace('_', ' ')}" for c in ExitCode]
     for args in ((), ("run",)):
-        text = " ".join(engine_cli(*args, "--help", check=True).stdout.split())
+        text = " ".join(engine_main(*args, "--help", check=True).stdout.split())
         assert all(s in text for s in statuses), (args, text)
     checked = 0
     for names, sub in _subcommands(build_parser()):
-        text = " ".join(engine_cli(*names, "--help", check=True).stdout.split())
+        text = " ".join(engine_main(*names, "--help", check=True).stdout.split())
         for action in sub._actions:
             d = action.default
             if not action.option_strings or d is None or d is False or d in ("", "==SUPPRESS=="):
@@ -126,7 +128,7 @@ def test_export_lighteval_refuses_a_non_empty_out_like_mix_and_export_nanotron(t
         out = tmp_path / name
         out.mkdir()
         (out / "notes.txt").write_text("mine\n")
-        p = engine_cli(*cmd, "--out", str(out))
+        p = engine_main(*cmd, "--out", str(out))
         no_traceback(p)
         m = REFUSED.search(p.stderr)
         assert m and m.group(1) == str(out), (name, p.stderr)
@@ -134,24 +136,24 @@ def test_export_lighteval_refuses_a_non_empty_out_like_mix_and_export_nanotron(t
         assert sorted(f.name for f in out.iterdir()) == ["notes.txt"]  # nothing written
     assert set(answers.values()) == {answers["mix"]} and answers["mix"] != 0, answers
     out = tmp_path / "lighteval"
-    first = engine_cli("export", "lighteval", "--out", str(out), "--overwrite", check=True)
+    first = engine_main("export", "lighteval", "--out", str(out), "--overwrite", check=True)
     assert "lighteval accelerate" in first.stdout
     (out / "tasks.txt").write_text("stale\n")
-    engine_cli("export", "lighteval", "--out", str(out), "--overwrite", "--tasks", "arc_cf_easy", check=True)
+    engine_main("export", "lighteval", "--out", str(out), "--overwrite", "--tasks", "arc_cf_easy", check=True)
     assert (out / "tasks.txt").read_text() == "arc_cf_easy|0\n" and (out / "notes.txt").read_text() == "mine\n"
     fresh = tmp_path / "fresh"
-    engine_cli("export", "lighteval", "--out", str(fresh), check=True)  # a new or empty --out needs no flag
+    engine_main("export", "lighteval", "--out", str(fresh), check=True)  # a new or empty --out needs no flag
     assert (fresh / "tasks.txt").exists()
 
 
 # ---- engine mix: the hint names its flag; a share far from the asked one is said ------------------------------------
 def test_mix_hint_names_text_column_flag(tmp_path, run_out):
     other = write_jsonl(tmp_path / "orig.jsonl", [{"id": f"o{i}", "content": "some words"} for i in range(5)])
-    p = engine_cli("mix", str(run_out.out), "--mix-in", str(other), "--out", str(tmp_path / "mix"))
+    p = engine_main("mix", str(run_out.out), "--mix-in", str(other), "--out", str(tmp_path / "mix"))
     assert p.returncode == ExitCode.ERROR and "no field 'text'" in p.stderr and "set --text-column" in p.stderr
     assert "input.text_column" not in p.stderr
     no_traceback(p)
-    ok = engine_cli("mix", str(run_out.out), "--mix-in", str(other), "--text-column", "content", "--out",
+    ok = engine_main("mix", str(run_out.out), "--mix-in", str(other), "--text-column", "content", "--out",
                     str(tmp_path / "mix"), "--ratio", "0.5", check=True)
     assert "mix written" in ok.stdout
 
@@ -159,13 +161,13 @@ def test_mix_hint_names_text_column_flag(tmp_path, run_out):
 def test_mix_warns_when_the_achieved_share_is_far_from_the_asked_one(tmp_path, run_out):
     # One long mix-in document: whole documents are mixed, so 60% synthetic cannot be reached.
     long = write_jsonl(tmp_path / "long.jsonl", [{"id": "big", "text": " ".join(["river sea bread"] * 3000)}])
-    far = engine_cli("mix", str(run_out.out), "--mix-in", str(long), "--out", str(tmp_path / "far"), "--ratio", "0.6",
+    far = engine_main("mix", str(run_out.out), "--mix-in", str(long), "--out", str(tmp_path / "far"), "--ratio", "0.6",
                      check=True)
     share = float(re.search(r"synthetic share ([\d.]+)% of tokens \(asked 60%\)", far.stdout).group(1))
     assert share < 55 and f"WARNING: the synthetic share is {share:.1f}% of tokens, asked 60%" in far.stderr
     # Many short mix-in documents: the share comes within a point or two, and nothing is said.
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "text": "river sea"} for i in range(400)])
-    near = engine_cli("mix", str(run_out.out), "--mix-in", str(short), "--out", str(tmp_path / "near"),
+    near = engine_main("mix", str(run_out.out), "--mix-in", str(short), "--out", str(tmp_path / "near"),
                       "--ratio", "0.5", check=True)
     assert "WARNING" not in near.stderr, near.stdout + near.stderr
 

@@ -1,11 +1,13 @@
-"""Scale-out: Slurm job-array scripts (checked, and their task body run locally) and Ray shards."""
+"""Scale-out: Slurm job-array scripts (checked, and their task body run locally) and Ray shards. `engine launch
+ray` is a process of its own (Ray starts and kills shard processes); the other commands run in this process
+(`engine_main`)."""
 import json
 import os
 import subprocess
 import threading
 
 import pytest
-from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
+from conftest import engine_cli, engine_main, sample_docs, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
 from engine.errors import RESUMABLE
@@ -16,7 +18,7 @@ PROMPTS = ("faq", "math")
 def test_slurm_script_directives_and_dry_run(tmp_path, tiny_model):
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))],
                        tmp_path / "out")
-    p = engine_cli("launch", "slurm", str(cfg), "--shards", "8", "--max-concurrent", "3", "--partition", "gpu",
+    p = engine_main("launch", "slurm", str(cfg), "--shards", "8", "--max-concurrent", "3", "--partition", "gpu",
                    "--account", "proj", "--qos", "high", "--time", "04:00:00", "--sbatch=--mem=64G", "--dry-run",
                    check=True)
     script = p.stdout
@@ -34,12 +36,12 @@ def test_slurm_script_directives_and_dry_run(tmp_path, tiny_model):
 def test_slurm_gpus_per_shard_takes_whole_numbers(tmp_path, tiny_model):
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))],
                        tmp_path / "out")
-    cpu = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "0", "--dry-run", check=True)
+    cpu = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "0", "--dry-run", check=True)
     assert "--gres" not in cpu.stdout  # a partition without GPUs refuses any gres request
-    two = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "2", "--dry-run", check=True)
+    two = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--gpus-per-shard", "2", "--dry-run", check=True)
     assert "#SBATCH --gres=gpu:2\n" in two.stdout
     for bad in ("0.5", "1.5", "-1"):
-        p = engine_cli("launch", "slurm", str(cfg), "--shards", "2", f"--gpus-per-shard={bad}", "--dry-run")
+        p = engine_main("launch", "slurm", str(cfg), "--shards", "2", f"--gpus-per-shard={bad}", "--dry-run")
         assert p.returncode == 2 and "whole number of GPUs" in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert "#!/bin/bash" not in p.stdout
 
@@ -47,25 +49,76 @@ def test_slurm_gpus_per_shard_takes_whole_numbers(tmp_path, tiny_model):
 def test_slurm_warns_when_the_time_limit_leaves_less_than_the_measured_startup(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(10))], out)
-    engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    engine_main("launch", "slurm", str(cfg), "--shards", "2", check=True)
     (out / "_state").mkdir(parents=True)
-    assert "start-up" not in engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "10",
+    assert "start-up" not in engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "10",
                                         "--signal-seconds", "300", check=True).stderr  # nothing measured yet
     state = {"shard": "s00000-of-00002", "complete": False, "prompts": {}, "startup_s": 500.0}
     (out / "_state" / "s00000-of-00002.json").write_text(json.dumps(state))
-    short = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "10", "--signal-seconds", "60",
+    short = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "10", "--signal-seconds", "60",
                        check=True)  # 600 s - 60 s - 60 s (Slurm may signal early) < 500 s: no progress ever
     assert "less than the 500 s start-up" in short.stderr, short.stderr
-    fine = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "1:00:00", check=True)
+    fine = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "1:00:00", check=True)
     assert "start-up" not in fine.stderr, fine.stderr
-    none = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "5", check=True)  # 300 s <= 300 s
-    assert "leaves no time" in none.stderr, none.stderr
+    none = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "5")  # 300 s <= 300 s: refused
+    assert none.returncode == 2 and "leaves no time" in none.stderr, none.stderr
     # a start-up counted from the process's start (imports, model, input) is the one that counts
     state["process_startup_s"] = 700.0
     (out / "_state" / "s00000-of-00002.json").write_text(json.dumps(state))
-    longer = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--time", "12", "--signal-seconds", "60",
+    longer = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "12", "--signal-seconds", "60",
                         check=True)  # 720 - 120 = 600 s: more than startup_s, less than process_startup_s
     assert "less than the 700 s start-up" in longer.stderr, longer.stderr
+
+
+def test_slurm_dry_run_checks_the_time_limit_and_writes_nothing(tmp_path, tiny_model):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(4))], out)
+    for bad, why in (("banana", "not a Slurm time limit"), ("1:2:3:4", "not a Slurm time limit"),
+                     ("00:04:00", "leaves no time to generate"), ("0", "leaves no time to generate")):
+        p = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", bad, "--dry-run")
+        assert p.returncode == 2 and why in p.stderr and "Traceback" not in p.stderr, (bad, p.stderr)
+        assert "#!/bin/bash" not in p.stdout
+    ok = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--time", "00:04:00", "--signal-seconds", "60",
+                     "--dry-run", check=True)  # 240 - 60 - 60 s > 0
+    assert "#SBATCH --time=00:04:00" in ok.stdout and "nothing was written or submitted" in ok.stderr
+    assert not out.exists()
+
+
+def test_slurm_cpus_per_shard_default_follows_the_gpus(tmp_path, tiny_model):
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(4))],
+                       tmp_path / "out")
+    for extra, cpus in (((), 8), (("--gpus-per-shard", "2"), 10), (("--gpus-per-shard", "0"), 4),
+                        (("--cpus-per-shard", "3"), 3)):
+        p = engine_main("launch", "slurm", str(cfg), "--shards", "2", *extra, "--dry-run", check=True)
+        assert f"#SBATCH --cpus-per-task={cpus}\n" in p.stdout, (extra, p.stdout)
+
+
+@pytest.mark.parametrize("scheduler", ["slurm", "ray"])
+def test_dry_runs_refuse_a_shard_count_the_output_was_not_made_with(tmp_path, tiny_model, scheduler):
+    if scheduler == "ray":
+        pytest.importorskip("ray")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(8))], out,
+                       report={"enabled": False})
+    engine_main("run", str(cfg), check=True)  # one shard
+    for extra in (("--dry-run",), ()):  # the real launch checks the same
+        p = engine_main("launch", scheduler, str(cfg), "--shards", "4", *extra)
+        assert p.returncode == 2 and "made with 1 shard(s)" in p.stderr and "--shards 1" in p.stderr, p.stderr
+    assert not (out / "_logs").exists() and not list((out / "_run").glob("slurm-*.sbatch"))
+    done = engine_main("launch", scheduler, str(cfg), "--shards", "1", "--dry-run", check=True)
+    assert "nothing to launch" in done.stdout
+
+
+def test_ray_dry_run_starts_nothing_and_lists_the_shards(tmp_path, tiny_model):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(4))], out)
+    p = engine_main("launch", "ray", str(cfg), "--shards", "3", "--gpus-per-shard", "1", "--dry-run", check=True)
+    assert "Would run 3 of 3 shards on Ray" in p.stdout and "1 GPU and 8 (at most a node's CPUs) CPU" in p.stdout
+    assert all(f"--shard {i}/3" in p.stdout for i in range(3)), p.stdout
+    assert not out.exists()  # no logs directory, no part: nothing ran
+    bad = engine_main("launch", "ray", str(cfg), "--shards", "3", "--set", "sampling.top_p=7", "--dry-run")
+    assert bad.returncode == 2 and "sampling.top_p" in bad.stderr
 
 
 @pytest.mark.parametrize("code", sorted({0, 1, 2, 5, *(int(c) for c in RESUMABLE)}))
@@ -74,7 +127,7 @@ def test_slurm_task_requeues_on_every_resumable_status(tmp_path, tiny_model, cod
     requeued exactly for the statuses in engine.errors.RESUMABLE, and the status is the script's own."""
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(4))],
                        tmp_path / "out")
-    script = engine_cli("launch", "slurm", str(cfg), "--shards", "2", "--dry-run", check=True).stdout
+    script = engine_main("launch", "slurm", str(cfg), "--shards", "2", "--dry-run", check=True).stdout
     body = [line for line in script.splitlines() if line.endswith('/2" &')]
     assert len(body) == 1, script
     (tmp_path / "s.sh").write_text(script.replace(body[0], f"sh -c 'exit {code}' &"))
@@ -99,22 +152,22 @@ def test_slurm_task_body_runs_shards_and_relaunch_skips_complete(tmp_path, tiny_
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(40))], out,
                        prompts=PROMPTS)
-    engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    engine_main("launch", "slurm", str(cfg), "--shards", "2", check=True)
     (script,) = (out / "_run").glob("slurm-*.sbatch")
     for i in range(2):
         env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_JOB_ID": "4242", "SLURM_JOB_ID": "99"}
         proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr
     check_exactly_once(out, {d["id"] for d in sample_docs(40)}, PROMPTS)
-    again = engine_cli("launch", "slurm", str(cfg), "--shards", "2", check=True)
+    again = engine_main("launch", "slurm", str(cfg), "--shards", "2", check=True)
     assert "all 2 shards" in again.stdout and "nothing to launch" in again.stdout
 
 
 def test_slurm_relaunch_lists_only_unfinished_shards(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(30))], out)
-    engine_cli("run", str(cfg), "--shard", "1/3", check=True)
-    p = engine_cli("launch", "slurm", str(cfg), "--shards", "3", "--dry-run", check=True)
+    engine_main("run", str(cfg), "--shard", "1/3", check=True)
+    p = engine_main("launch", "slurm", str(cfg), "--shards", "3", "--dry-run", check=True)
     assert "#SBATCH --array=0,2\n" in p.stdout
 
 
@@ -147,7 +200,7 @@ def test_ray_runs_shards_retries_a_killed_one_exactly_once(tmp_path, tiny_model,
     log = (out / "_logs" / "shard-00001.log").read_text()
     assert log.count("--- attempt") >= 2  # killed, then run again by Ray, resuming from its journal
     check_exactly_once(out, {d["id"] for d in sample_docs(1200)}, PROMPTS)
-    status = engine_cli("status", str(out), "--check")
+    status = engine_main("status", str(out), "--check")
     assert status.returncode == 0 and "4/4 shards complete" in status.stdout
 
 
@@ -197,7 +250,7 @@ def test_ray_with_the_tiny_model(tmp_path, tiny_model, ray_available):
 def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, monkeypatch, tmp_path):
     import os
 
-    from engine.backends.shared import default_parallelism, estimate_params
+    from engine.model.size import default_parallelism, estimate_params
 
     # The GPUs are counted by nvidia-smi, not torch.cuda (which would initialise CUDA in the run's process).
     smi = tmp_path / "bin" / "nvidia-smi"
@@ -211,8 +264,8 @@ def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, mon
     assert default_parallelism({"tp_size": 2}, tiny_model) == {"tp_size": 2}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
     assert default_parallelism({}, tiny_model) == {"dp_size": 2}
-    monkeypatch.setattr("engine.backends.shared.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
+    monkeypatch.setattr("engine.model.size.estimate_params", lambda d: 70 * 10**9)  # 140 GB of bf16 weights
     assert default_parallelism({}, tiny_model) == {}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
-    monkeypatch.setattr("engine.backends.shared.estimate_params", lambda d: 10**6)
+    monkeypatch.setattr("engine.model.size.estimate_params", lambda d: 10**6)
     assert default_parallelism({}, tiny_model) == {}

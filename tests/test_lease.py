@@ -1,7 +1,9 @@
 """One writer per (output, shard), through the CLI on real files: two runs started together, a second run
 started while the first generates, kill -9 of the holder, a live lease of another host waited for and taken
 over once it goes stale, two runs racing to take over one stale lease, and the same on the moto S3 server.
-Each ends with every (document, prompt) stored exactly once, read from the Parquet files."""
+Each ends with every (document, prompt) stored exactly once, read from the Parquet files. The runs that hold or
+race for a lease are processes of their own; a run started after them, and `engine status`, run in this process
+(`engine_main`: its lease names this process, as another run's would)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +18,7 @@ from pathlib import Path
 import orjson
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, Watched, engine_cli, sample_docs, stored_rows, wait_for, write_config, write_jsonl
+from conftest import REPO, Watched, engine_main, sample_docs, stored_rows, wait_for, write_config, write_jsonl
 from test_storage import BUCKET, cli, remote_ids, s3, slow_run  # noqa: F401 - s3 is the moto server fixture
 
 TAG = "s00000-of-00001"
@@ -82,13 +84,13 @@ def test_a_run_started_while_another_generates_refuses_and_touches_nothing(tmp_p
     cfg, out, ids = paced(tmp_path, tiny_model, n=600)
     first = start(cfg)
     wait_for(lambda: stored_rows(out) > 0, "the first run generating", 300, first)
-    second = engine_cli("run", str(cfg))
+    second = engine_main("run", str(cfg))
     assert second.returncode == 6, second.stderr
     assert_refused(second.stderr)
     assert "resuming" not in second.stderr  # it never got as far as recovery
     assert first.wait(timeout=300) == 0, first.stderr.read()
     exactly_once(out, ids)
-    status = engine_cli("status", str(out), "--check")
+    status = engine_main("status", str(out), "--check")
     assert status.returncode == 0 and status.stdout.split("\n")[2].endswith("complete"), status.stdout
 
 
@@ -99,11 +101,11 @@ def test_kill_9_of_the_holder_then_the_next_run_takes_over_at_once(tmp_path, tin
     holder.kill()
     holder.wait()
     assert list((out / "_lease").glob(f"{TAG}.*.json")), "kill -9 leaves the lease record behind"
-    status = engine_cli("status", str(out))
+    status = engine_main("status", str(out))
     assert "stopped (killed or crashed" in status.stdout and "running" not in status.stdout.split("\n")[2], \
         status.stdout
     t = time.monotonic()
-    again = engine_cli("run", str(cfg), check=True)
+    again = engine_main("run", str(cfg), check=True)
     assert "taking over the stale lease" in again.stderr and "is gone from this host" in again.stderr
     assert time.monotonic() - t < 120  # no waiting for a timeout on the same host
     exactly_once(out, ids)
@@ -117,7 +119,7 @@ def test_a_live_lease_of_another_host_is_waited_for_then_taken_over_when_stale(t
     cfg, out, ids = paced(tmp_path, tiny_model, n=120)
     out.mkdir()
     foreign_lease(out)
-    refused = engine_cli("run", str(cfg), "--set", "output.lease_timeout_seconds=600")
+    refused = engine_main("run", str(cfg), "--set", "output.lease_timeout_seconds=600")
     assert refused.returncode == 6 and "other-host.example" in refused.stderr and "pid 4242" in refused.stderr
     assert not (out / "_run").exists() and not (out / "faq").exists()  # nothing read or written
     # the other host keeps its heartbeat going until our run says it waits, then "dies"

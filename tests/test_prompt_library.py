@@ -54,7 +54,7 @@ def test_prompts_render_through_production_templates(tiny_model, template):
 
 @pytest.mark.slow
 def test_prompts_render_through_the_embedded_model():
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
     prompts = [load_prompt(n) for n in available()]

@@ -8,8 +8,10 @@ import sys
 
 from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
 
-from engine.metrics import Metrics
+from engine.metrics import Clock, Counters, Tally
 from engine.output.parts import PartSink, PartSpec
+from engine.output.record import ProcessReport
+from engine.progress import Progress
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ progress", re.M)
 
@@ -17,40 +19,45 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ progress", re.M)
 def test_progress_line_prints_on_a_timer_when_nothing_completes(monkeypatch):
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)  # not a terminal: the plain progress line
-    m = Metrics(total_requests=10, log_every=0.05)
-    m.start_timer()
+    c, clock = Counters(total_requests=10), Clock()
+    progress = Progress(c, clock, log_every=0.05)
+    progress.start()
     try:
         wait_for(lambda: err.getvalue().count("starting the backend") >= 2, "start-up progress lines", 60)
-        m.ready()
+        clock.ready()
+        progress.generation_started()
         wait_for(lambda: "ETA ?" in err.getvalue(), "a line while nothing has completed", 60)
-        m.completed(4, 100, 400, 0, 0, {("faq", "stop"): [3, 300, 300], ("faq", "length"): [1, 100, 0]})
-        wait_for(lambda: re.search(r"4/10 requests.*last \d+ s: [\d.,]+ out tok/s [\d.]+ req/s, ETA [\d.]+ min",
-                                   err.getvalue()), "a line with the recent rate and an ETA from it", 60)
+        c.completed(4, 100, 400, 0, 0)
+        c.add_stored("faq", {"stop": Tally(3, 300, 300), "length": Tally(1, 100, 0)})
+        progress.refresh()
+        wait_for(lambda: re.search(r"4/10 requests.*useful [\d,]+ tok/s.*last \d+ s: [\d.,]+ out tok/s [\d.]+ req/s, "
+                                   r"ETA [\d.]+ min", err.getvalue()),
+                 "a line with the recent rate and an ETA from it", 60)
     finally:
-        m.close()
+        progress.close()
     lines = [line for line in err.getvalue().splitlines() if line]
     assert lines and all(STAMP.match(line) for line in lines)
-    s = m.summary()
-    assert s["useful_output_tokens"] == 300 and s["output_tokens"] == 400 and s["output_truncated"] == 1
-    assert s["finish_reasons"] == {"stop": 3, "length": 1}
-    assert s["per_prompt"]["faq"]["useful_output_tokens"] == 300
-    assert s["startup_s"] > 0 and s["generation_s"] > 0
+    s = ProcessReport.of(c, clock)
+    assert s.useful_output_tokens == 300 and s.output_tokens == 400 and s.output_truncated == 1
+    assert s.finish_reasons == {"stop": 3, "length": 1}
+    assert s.per_prompt["faq"].useful_output_tokens == 300
+    assert s.startup_s > 0 and s.generation_s > 0
 
 
 def test_rates_are_over_generation_time_not_start_up(monkeypatch):
-    m = Metrics(total_requests=1)
+    c, clock = Counters(total_requests=1), Clock(started=0.0)
     now = [100.0]
-    m.started = 0.0
     monkeypatch.setattr("engine.metrics.time.perf_counter", lambda: now[0])
-    m.ready()  # 100 s of start-up
+    clock.ready()  # 100 s of start-up
     now[0] = 200.0
-    m.completed(1, 10, 1000, 0, 0, {("faq", "stop"): [1, 1000, 1000]})
+    c.completed(1, 10, 1000, 0, 0)
+    c.add_stored("faq", {"stop": Tally(1, 1000, 1000)})
     now[0] = 210.0
-    m.generation_done()
+    clock.generation_done()
     now[0] = 212.0
-    s = m.summary()
-    assert s["startup_s"] == 100.0 and s["generation_s"] == 110.0 and s["finishing_s"] == 2.0
-    assert s["output_tokens_per_s"] == round(1000 / 110, 1)  # not 1000 / 212
+    s = ProcessReport.of(c, clock)
+    assert s.startup_s == 100.0 and s.generation_s == 110.0 and s.finishing_s == 2.0
+    assert s.output_tokens_per_s == round(1000 / 110, 1)  # not 1000 / 212
 
 
 def test_part_sink_sums_completion_tokens_per_finish_reason_and_recovers_them(tmp_path):
@@ -61,7 +68,7 @@ def test_part_sink_sums_completion_tokens_per_finish_reason_and_recovers_them(tm
 
     def sink():
         return PartSink(PartSpec(tmp_path, "faq", "s00000-of-00001", schema, "id", 1000, 1 << 20, 3,
-                                 "finish_reason"))
+                                 "finish_reason", "generation"))
     rows = [{"id": f"d{i}", "prompt": "faq", "model": "m", "generation": "x", "finish_reason": r,
              "prompt_tokens": 1, "completion_tokens": t, "cached_tokens": 0, "truncated": False, "error": None,
              "doc_ref": f"f:{i}", "text": "t"} for i, (r, t) in enumerate([("stop", 5), ("repetition", 7),
@@ -72,11 +79,12 @@ def test_part_sink_sums_completion_tokens_per_finish_reason_and_recovers_them(tm
     a.commit()
     a.add(pa.RecordBatch.from_pylist(rows[2:], schema=schema))
     a.flush(sync=True)  # journaled, not committed: a crash now
-    assert a.tokens == {"stop": 8, "repetition": 7, "length": 9}
+    want = {"stop": Tally(2, 8, 8), "repetition": Tally(1, 7, 0), "length": Tally(1, 9, 0)}
+    assert a.tally == want
     b = sink()
     _, replay = b.recover()
     b.replay(replay)
-    assert b.tokens == {"stop": 8, "repetition": 7, "length": 9} and b.counts["repetition"] == 1
+    assert b.tally == want
 
 
 def test_summary_status_and_card_show_useful_tokens_per_prompt(tmp_path):
@@ -106,7 +114,8 @@ def test_summary_status_and_card_show_useful_tokens_per_prompt(tmp_path):
     assert "useful 4,800 (54%" in status
     card = (out / "README.md").read_text()
     assert "| faq | 8 | 0 | 0 | 4,800 | 4,800 |" in card and "| summary | 8 | 0 | 0 | 4,096 | 0 |" in card
-    assert "useful (rows finished by the model" in card and "repetition" in card
+    explained = "useful: finished by the model (finish_reason=stop) with a non-blank generation"
+    assert explained in card and explained in status and explained in run.stdout and "repetition" in card
 
 
 def test_bench_records_useful_throughput_and_ranks_on_it():

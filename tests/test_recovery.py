@@ -1,4 +1,6 @@
-"""Crash recovery, interruption, resume refusal, sharding, retries: exactly one row per request."""
+"""Crash recovery, interruption, resume refusal, sharding, retries: exactly one row per request. Runs that are
+killed, signalled or run side by side are processes of their own (`start`); the others, and every resume after
+them, run the command line in this process (`engine_main`)."""
 import os
 import random
 import signal
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, engine_cli, sample_docs, stored_rows, wait_for, write_config, write_jsonl, write_parquet
+from conftest import REPO, engine_main, sample_docs, stored_rows, wait_for, write_config, write_jsonl, write_parquet
 
 PROMPTS = ("faq", "math")
 
@@ -58,7 +60,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path, tiny_model):
             killed += 1
         proc.wait()
     assert killed >= 1, "the run finished before any kill: make it slower"
-    final = engine_cli("run", str(cfg), check=True)
+    final = engine_main("run", str(cfg), check=True)
     assert "complete:" in final.stdout
     check_exactly_once(out, ids)
     assert not list(out.rglob("*.tmp")) and not list((out / "_journal").rglob("*.arrows"))
@@ -77,29 +79,29 @@ def test_sigterm_flushes_and_exits_resumable(tmp_path, tiny_model):
     # What was finished is on disk, in readable Parquet, and the run is not marked complete.
     done = sum(pq.read_table(out / p).num_rows for p in PROMPTS)
     assert 0 < done < 2 * len(ids)
-    status = engine_cli("status", str(out), "--check")
+    status = engine_main("status", str(out), "--check")
     assert status.returncode == 1 and "not complete" in status.stdout
-    resumed = engine_cli("run", str(cfg), check=True)
+    resumed = engine_main("run", str(cfg), check=True)
     skipped = int(resumed.stdout.split("skipped (done before or rejected) ")[1].split()[0].replace(",", ""))
     assert skipped == done  # the resumed run regenerated nothing that was already stored
     check_exactly_once(out, ids)
-    assert engine_cli("status", str(out), "--check").returncode == 0
+    assert engine_main("status", str(out), "--check").returncode == 0
 
 
 def test_resume_refused_after_config_change_and_overwrite(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(10))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out)
-    engine_cli("run", str(cfg), check=True)
-    p = engine_cli("run", str(cfg), "--set", "sampling.temperature=0.9")
+    engine_main("run", str(cfg), check=True)
+    p = engine_main("run", str(cfg), "--set", "sampling.temperature=0.9")
     assert p.returncode != 0 and "sampling.temperature: was 0.0, now 0.9" in p.stderr and "--overwrite" in p.stderr
-    p = engine_cli("run", str(cfg), "--set", "sampling.max_new_tokens=7")
+    p = engine_main("run", str(cfg), "--set", "sampling.max_new_tokens=7")
     assert p.returncode != 0 and "max_new_tokens" in p.stderr
     own = tmp_path / "faq2.toml"
     own.write_text((REPO / "prompts" / "faq.toml").read_text().replace("frequently asked", "often asked"))
-    p = engine_cli("run", str(cfg), "--set", f"prompts=['{own}']")
+    p = engine_main("run", str(cfg), "--set", f"prompts=['{own}']")
     assert p.returncode != 0 and "prompts" in p.stderr
-    p = engine_cli("run", str(cfg), "--set", "sampling.temperature=0.9", "--overwrite", check=True)
+    p = engine_main("run", str(cfg), "--set", "sampling.temperature=0.9", "--overwrite", check=True)
     assert "generated  10 requests" in p.stdout
     assert pq.read_table(out / "faq").num_rows == 10
 
@@ -113,7 +115,7 @@ def test_shards_share_one_output_dir(tmp_path, tiny_model):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     check_exactly_once(out, {d["id"] for d in sample_docs(30)})
-    status = engine_cli("status", str(out), "--check")
+    status = engine_main("status", str(out), "--check")
     assert status.returncode == 0 and "3/3 shards complete" in status.stdout
     assert len(list((out / "faq").glob("part-s0000?-of-00003-*.parquet"))) == 3
 
@@ -123,7 +125,7 @@ def test_failed_requests_are_retried_then_recorded(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 0.3},
                        retry={"max_attempts": 3, "backoff_seconds": 0.01, "max_error_fraction": 0.2})
-    p = engine_cli("run", str(cfg), check=True)
+    p = engine_main("run", str(cfg), check=True)
     t = pq.read_table(out / "faq")
     assert t.num_rows == 200 and len(set(t.column("id").to_pylist())) == 200
     reasons = t.column("finish_reason").to_pylist()
@@ -134,7 +136,7 @@ def test_failed_requests_are_retried_then_recorded(tmp_path, tiny_model):
     assert all("injected failure" in e for e in errors)
     assert f"failed {failed}" in p.stdout
     # Failed rows count as done: a rerun generates nothing.
-    again = engine_cli("run", str(cfg), check=True)
+    again = engine_main("run", str(cfg), check=True)
     assert "generated  0 requests" in again.stdout
 
 
@@ -143,22 +145,22 @@ def test_too_many_error_rows_is_not_complete_and_retry_errors_regenerates_them(t
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 0.3},
                        retry={"max_attempts": 2, "backoff_seconds": 0.01}, output={"row_group_rows": 30})
-    p = engine_cli("run", str(cfg))  # 0.3^2 = 9 % of the rows fail: above the default 2 %
+    p = engine_main("run", str(cfg))  # 0.3^2 = 9 % of the rows fail: above the default 2 %
     assert p.returncode == 5 and "incomplete:" in p.stdout and "--retry-errors" in p.stderr, p.stderr
     t = pq.read_table(out / "faq")
     failed = t.column("finish_reason").to_pylist().count("error")
     assert t.num_rows == 100 and 2 < failed < 20
-    assert engine_cli("status", str(out), "--check").returncode == 1
+    assert engine_main("status", str(out), "--check").returncode == 1
     # A plain resume generates nothing, and its summary counts the whole run's failures, as status does.
-    again = engine_cli("run", str(cfg))
+    again = engine_main("run", str(cfg))
     assert again.returncode == 5 and "generated  0 requests" in again.stdout
     assert f"failed {failed} (0 in this process)" in again.stdout
     # --retry-errors: the error rows are removed and those documents generated again, exactly once.
-    fixed = engine_cli("run", str(cfg), "--retry-errors", "--set", "instant.fail_rate=0.0", check=True)
+    fixed = engine_main("run", str(cfg), "--retry-errors", "--set", "instant.fail_rate=0.0", check=True)
     assert f"generated  {failed} requests" in fixed.stdout and "complete:" in fixed.stdout
     check_exactly_once(out, {d["id"] for d in sample_docs(100)}, prompts=("faq",))
     assert "error" not in pq.read_table(out / "faq").column("finish_reason").to_pylist()
-    assert engine_cli("status", str(out), "--check").returncode == 0
+    assert engine_main("status", str(out), "--check").returncode == 0
 
 
 def test_a_run_that_mostly_fails_stops_early(tmp_path, tiny_model):
@@ -166,7 +168,7 @@ def test_a_run_that_mostly_fails_stops_early(tmp_path, tiny_model):
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"fail_rate": 1.0},
                        retry={"max_attempts": 1}, scheduler={"lookahead": 64})
-    p = engine_cli("run", str(cfg))
+    p = engine_main("run", str(cfg))
     assert p.returncode == 5 and "injected failure" in p.stderr, p.stderr
     assert pq.read_table(out / "faq").num_rows < 2000  # it stopped instead of storing 2,000 error rows
 
@@ -175,10 +177,10 @@ def test_dead_backend_ends_the_run_resumable(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(600))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, instant={"die_after": 300})
-    p = engine_cli("run", str(cfg))
+    p = engine_main("run", str(cfg))
     assert p.returncode == 4 and "backend died" in p.stderr and "resume" in p.stderr
     assert 0 < pq.read_table(out / "faq").num_rows <= 300  # what finished before the death is kept
-    engine_cli("run", str(cfg), "--set", "instant.die_after=0", check=True)
+    engine_main("run", str(cfg), "--set", "instant.die_after=0", check=True)
     check_exactly_once(out, {d["id"] for d in sample_docs(600)}, prompts=("faq",))
 
 
@@ -191,7 +193,7 @@ def test_bad_input_rows_go_to_rejected_and_good_rows_are_kept(tmp_path, tiny_mod
     path.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "r.toml", tiny_model, [path], out)
-    p = engine_cli("run", str(cfg), check=True)
+    p = engine_main("run", str(cfg), check=True)
     assert "rejected rows 4" in p.stdout
     assert sorted(pq.read_table(out / "faq").column("id").to_pylist()) == sorted([d["id"] for d in good] + ["u"])
     rej = pq.read_table(out / "rejected").to_pylist()
@@ -199,7 +201,7 @@ def test_bad_input_rows_go_to_rejected_and_good_rows_are_kept(tmp_path, tiny_mod
     assert set(by_ref) == {"messy.jsonl:5", "messy.jsonl:6", "messy.jsonl:7", "messy.jsonl:8"}
     assert "duplicate id" in by_ref["messy.jsonl:7"] and "not valid JSON" in by_ref["messy.jsonl:6"]
     # A resumed run records the rejections once, not again.
-    engine_cli("run", str(cfg), check=True)
+    engine_main("run", str(cfg), check=True)
     assert pq.read_table(out / "rejected").num_rows == 4
 
 

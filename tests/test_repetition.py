@@ -2,6 +2,7 @@
 design and of real loops, each backend's mechanism (torch's decode loop, vLLM's SamplingParams, the
 SGLang double's custom logit processor, the HTTP payloads), and what a stopped row becomes."""
 import json
+import os
 import random
 import subprocess
 import sys
@@ -12,11 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import sample_docs, write_config, write_jsonl
+from conftest import REPO, sample_docs, write_config, write_jsonl
 
-from engine.backends import shared
+from engine.backends import repetition
 from engine.backends import torch_backend as tb
-from engine.backends.shared import cut_loop, loop_period, tail_loops
+from engine.backends.repetition import cut_loop, loop_period, tail_loops
+from engine.config.run_config import HTTPConfig, TorchConfig
 from engine.types import RepetitionStop, Request, SamplingParams
 
 RS = RepetitionStop()  # the shipped defaults: 8..32-token n-grams, 4 copies
@@ -27,7 +29,7 @@ def smol_tokenizer():
     from transformers import AutoTokenizer
 
     from engine.errors import ModelError
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
     try:
         return AutoTokenizer.from_pretrained(resolve_model("embedded")[0])
     except ModelError as exc:
@@ -103,7 +105,7 @@ def test_torch_decode_loop_stops_a_looping_row_and_counts_every_generated_token(
     monkeypatch.setattr(tb, "sample", forced)
     monkeypatch.setattr(tb.TorchBackend, "_step", step)
     b = tb.TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0, repetition_stop=RS), eos_ids=set(), pad_id=0,
-                        dtype="float32", batch_size=2)
+                        dtype="float32", settings=TorchConfig(batch_size=2))
     b.start()
     reqs = [Request(k, "p", [5, 6, 7, 8, 9, 10 + k], 0, 150) for k in range(2)]
     got = {c.key: c for done in b.generate(iter(reqs), threading.Event()) for c in done}
@@ -177,15 +179,15 @@ def test_vllm_engine_stops_a_loop_with_the_real_vllm_check():
 
 
 def test_http_payloads_carry_the_stop():
-    from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.backends.http import HTTPBackend
 
     s = SamplingParams(0.7, 0.95, None, repetition_stop=RS)
-    native = SGLangHTTPBackend(["http://127.0.0.1:1"], "native", s, 4, eos_ids=[2, 0])
+    native = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "native"), s, 4, eos_ids=[2, 0])
     path, body = native._payload(Request(1, "faq", [5, 6], 0, 32))
-    assert path == "/generate" and body["custom_logit_processor"] == shared.repetition_processor()
+    assert path == "/generate" and body["custom_logit_processor"] == repetition.repetition_processor()
     assert body["sampling_params"]["custom_params"] == {"min_pattern": 8, "max_pattern": 32, "min_count": 4,
                                                         "stop_id": 0}
-    openai = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", s, 4, eos_ids=[2])
+    openai = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), s, 4, eos_ids=[2])
     path, body = openai._payload(Request(1, "faq", [5, 6], 0, 32))
     assert body["repetition_detection"] == {"max_pattern_size": 32, "min_pattern_size": 8, "min_count": 4}
     assert body["return_token_ids"] is True and "custom_logit_processor" not in body
@@ -194,18 +196,17 @@ def test_http_payloads_carry_the_stop():
                                                                        "token_ids": loop}],
                                                           "usage": {"prompt_tokens": 2, "completion_tokens": 38}})
     assert c.finish_reason == "repetition" and c.output_ids == [1, 2, *range(10, 19)] and c.text is None
-    off = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, None), 4)
+    off = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), SamplingParams(0.7, 0.95, None), 4)
     assert "repetition_detection" not in off._payload(Request(1, "faq", [5, 6], 0, 32))[1]
-    assert "custom_logit_processor" not in SGLangHTTPBackend(["http://127.0.0.1:1"], "native",
-                                                             SamplingParams(0.7, 0.95, None), 4)._payload(
-        Request(1, "faq", [5, 6], 0, 32))[1]
+    plain = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "native"), SamplingParams(0.7, 0.95, None), 4)
+    assert "custom_logit_processor" not in plain._payload(Request(1, "faq", [5, 6], 0, 32))[1]
 
 
 def test_the_processor_needs_nothing_of_ours_on_the_server(tmp_path):
     """It is loaded as SGLang loads it, in an interpreter where this package cannot be imported."""
     import subprocess
     import sys
-    (tmp_path / "p.json").write_text(shared.repetition_processor())
+    (tmp_path / "p.json").write_text(repetition.repetition_processor())
     code = ("import json, sys, dill, torch\n"
             "sys.modules['engine'] = None  # any import of ours fails\n"
             "cls = dill.loads(bytes.fromhex(json.load(open(sys.argv[1]))['callable']))\n"
@@ -231,7 +232,7 @@ def test_sglang_engine_double_stops_a_loop_through_the_processor(tmp_path, tiny_
     assert eng.kwargs["enable_custom_logit_processor"] is True
     t = pq.read_table(tmp_path / "out" / "faq").to_pylist()
     reasons = {r["finish_reason"] for r in t}
-    assert "repetition" in reasons and summary["repetition_stopped"] == sum(
+    assert "repetition" in reasons and summary.process.repetition_stopped == sum(
         r["finish_reason"] == "repetition" for r in t)
     for r in t:
         if r["finish_reason"] == "repetition":
@@ -246,7 +247,9 @@ def test_sglang_engine_double_stops_a_loop_through_the_processor(tmp_path, tiny_
 
 
 def test_the_quality_gate_leaves_repetition_rows_out_unless_kept(tmp_path):
-    from engine.handoff.sources import REPEATED, Skipped, generated_rows
+    from engine.gate import REPEATED
+    from engine.handoff.generated import generated_rows
+    from engine.handoff.rows import Skipped
 
     (tmp_path / "faq").mkdir()
     pq.write_table(pa.table({"id": ["a", "b", "c"], "generation": ["fine", "loop up to here", "cut"],
@@ -301,11 +304,13 @@ def test_the_collapse_rule_holds_on_samples_of_thousands(tmp_path):
 
 @pytest.mark.slow
 def test_the_repetition_benchmark_runs_from_any_directory(tmp_path):
-    """`python -m engine.bench.repetition` end to end (instant backend, 3 documents), its --out relative
-    to the caller's directory: both settings run, results.json, table.md and loops.md written."""
-    p = subprocess.run([sys.executable, "-m", "engine.bench.repetition", "--docs", "3", "--max-new-tokens", "16",
+    """`python -m benchmarks.repetition` end to end (instant backend, 3 documents), its --out relative
+    to the caller's directory: both settings run, results.json, table.md and loops.md written. benchmarks/
+    is not installed: from elsewhere than the repository root it is found through PYTHONPATH."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    p = subprocess.run([sys.executable, "-m", "benchmarks.repetition", "--docs", "3", "--max-new-tokens", "16",
                         "--backends", "instant", "--prompts", "faq", "--out", "rel/out"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "rel" / "out"
     res = json.loads((out / "results.json").read_text())

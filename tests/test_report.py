@@ -4,7 +4,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import engine_cli
+from conftest import engine_main
 
 from engine.output.layout import result_schema
 from engine.output.report import (
@@ -93,7 +93,7 @@ def test_report_files_and_cli(tmp_path):
     assert json.loads((folder / "report.json").read_text())["groups"][0]["rows"] == 100
     for png in ("lengths-faq-m.png", "prefixes-faq-m.png"):
         assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    p = engine_cli("report", str(tmp_path), "--top-opening-share", "0.5", check=True)
+    p = engine_main("report", str(tmp_path), "--top-opening-share", "0.5", check=True)
     assert "open with the same sentence" not in p.stdout
-    p = engine_cli("report", str(tmp_path), check=True)
+    p = engine_main("report", str(tmp_path), check=True)
     assert "30.0% of outputs open with the same sentence" in p.stdout

@@ -1,6 +1,7 @@
 """SGLang backends on CPU: names checked against the pinned release's source, the in-process
 adapter against a faithful double of `Engine.async_generate`, the HTTP backend against a real
-server on loopback (`engine serve`), including timeouts, retries, a server that dies, and resume."""
+server on loopback (the double's `sglang.launch_server`), including timeouts, retries, a server that dies,
+and resume."""
 import ast
 import importlib.machinery
 import importlib.util
@@ -29,9 +30,9 @@ from conftest import (
     write_jsonl,
 )
 
-from engine.backends import sglang_engine, shared
+from engine.backends import sglang_engine, sglang_format
 from engine.config.engine_args import check_server_args, sampling_param_names, server_arg_names
-from engine.config.run_config import load_config
+from engine.config.run_config import HTTPConfig, load_config
 from engine.errors import ConfigError
 from engine.run import Run
 
@@ -56,7 +57,7 @@ def test_shipped_names_match_the_pinned_sglang_source():
 
 
 def test_every_name_the_project_emits_exists_in_sglang():
-    assert set(shared.SAMPLING_KEYS) <= sampling_param_names()
+    assert set(sglang_format.SAMPLING_KEYS) <= sampling_param_names()
     backend = sglang_engine.SGLangEngineBackend("m", {}, None, 1)
     assert set(backend.engine_kwargs()) | {"context_length", "speculative_ngram_max_bfs_breadth"} <= server_arg_names()
     for cfg_path in sorted((REPO / "runs").glob("*.toml")):
@@ -71,6 +72,158 @@ def test_async_generate_call_matches_the_real_signature():
     assert {"input_ids", "sampling_params"} <= real
     ours = set(inspect.signature(load_double().Engine.async_generate).parameters) - {"self", "_"}
     assert ours <= real
+
+
+def _dataclass_fields(path: Path, name: str) -> set[str]:
+    """The field names of the dataclass `name` in a source file (its annotated class attributes)."""
+    cls = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and n.name == name)
+    return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+
+
+def _our_native_requests() -> list[tuple[str, dict]]:
+    """What the `http` backend sends to /generate: every optional field on (seed, top_k / min_p /
+    repetition_penalty, the repetition stop's processor and custom_params), then ignore_eos."""
+    from engine.backends.http import HTTPBackend
+    from engine.types import RepetitionStop, Request, SamplingParams
+
+    full = SamplingParams(0.7, 0.95, 5, top_k=20, min_p=0.05, repetition_penalty=1.1, repetition_stop=RepetitionStop())
+    bench = SamplingParams(0.0, 1.0, None, ignore_eos=True)
+    req = Request(3, "faq", [5, 6, 7], 2, 16)
+    out = []
+    for sampling in (full, bench):
+        b = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "native"), sampling, 4, eos_ids=[2, 0])
+        out += [b._payload(req), b._payload(req, probe=True)]
+    assert "custom_logit_processor" in out[0][1] and "sampling_seed" in out[0][1]["sampling_params"]
+    return out
+
+
+def test_native_requests_are_what_sglangs_generate_route_accepts():
+    """Every field the `http` backend (native API) sends is a GenerateReqInput field of the pinned release
+    (FastAPI parses /generate's body into that dataclass), and the body passes SGLang's own contract gate
+    (`generate_contract_error`, srt/entrypoints/api_contract.py: the schema check /generate runs first)."""
+    pkg = sglang_source()
+    route = (pkg / "srt" / "entrypoints" / "http_server.py").read_text()
+    handler = next(n for n in ast.walk(ast.parse(route))
+                   if isinstance(n, ast.AsyncFunctionDef) and n.name == "generate_request")
+    assert "/generate" in ast.unparse(handler.decorator_list[0]) and ast.unparse(handler.args.args[0].annotation) \
+        == "GenerateReqInput" and "generate_contract_error" in ast.unparse(handler)
+    fields = _dataclass_fields(pkg / "srt" / "managers" / "io_struct.py", "GenerateReqInput")
+    assert {"input_ids", "sampling_params", "custom_logit_processor"} <= fields
+    # the contract's decoder is generated code that needs only msgspec: loaded by path, without sglang's package
+    pytest.importorskip("msgspec")
+    spec = importlib.util.spec_from_file_location("sglang_api_types", pkg / "api" / "v1" / "api_types.py")
+    api_types = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(api_types)
+
+    def contract_error(body):
+        try:
+            api_types.GenerateRequest.from_json_value(body)
+        except api_types.JsonContractError as exc:
+            return str(exc)
+        return None
+    assert "unknown field `bogus`" in contract_error({"input_ids": [1], "sampling_params": {"bogus": 1}})
+    for path, body in _our_native_requests():
+        assert path == "/generate"
+        assert set(body) <= fields, set(body) - fields
+        assert set(body["sampling_params"]) <= set(sglang_format.SAMPLING_KEYS) <= sampling_param_names()
+        assert contract_error(body) is None, (contract_error(body), body)
+
+
+def test_engine_requests_use_async_generates_own_arguments():
+    """The keywords the `sglang` backend passes to Engine.async_generate, recorded from a real call, are
+    arguments of the pinned release's async_generate (and fields of GenerateReqInput, which it builds)."""
+    import asyncio
+
+    from engine.types import RepetitionStop, Request, SamplingParams
+
+    class Recorder:
+        async def async_generate(self, **kwargs):
+            self.kwargs = kwargs
+            return {"output_ids": [9, 2], "meta_info": {"finish_reason": {"type": "stop", "matched": 2},
+                                                        "prompt_tokens": 3, "completion_tokens": 2}}
+    b = sglang_engine.SGLangEngineBackend("m", {}, SamplingParams(0.7, 0.95, 5, repetition_stop=RepetitionStop()), 1,
+                                          stop_ids=[2])
+    b.engine = Recorder()
+    done = asyncio.run(b.agenerate(Request(0, "faq", [5, 6, 7], 2, 16)))
+    assert done.finish_reason == "stop" and done.output_ids == [9, 2]
+    sent = set(b.engine.kwargs)
+    assert sent == {"input_ids", "sampling_params", "custom_logit_processor"}
+    src = (sglang_source() / "srt" / "entrypoints" / "engine.py").read_text()
+    fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.AsyncFunctionDef) and n.name == "async_generate")
+    assert sent <= {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    assert sent <= _dataclass_fields(sglang_source() / "srt" / "managers" / "io_struct.py", "GenerateReqInput")
+
+
+def _meta_info_keys(src: str) -> set[str]:
+    """Every key the source writes into a `meta_info` dict: `meta_info = {...}`, `meta_info.update({...})`,
+    `meta_info["k"] = ...`."""
+    keys = set()
+    for n in ast.walk(ast.parse(src)):
+        if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict):
+            if any(isinstance(t, ast.Name) and t.id == "meta_info" for t in n.targets):
+                keys |= {k.value for k in n.value.keys if isinstance(k, ast.Constant)}
+        if isinstance(n, ast.Assign):
+            for t in n.targets:
+                if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name) and t.value.id == "meta_info" \
+                        and isinstance(t.slice, ast.Constant):
+                    keys.add(t.slice.value)
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "update" \
+                and isinstance(n.func.value, ast.Name) and n.func.value.id == "meta_info" \
+                and n.args and isinstance(n.args[0], ast.Dict):
+            keys |= {k.value for k in n.args[0].keys if isinstance(k, ast.Constant)}
+    return keys
+
+
+def test_response_fields_we_read_are_ones_sglang_writes():
+    """SGLang's response as the pinned release builds it: the `meta_info` keys completion_from reads are
+    written by its tokenizer manager (e2e_latency once a request finishes), and every finish reason its
+    scheduler can send (`BaseFinishReason.to_json`: stop, length, abort) maps to the row we intend. Our
+    doubles (tests/doubles/sglang) write no key SGLang does not."""
+    from engine.types import Request
+
+    pkg = sglang_source()
+    manager = (pkg / "srt" / "managers" / "tokenizer_manager.py").read_text()
+    written = _meta_info_keys(manager)
+    assert set(sglang_format.META_INFO_KEYS) <= written, set(sglang_format.META_INFO_KEYS) - written
+    for key in ("output_ids", "meta_info", "text"):  # the result dict (text: not with skip_tokenizer_init)
+        assert f'"{key}":' in manager
+    # finish reasons: each to_json's dict literal, as the scheduler sends it (output_streamer.py)
+    reasons = {}
+    for cls in ast.walk(ast.parse((pkg / "srt" / "managers" / "schedule_batch.py").read_text())):
+        if isinstance(cls, ast.ClassDef) and any(ast.unparse(b) == "BaseFinishReason" for b in cls.bases):
+            fn = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "to_json")
+            d = next(r.value for r in ast.walk(fn) if isinstance(r, ast.Return) and isinstance(r.value, ast.Dict))
+            keys = [k.value for k in d.keys]
+            reasons[cls.name] = ({k: ("x" if k == "message" else 1) for k in keys}
+                                 | {"type": d.values[keys.index("type")].value})
+    assert {r["type"] for r in reasons.values()} == {"stop", "length", "abort"}, reasons
+    streamer = (pkg / "srt" / "managers" / "scheduler_components" / "output_streamer.py").read_text()
+    assert "req.finished_reason.to_json()" in streamer
+    want = {"stop": "stop", "length": "length", "abort": "error"}
+    req = Request(0, "faq", [5, 6, 7], 2, 16)
+    for name, reason in reasons.items():
+        c = sglang_format.completion_from(req, {"output_ids": [9, 9], "meta_info": {
+            "finish_reason": reason, "prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 2,
+            "e2e_latency": 0.5}})
+        assert c.finish_reason == want[reason["type"]], name
+        if c.finish_reason == "error":
+            assert "aborted by SGLang: x" in c.error
+        else:
+            assert (c.prompt_tokens, c.completion_tokens, c.cached_tokens, c.latency_s) == (3, 2, 2, 0.5)
+    for double in (DOUBLES / "sglang" / "__init__.py", DOUBLES / "sglang" / "launch_server.py"):
+        ours = _meta_info_keys_in_literals(double.read_text())
+        assert ours and ours <= written, (double.name, ours - written)
+
+
+def _meta_info_keys_in_literals(src: str) -> set[str]:
+    """Keys of every dict literal that is the value of a "meta_info" key (how the doubles build theirs)."""
+    keys = set()
+    for n in ast.walk(ast.parse(src)):
+        if isinstance(n, ast.Dict):
+            for k, v in zip(n.keys, n.values):
+                if isinstance(k, ast.Constant) and k.value == "meta_info" and isinstance(v, ast.Dict):
+                    keys |= {kk.value for kk in v.keys if isinstance(kk, ast.Constant)}
+    return keys
 
 
 def test_unknown_server_argument_is_named(tmp_path):
@@ -99,7 +252,7 @@ def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):
         assert sorted(t.column("id").to_pylist()) == sorted(d["id"] for d in sample_docs(60))
         assert set(t.column("finish_reason").to_pylist()) == {"stop", "length"}
         assert all(g for g in t.column("generation").to_pylist())
-    assert summary["prefix_cache_hit_rate"] > 0.3  # every request of a prompt shares its prefix
+    assert summary.process.prefix_cache_hit_rate > 0.3  # every request of a prompt shares its prefix
 
 
 def test_ignore_eos_reaches_sglang(tmp_path, tiny_model, fake_sglang):
@@ -124,7 +277,7 @@ def test_in_process_aborts_are_retried(tmp_path, tiny_model, fake_sglang, monkey
     cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang",
                                    retry={"backoff_seconds": 0.0}))
     code, summary = Run(cfg).execute()
-    assert code == 0 and summary["retries"] >= 5 and summary["failed"] == 0
+    assert code == 0 and summary.process.retries >= 5 and summary.failed == 0
     assert pq.read_table(out / "faq").num_rows == 40
 
 
@@ -167,7 +320,7 @@ def test_a_crashed_sglang_process_is_status_4_with_the_run_saved_then_resume(tmp
     assert code == 4, err[-3000:]
     assert "an SGLang process died" in err and "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["complete"] is False and 0 < sum(summary["documents_stored"].values()) < 60
+    assert summary.complete is False and 0 < sum(summary.documents_stored.values()) < 60
     assert reap_session(w.proc.pid) == []
     p = engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
     assert "resuming" in p.stderr
@@ -209,7 +362,7 @@ def test_full_budget_documents_get_every_new_token_under_sglangs_cap(tmp_path, t
     cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang",
                                    sampling={"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}))
     code, summary = Run(cfg).execute()
-    assert code == 0 and summary["truncated"] == 4
+    assert code == 0 and summary.process.truncated == 4
     t = pq.read_table(tmp_path / "out" / "faq")
     assert set(t.column("completion_tokens").to_pylist()) == {16}
     assert set(t.column("prompt_tokens").to_pylist()) == {1024 - 16 - 2}
@@ -219,7 +372,7 @@ def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, 
     import shutil
 
     from engine.backends import make_backend
-    from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.backends.http import HTTPBackend
     from engine.backends.torch_backend import TorchBackend
     from engine.model.setup import ModelSetup
     from engine.types import Request
@@ -240,10 +393,14 @@ def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, 
     # every backend gets the same resolved parameters
     assert isinstance(make_backend(load_config(path, ["backend=torch"]), setup), TorchBackend)
     assert make_backend(load_config(path, ["backend=torch"]), setup).sampling is s
+    # the old name `sglang-http` still builds the http backend
+    via_alias = make_backend(load_config(path, ["backend=sglang-http", 'http.urls=["http://127.0.0.1:1"]']), setup)
+    assert isinstance(via_alias, HTTPBackend) and via_alias.sampling is s and via_alias.eos_ids == sorted(
+        setup.eos_ids())
     req = Request(0, "faq", [5, 6, 7], 2, 16)
-    http = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", s, 4)
+    http = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), s, 4)
     assert {"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1}.items() <= http._payload(req)[1].items()
-    native = SGLangHTTPBackend(["http://127.0.0.1:1"], "native", s, 4)
+    native = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "native"), s, 4)
     assert native._payload(req)[1]["sampling_params"]["top_k"] == 20
     code, _ = Run(cfg).execute()
     assert code == 0
@@ -262,8 +419,11 @@ def test_generation_config_sampling_reaches_every_backend(tmp_path, tiny_model, 
 
 def start_server(model, *args, port: int | None = None) -> tuple[subprocess.Popen, str]:
     port = port or free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--model", str(model),
-                             *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """The SGLang double's HTTP server (tests/doubles/sglang/launch_server.py), as `python -m sglang.launch_server`."""
+    path = os.pathsep.join(p for p in (str(DOUBLES), os.environ.get("PYTHONPATH", "")) if p)
+    proc = subprocess.Popen([sys.executable, "-m", "sglang.launch_server", "--port", str(port), "--model-path",
+                             str(model), *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": path})
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -273,7 +433,7 @@ def start_server(model, *args, port: int | None = None) -> tuple[subprocess.Pope
         except httpx.TransportError:
             return False
     try:
-        wait_for(ready, f"engine serve on {url}", 300, proc, poll=0.1)  # a loaded machine starts it slowly
+        wait_for(ready, f"the SGLang server double on {url}", 300, proc, poll=0.1)  # a loaded machine starts it slowly
     except AssertionError:
         proc.kill()
         raise
@@ -285,7 +445,7 @@ def test_http_configuration_errors_are_found_at_start(tmp_path, tiny_model):
     try:
         src = write_jsonl(tmp_path / "in.jsonl", sample_docs(5))
         out = tmp_path / "out"
-        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                            http={"urls": [url], "api": "openai", "model": "default"})
         p = engine_cli("run", str(cfg))
         assert p.returncode == 2 and "does not serve http.model = 'default'" in p.stderr and "smol" in p.stderr
@@ -307,7 +467,7 @@ def test_server_dying_with_few_documents_left_is_status_4_not_error_rows(tmp_pat
     server, url = start_server(tiny_model, "--delay-ms", "1000")
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(5))
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                        http={"urls": [url], "backoff_s": 0.05, "dead_after": 3}, scheduler={"max_in_flight": 1},
                        output={"flush_seconds": 0.1})
     run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=REPO,
@@ -328,7 +488,7 @@ def test_http_backend_against_a_real_server(tmp_path, tiny_model, api):
     try:
         src = write_jsonl(tmp_path / "in.jsonl", sample_docs(40))
         out = tmp_path / "out"
-        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                            http={"urls": [url, url], "api": api}, scheduler={"max_in_flight": 16})
         p = engine_cli("run", str(cfg), check=True)
         t = pq.read_table(out / "faq")
@@ -345,7 +505,7 @@ def test_http_timeouts_and_server_errors_are_retried_then_recorded(tmp_path, tin
     try:
         src = write_jsonl(tmp_path / "in.jsonl", sample_docs(30))
         out = tmp_path / "out"
-        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+        cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                            http={"urls": [url], "retries": 2, "backoff_s": 0.01},
                            retry={"backoff_seconds": 0.01, "max_error_fraction": 0.2})
         engine_cli("run", str(cfg), check=True)
@@ -355,7 +515,7 @@ def test_http_timeouts_and_server_errors_are_retried_then_recorded(tmp_path, tin
         # A server that answers nothing in time is the backend's failure, never 3 error rows: status 4.
         out2 = tmp_path / "out2"
         cfg2 = write_config(tmp_path / "r2.toml", tiny_model, [write_jsonl(tmp_path / "b.jsonl", sample_docs(3))], out2,
-                            backend="sglang-http", http={"urls": [slow_url], "timeout_s": 0.3, "retries": 1,
+                            backend="http", http={"urls": [slow_url], "timeout_s": 0.3, "retries": 1,
                                                          "backoff_s": 0.01, "dead_after": 2},
                             retry={"max_attempts": 1})
         p = engine_cli("run", str(cfg2))
@@ -371,7 +531,7 @@ def test_server_dying_mid_run_then_resume(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(300))
     out = tmp_path / "out"
     port = url.rsplit(":", 1)[1]
-    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                        http={"urls": [url], "retries": 1, "backoff_s": 0.05, "dead_after": 4, "timeout_s": 5},
                        scheduler={"max_in_flight": 4}, output={"flush_seconds": 0.2})
     run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=REPO,
@@ -397,7 +557,7 @@ def test_server_dying_mid_run_then_resume(tmp_path, tiny_model):
 @pytest.mark.gpu
 @pytest.mark.sglang
 def test_gpu_smoke():
-    from engine.bench import gpu_smoke
+    from tests.gpu import smoke as gpu_smoke
 
     why = gpu_smoke.available()
     if why:
@@ -406,10 +566,10 @@ def test_gpu_smoke():
 
 
 def test_openai_abort_is_an_error_not_a_success():
-    from engine.backends.sglang_http import SGLangHTTPBackend
+    from engine.backends.http import HTTPBackend
     from engine.types import Request, SamplingParams
 
-    b = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, None), 4)
+    b = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), SamplingParams(0.7, 0.95, None), 4)
     req = Request(7, "faq", [1, 2, 3], 1, 16)
     aborted = b._parse(req, {"choices": [{"text": "", "finish_reason": "abort"}], "usage": {"prompt_tokens": 3}})
     assert aborted.finish_reason == "error" and "aborted" in aborted.error
@@ -422,7 +582,7 @@ def test_openai_abort_is_an_error_not_a_success():
     assert (ok.finish_reason, ok.completion_tokens, ok.cached_tokens) == ("length", 16, 2)
     # No per-request seed unless sampling.seed is set (vLLM's CPU engine dies on one).
     assert "seed" not in b._payload(req)[1]
-    seeded = SGLangHTTPBackend(["http://127.0.0.1:1"], "openai", SamplingParams(0.7, 0.95, 5), 4)
+    seeded = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), SamplingParams(0.7, 0.95, 5), 4)
     assert isinstance(seeded._payload(req)[1]["seed"], int)
 
 
@@ -430,7 +590,7 @@ def test_http_sigterm_cancels_in_flight_requests_quietly_and_a_5xx_storm_is_not_
     server, url = start_server(tiny_model, "--delay-ms", "200")
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(200))
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang-http",
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="http",
                        http={"urls": [url]}, scheduler={"max_in_flight": 8}, output={"flush_seconds": 0.1})
     try:
         run = subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg)], cwd=REPO,
@@ -473,11 +633,11 @@ def test_server_args_sglang_would_ignore_are_flagged_or_fixed(caplog):
 
 
 def test_gpu_acceptance_script_runs_every_item_against_the_double(tmp_path, tiny_model):
-    """engine/bench/gpu_acceptance.py is the first thing run on a GPU machine: here each of its items runs
+    """tests/gpu/acceptance.py is the first thing run on a GPU machine: here each of its items runs
     against the SGLang double, so the script itself works before a GPU ever sees it."""
     env = {**os.environ, **double_env(tmp_path, SGLANG_DOUBLE_DELAY_S="0.3", SGLANG_DOUBLE_MAX_RUNNING="2"),
            "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([sys.executable, "-m", "engine.bench.gpu_acceptance", "--no-gpu-check",
+    p = subprocess.run([sys.executable, "-m", "tests.gpu.acceptance", "--no-gpu-check",
                         "--model", str(tiny_model), "--docs", "6"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]

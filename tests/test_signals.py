@@ -1,10 +1,12 @@
 """SIGTERM / SIGINT at any moment of `engine run`: at each stage of start-up, while generating and
 during the final report. Each signal is sent when the run's own log line says it reached that stage
-(a readiness signal, never a sleep), so the test means the same on an idle and on a loaded machine."""
+(a readiness signal, never a sleep), so the test means the same on an idle and on a loaded machine. The
+signalled runs are processes of their own (`Watched`); `engine status` and the final resume run in this
+process (`engine_main`)."""
 import signal
 
 import pyarrow.parquet as pq
-from conftest import Watched, engine_cli, reap_session, sample_docs, stored_rows, wait_for, write_config, write_jsonl
+from conftest import Watched, engine_main, reap_session, sample_docs, stored_rows, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
 
 PROMPTS = ("faq", "math")
@@ -42,13 +44,13 @@ def test_a_signal_at_every_stage_ends_with_a_documented_status_then_resumes_exac
             list((out / "faq").glob("*.parquet")) else 0
         stored.append(rows)
         # What is on disk is readable and consistent with the state file.
-        st = engine_cli("status", str(out))
+        st = engine_main("status", str(out))
         assert st.returncode == (0 if out.is_dir() else 2), st.stderr  # no directory yet: an error (issue 24)
         assert "running" not in "\n".join(st.stdout.splitlines()[2:-1])  # the run ended: stopped or complete
     assert stored == sorted(stored) and stored[-1] == n * len(PROMPTS)
     assert "the work is complete and saved" in err or "the diversity report is skipped" in err
     check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)
-    assert engine_cli("status", str(out), "--check").returncode == 0
+    assert engine_main("status", str(out), "--check").returncode == 0
 
 
 def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_aborts_without_traceback(tmp_path, tiny_model):
@@ -81,7 +83,7 @@ def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_aborts_witho
         if repeat == signal.SIGTERM:
             assert "aborted" not in err, err[-3000:]
         assert reap_session(w.proc.pid) == []
-    assert engine_cli("run", str(cfg)).returncode == 0
+    assert engine_main("run", str(cfg)).returncode == 0
     check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)
 
 

@@ -1,4 +1,4 @@
-"""Object stores through the CLI, against a real S3 API on loopback (moto's S3 service, engine/bench/s3_server.py,
+"""Object stores through the CLI, against a real S3 API on loopback (moto's S3 service, tests/support/s3_server.py,
 through s3fs exactly as on AWS): inputs read from the store, outputs mirrored to it, kill -9 and a
 resume on "another machine" (a fresh staging directory), injected 503s, a store that is down at
 the end; and the Hub's client (huggingface_hub's HfFileSystem) as far as it goes offline."""
@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import Watched, engine_cli, free_port, reap_session, sample_docs, wait_for, write_config
+from conftest import REPO, Watched, engine_main, free_port, reap_session, sample_docs, wait_for, write_config
 
 BUCKET = "synth"
 
@@ -24,8 +24,8 @@ BUCKET = "synth"
 @pytest.fixture(scope="module")
 def s3():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "engine.bench.s3_server", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.s3_server", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # the server's readiness line
     assert line.startswith("READY"), line
     url = f"http://127.0.0.1:{port}"
@@ -41,7 +41,11 @@ def s3():
 
 
 def cli(s3, *args, **kw):
-    return engine_cli(*args, env={**s3.env, **kw.pop("env", {})}, **kw)
+    """`engine ARGS` against the test server, in this process (`engine_main`), with a new S3 client: fsspec keeps
+    one per set of arguments, and the server's address is in the environment of the call."""
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    return engine_main(*args, env={**s3.env, **kw.pop("env", {})}, **kw)
 
 
 def put_inputs(s3, prefix: str, docs: list[dict]) -> None:

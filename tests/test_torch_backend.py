@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.backends.torch_backend import TorchBackend, penalize, sample
+from engine.backends.torch_backend import TorchBackend
+from engine.backends.torch_sampling import penalize, sample
+from engine.config.run_config import TorchConfig
 from engine.types import Request, SamplingParams
 
 
@@ -30,7 +32,7 @@ def reference(model_dir, reqs):
 
 def run_backend(model_dir, reqs, sampling=None, **kw):
     b = TorchBackend(str(model_dir), sampling or SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0,
-                     dtype="float32", **kw)
+                     settings=TorchConfig(**kw), dtype="float32")
     b.start()
     got = {}
     for done in b.generate(iter(reqs), threading.Event()):
@@ -101,7 +103,8 @@ def test_ignore_eos_runs_every_row_to_max_new_tokens(tiny_model):
 def test_stop_event_ends_generation_without_yielding_unfinished(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     reqs = make_requests(tok, 20, 30)
-    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0, batch_size=4)
+    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0,
+                     settings=TorchConfig(batch_size=4))
     b.start()
     stop = threading.Event()
     seen = []

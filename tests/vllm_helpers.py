@@ -23,7 +23,7 @@ def need_vllm() -> None:
 
 
 def embedded_model_dir() -> Path:
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
     return Path(resolve_model("embedded")[0])
 
 

@@ -48,6 +48,8 @@ class AsyncWindowBackend:
         self._call(self.astart())
 
     def _call(self, coro, timeout: float | None = None):
+        if not self.thread.is_alive():  # the loop died (a BaseException escaped a request): run it here
+            return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def _submit(self, req: Request, results: queue.Queue) -> None:
@@ -58,7 +60,7 @@ class AsyncWindowBackend:
                 results.put(await self.agenerate(req))
             except BackendDead as exc:
                 results.put(exc)
-            except Exception as exc:  # noqa: BLE001 - a failed request, retried by the runner
+            except Exception as exc:  # noqa: BLE001 - a failed request, retried through the retry feed
                 results.put(Completion(req.key, "error", prompt_tokens=len(req.input_ids),
                                        error=f"{type(exc).__name__}: {exc}"))
             finally:
@@ -79,6 +81,8 @@ class AsyncWindowBackend:
             if in_flight == 0 or stop.is_set():
                 return  # on stop, requests still in flight are dropped: a resumed run redoes them
             reason = self.dead()
+            if reason is None and not self.thread.is_alive():
+                reason = "the backend's event loop thread ended with requests in flight (their results never come)"
             if reason is not None:
                 raise BackendDead(reason)
             try:

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from itertools import islice
 
+from engine.config.run_config import RunConfig
 from engine.errors import BackendDead
+from engine.model.setup import ModelSetup
 from engine.types import Completion, Request
 
 CHUNK = 256  # requests answered per yielded list
@@ -27,6 +29,11 @@ class InstantBackend:
         self.delay_ms, self.fail_rate, self.die_after = delay_ms, fail_rate, die_after
         self.rng = random.Random(seed)
         self.completed = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> InstantBackend:
+        i = cfg.instant  # no model runs: of the setup only the tokenized requests matter
+        return cls(i.completion_tokens, i.delay_ms, i.fail_rate, i.die_after, cfg.sampling.seed or 0)
 
     def start(self) -> None:
         pass
@@ -55,3 +62,6 @@ class InstantBackend:
 
     def close(self) -> None:
         pass
+
+
+BACKEND = InstantBackend  # what make_backend builds from this module (engine/config/backends.py names it)

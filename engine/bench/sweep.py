@@ -87,6 +87,17 @@ class Sweep:
     tiers: list[Tier]
     models: list[ModelEntry]
 
+    def select(self, labels: str | None) -> list[ModelEntry]:
+        """The models named in a comma-separated list of labels (`--models`), in sweep order; all for None."""
+        if not labels:
+            return list(self.models)
+        wanted = [x.strip() for x in labels.split(",") if x.strip()]
+        unknown = set(wanted) - {m.label for m in self.models}
+        if unknown:
+            raise ConfigError(f"--models: unknown {', '.join(sorted(unknown))} "
+                              f"(the sweep has {', '.join(m.label for m in self.models)})")
+        return [m for m in self.models if m.label in wanted]
+
     def config(self, model: ModelEntry, tier: str, settings: dict[str, Any]) -> BenchConfig:
         ident = {"model": model.name, "settings": settings, "run": self.run,
                  "data": [self.data.paths, self.data.docs, self.data.warmup_docs, self.data.text_column]}

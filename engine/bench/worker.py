@@ -8,8 +8,6 @@ driver classifies every other ending (OOM, timeout, crash) from the exit status 
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import shutil
 import sys
 import time
@@ -19,10 +17,11 @@ import orjson
 
 from engine.atomic import write_atomic
 from engine.backends import make_backend
-from engine.backends.shared import default_parallelism, estimate_params
 from engine.config.run_config import RunConfig, config_from_dict
 from engine.errors import RunFailed
+from engine.machine import cpu
 from engine.model.setup import ModelSetup
+from engine.model.size import default_parallelism, estimate_params
 from engine.run import Run
 
 
@@ -48,13 +47,8 @@ def device_name(cfg: RunConfig) -> str:
             return torch.cuda.get_device_name(0)
     except Exception:  # noqa: BLE001,S110 - only a label; fall back to the CPU's name
         pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"CPU {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    c = cpu()
+    return f"CPU {c.model} x{c.cores}"
 
 
 def measure(spec: dict) -> dict:
@@ -82,7 +76,7 @@ def measure(spec: dict) -> dict:
     finally:
         backend.close()
     params = estimate_params(setup.model_dir)
-    return {"summary": summary, "startup_s": round(startup_s, 2), "warmup_s": round(warmup_s, 2),
+    return {"summary": summary.to_dict(), "startup_s": round(startup_s, 2), "warmup_s": round(warmup_s, 2),
             "gpus": gpus_used(cfg, setup.model_dir, spec.get("gpus")), "params": params,
             "device": device_name(cfg), "model_id": setup.model_name}
 

@@ -2,16 +2,17 @@
 exit status, in one place (`_handle`; the statuses and the exception tree are in engine/errors.py).
 
     parser.py     the subcommands, their options and defaults
-    commands.py   run, status, report, launch, serve, prompts
+    commands.py   run, status, report, launch, bench (the sweep of engine/bench), prompts
     handoff.py    mix, export nanotron / lighteval, compare
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 
-from engine.errors import EngineError, ExitCode, RunFailed
+from engine.errors import EngineError, ExitCode, RunFailed, WriterError
 from engine.signals import Interrupted, raise_on_signals, reap_children
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,13 @@ def _handle(exc: Exception, verbose: bool) -> int:
     """Print `error: ...` (and what to do next) for a failure; return its exit status."""
     if verbose:
         log.exception("%s", exc)
+    exc = _disk_full(exc)
     if isinstance(exc, RunFailed):
         from engine.cli.commands import print_summary
         print_summary(exc.summary)
-        exc = _with_hint(exc.cause, exc.hint, exc.exit_code)
+        cause = _disk_full(exc.cause)
+        exc = _with_hint(cause, cause.hint if isinstance(cause, EngineError) and cause.hint else exc.hint,
+                         exc.exit_code)
     if isinstance(exc, EngineError):
         print(f"error: {exc}", file=sys.stderr)
         if exc.hint:
@@ -70,6 +74,13 @@ def _handle(exc: Exception, verbose: bool) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return ExitCode.ERROR
     raise exc  # a bug: the traceback is the report
+
+
+def _disk_full(exc: BaseException) -> BaseException:
+    """A full disk wherever it struck (a state file, the summary): one line naming the file, and how to resume."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return WriterError.writing(exc.filename or "the output directory", exc)
+    return exc
 
 
 def _with_hint(cause: BaseException, hint: str, code: int) -> EngineError:

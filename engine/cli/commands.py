@@ -1,12 +1,18 @@
-"""`engine run`, `status`, `report`, `launch`, `serve` and `prompts`: each parses nothing (the parser did),
-calls the engine, prints, and returns an exit status; errors go to the one handler (cli/__init__.py)."""
+"""`engine run` (and its --dry-run), `status`, `inspect`, `report`, `launch`, `bench` and `prompts`: each parses
+nothing (the parser did), calls the engine, prints, and returns an exit status; errors go to the one handler
+(cli/__init__.py)."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.errors import ConfigError, ExitCode
+
+if TYPE_CHECKING:
+    from engine.output.record import RunSummary
 
 
 def cmd_run(args) -> int:
@@ -18,60 +24,98 @@ def cmd_run(args) -> int:
     if args.shard:
         overrides += [f"shard.index={args.shard[0]}", f"shard.count={args.shard[1]}"]
     cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from engine.plan import make_plan, render_plan
+
+        plan = make_plan(cfg, args.bench or [], args.throughput, args.overwrite, args.extend_input)
+        print_out(render_plan(plan))
+        return ExitCode.OK
+    # settle_signals: once the state and summary are written a signal changes nothing (signals.settle)
     code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors,
-                        extend_input=args.extend_input).execute()
-    print_summary(summary)
+                        extend_input=args.extend_input, settle_signals=True).execute()
+    print_summary(summary)  # a closed stdout (`| head`, a `tee` that died first) does not change `code`
     if code == ExitCode.INTERRUPTED:
         print("interrupted: everything finished so far is saved; run the same command again to resume.",
               file=sys.stderr)
     return code
 
 
-def print_summary(s: dict) -> None:
-    stored = ", ".join(f"{k} {v:,}" for k, v in s["documents_stored"].items())
-    rows = s["input_rows"]
+def print_summary(s: RunSummary) -> None:
+    from engine.gate import EXPLAINED
+
+    q = s.process  # this process's figures; s.shard_totals: the shard's over every attempt
+    stored = ", ".join(f"{k} {v:,}" for k, v in s.documents_stored.items())
+    rows = s.input_rows
     lines = [
-        f"{'complete' if s['complete'] else 'incomplete'}: {s['output_dir']}  (shard {s['shard']}, model {s['model']}, "
-        f"backend {s['backend']})",
+        f"{'complete' if s.complete else 'incomplete'}: {s.output_dir}  (shard {s.shard}, model {s.model}, "
+        f"backend {s.backend})",
         f"  documents  input rows {rows if rows is not None else '?'}; stored per prompt: {stored}; "
-        f"rejected rows {s['rejected_rows']:,}; failed {s['failed']:,}"
-        f"{f' ({n:,} in this process)' if (n := s.get('failed_this_process', s['failed'])) != s['failed'] else ''}; "
-        f"input truncated {s['truncated']:,}",
-        f"  finished   {', '.join(f'{k} {v:,}' for k, v in sorted(s.get('finish_reasons', {}).items())) or '-'} "
+        f"rejected rows {q.rejected_rows:,}; failed {s.failed:,}"
+        f"{f' ({q.failed_this_process:,} in this process)' if q.failed_this_process != s.failed else ''}; "
+        f"input truncated {q.truncated:,}",
+        f"  finished   {', '.join(f'{k} {v:,}' for k, v in sorted(q.finish_reasons.items())) or '-'} "
         f"(length: cut at max_new_tokens; repetition: stopped in a loop)",
-        f"  time       {s['wall_seconds']:.1f} s: start-up {s.get('startup_s', 0):.1f} s, generation "
-        f"{s.get('generation_s', 0):.1f} s, finishing {s.get('finishing_s', 0):.1f} s",
-        f"  generated  {s['requests_generated']:,} requests ({s['requests_per_s']:.2f} req/s over generation); "
-        f"skipped (done before or rejected) {s['requests_skipped']:,}",
-        f"  tokens     input {s['input_tokens']:,}  output {s['output_tokens']:,} "
-        f"({s['output_tokens_per_s']:,.1f} tok/s)  "
-        f"useful {s.get('useful_output_tokens', 0):,} ({s.get('useful_output_tokens_per_s', 0):,.1f} tok/s, "
-        f"{s.get('useful_share', 0):.0%})  prefix-cache hit {s['prefix_cache_hit_rate']:.1%}",
+        f"  time       {q.wall_seconds:.1f} s: start-up {q.startup_s:.1f} s, generation "
+        f"{q.generation_s:.1f} s, finishing {q.finishing_s:.1f} s",
+        f"  generated  {q.requests_generated:,} requests ({q.requests_per_s:.2f} req/s over generation); "
+        f"skipped (done before or rejected) {q.requests_skipped:,}",
+        f"  tokens     input {q.input_tokens:,}  output {q.output_tokens:,} "
+        f"({q.output_tokens_per_s:,.1f} tok/s)  "
+        f"useful {q.useful_output_tokens:,} ({q.useful_output_tokens_per_s:,.1f} tok/s, "
+        f"{q.useful_share:.0%})  prefix-cache hit {q.prefix_cache_hit_rate:.1%}",
+        f"  {EXPLAINED}",
     ]
-    for prompt, q in s.get("per_prompt", {}).items():
-        lines.append(f"  {prompt:<10} output {q['output_tokens']:,} ({q['output_tokens_per_s']:,.1f} tok/s)  useful "
-                     f"{q['useful_output_tokens']:,} ({q['useful_output_tokens_per_s']:,.1f} tok/s)  "
-                     + ", ".join(f"{k} {v:,}" for k, v in sorted(q["finish_reasons"].items())))
-    if t := s.get("shard_totals"):  # the figures above are this process's; the shard's over every attempt:
-        lines.append(f"  shard      every attempt ({t['attempts']:,}): rows {t['rows']:,}, output tokens "
-                     f"{t['output_tokens']:,} (from the stored rows), {t.get('wall_s', 0):,.1f} s wall, "
-                     f"{t.get('generation_s', 0):,.1f} s generating")
-    for w in s.get("input_warnings", []):
+    for prompt, r in q.per_prompt.items():
+        lines.append(f"  {prompt:<10} output {r.output_tokens:,} ({r.output_tokens_per_s:,.1f} tok/s)  useful "
+                     f"{r.useful_output_tokens:,} ({r.useful_output_tokens_per_s:,.1f} tok/s)  "
+                     + ", ".join(f"{k} {v:,}" for k, v in sorted(r.finish_reasons.items())))
+    t = s.shard_totals
+    lines.append(f"  shard      every attempt ({t.attempts:,}): rows {t.rows:,}, output tokens "
+                 f"{t.output_tokens:,} (from the stored rows), {t.wall_s:,.1f} s wall, "
+                 f"{t.generation_s:,.1f} s generating")
+    for w in s.input_warnings:
         lines.append(f"  warning    {w}")
-    if s.get("report"):
-        lines.append(f"  report     {s['report']}")
-    for w in s.get("report_warnings", []):
+    if s.report:
+        lines.append(f"  report     {s.report}")
+    for w in s.report_warnings:
         lines.append(f"  WARNING    {w}")
-    print("\n".join(lines))
+    print_out("\n".join(lines))
+
+
+def print_out(text: str) -> None:
+    """Print to stdout, flushed. A closed stdout (its reader, `head` or a `tee`, ended first) is not the
+    command's failure: the text is dropped and stdout points at /dev/null from here, so that neither this
+    nor Python's flush at exit raises BrokenPipeError (the recipe of Python's `signal` docs). The exit status
+    stays the command's own."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def cmd_status(args) -> int:
     from engine.output.status import render_status
     from engine.stores import is_remote
 
-    text, complete = render_status(args.output_dir if is_remote(args.output_dir) else Path(args.output_dir))
-    print(text)
+    text, complete = render_status(args.output_dir if is_remote(args.output_dir) else Path(args.output_dir),
+                                   deep=args.deep)
+    print_out(text)  # `engine status --check | head`: the status is still the check's
     return ExitCode.ERROR if args.check and not complete else ExitCode.OK
+
+
+def cmd_inspect(args) -> int:
+    import shutil
+
+    from engine.output.inspect import InspectOptions, inspect_output
+
+    if args.n < 1 or args.lines < 2:
+        raise ConfigError("-n must be 1 or more and --lines 2 or more")
+    width = args.width or shutil.get_terminal_size((100, 24)).columns
+    opts = InspectOptions(args.prompt, args.finish_reason, tuple(args.id or ()), args.n, width, args.lines, args.seed)
+    print_out(inspect_output(Path(args.output_dir), opts))
+    return ExitCode.OK
 
 
 def cmd_report(args) -> int:
@@ -89,29 +133,54 @@ def cmd_report(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from engine.ops.launch import SlurmOptions, launch_ray, launch_slurm
+    from engine.ops.launch import SlurmOptions, default_cpus, launch_ray, launch_slurm
 
     if args.scheduler == "slurm":
         gpus = args.gpus_per_shard if args.gpus_per_shard is not None else 1
         if gpus < 0 or not float(gpus).is_integer():  # Slurm's --gres counts whole GPUs; Ray takes fractions
             raise ConfigError(f"--gpus-per-shard {gpus:g}: Slurm takes a whole number of GPUs per task "
                               "(0 for a partition without GPUs: no --gres line)")
-        if args.cpus_per_shard < 1 or not float(args.cpus_per_shard).is_integer():
-            raise ConfigError(f"--cpus-per-shard {args.cpus_per_shard:g}: Slurm takes a whole number of CPUs per task")
+        cpus = args.cpus_per_shard if args.cpus_per_shard is not None else default_cpus(gpus)
+        if cpus < 1 or not float(cpus).is_integer():
+            raise ConfigError(f"--cpus-per-shard {cpus:g}: Slurm takes a whole number of CPUs per task")
         opts = SlurmOptions(gpus_per_shard=int(gpus),
-                            cpus_per_shard=int(args.cpus_per_shard), max_concurrent=args.max_concurrent,
+                            cpus_per_shard=int(cpus), max_concurrent=args.max_concurrent,
                             partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                             signal_seconds=args.signal_seconds, job_name=args.job_name,
                             extra=tuple(args.sbatch or ()))
         return launch_slurm(Path(args.config), args.shards, opts, list(args.set or []), args.submit, args.dry_run)
     return launch_ray(Path(args.config), args.shards, args.address, args.gpus_per_shard, args.cpus_per_shard,
-                      args.max_retries, list(args.set or []))
+                      args.max_retries, list(args.set or []), dry_run=args.dry_run)
 
 
-def cmd_serve(args) -> int:
-    from engine.ops.serve import serve
-    serve(args.host, args.port, args.backend, args.model, args.completion_tokens, args.delay_ms, args.fail_rate,
-          args.temperature, served_name=args.served_model_name)
+def cmd_bench(args) -> int:
+    from engine.bench.driver import Driver
+    from engine.bench.report import write_report
+    from engine.bench.sweep import load_sweep
+    from engine.signals import Interrupted
+
+    sweep = load_sweep(args.sweep, args.set or [])
+    models = sweep.select(args.models)
+    driver = Driver(sweep, args.retry_failed)
+    if args.dry_run:
+        n = driver.check(models)
+        for m in models:
+            print(f"{m.label} ({m.name}): baseline + " + ", ".join(
+                f"{t.name} {len(sweep.expand(m, t, dict(m.set)))}" + (f" after {t.after}" if t.after else "")
+                for t in sweep.tiers))
+        print(f"{n} configs, each in its own process (timeout {sweep.timeout_s:.0f} s); results in {sweep.results}")
+        return ExitCode.OK
+    try:
+        records = driver.run(models, execute=not args.report_only)
+    except Interrupted as exc:
+        if exc.abort:  # Ctrl-C again: the one handler (cli/__init__.py) says so
+            raise
+        print(f"interrupted ({exc.signame}): finished configs are saved; run the same command again to resume.",
+              file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    files = write_report(sweep, records, args.gpu_hour_usd)
+    print(files["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in files.values()))
     return ExitCode.OK
 
 
@@ -140,7 +209,7 @@ def cmd_prompts(args) -> int:
         raise ConfigError(f"engine prompts render: document file {doc_path} not found")
     from transformers import AutoTokenizer
 
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
     from engine.render.renderer import Renderer
 
     model_dir, _ = resolve_model(args.model)

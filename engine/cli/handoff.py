@@ -12,26 +12,29 @@ SHARE_TOLERANCE = 0.05  # `engine mix` warns when the achieved synthetic share i
 
 def _ratio(args) -> float:
     """The synthetic share, checked before any token is counted (that can take hours on real data)."""
-    from engine.errors import SourceError
-    from engine.handoff import PRESETS
-    ratio = args.ratio if args.ratio is not None else PRESETS[args.preset]
-    if not 0 < ratio < 1:
-        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
-    return ratio
+    from engine.handoff import PRESETS, check_ratio
+    return check_ratio(args.ratio if args.ratio is not None else PRESETS[args.preset])
+
+
+def _sources(args):
+    """Where the rows of a mix or export come from: the run's output directory and the mix-in files."""
+    from engine.handoff.sources import Sources
+
+    return Sources(output_dir=Path(args.output_dir).resolve(), mix_in=args.mix_in, prompts=_prompts_for_preset(args),
+                   text_column=args.text_column, keep_truncated=args.keep_truncated,
+                   allow_incomplete=args.allow_incomplete)
 
 
 def cmd_mix(args) -> int:
-    from engine.handoff.mix import run_mix
-    from engine.handoff.sources import generated_prompts, load_tokenizer
+    from engine.handoff.mix import MixSpec, run_mix
 
     if not args.output_dir or not args.mix_in:
         raise ConfigError("engine mix needs OUTPUT_DIR and --mix-in PATH")
     ratio = _ratio(args)
-    prompts = generated_prompts(Path(args.output_dir), _prompts_for_preset(args))
-    tokenizer, name = load_tokenizer(args.tokenizer)
-    s = run_mix(Path(args.output_dir).resolve(), args.mix_in, Path(args.out).resolve(), ratio, args.seed,
-                tokenizer, name, prompts, args.text_column, args.shuffle_window, args.part_rows, args.overwrite,
-                say=lambda m: print(m, file=sys.stderr), keep_truncated=args.keep_truncated)
+    spec = MixSpec(sources=_sources(args), out=Path(args.out).resolve(), ratio=ratio, tokenizer=args.tokenizer,
+                   seed=args.seed, shuffle_window=args.shuffle_window, part_rows=args.part_rows,
+                   overwrite=args.overwrite)
+    s = run_mix(spec, say=lambda m: print(m, file=sys.stderr))
     g, o = s["sources"]["generated"], s["sources"]["mix-in"]
     print(f"mix written to {s['out']} ({len(s['parts'])} part(s), zstd Parquet, column `source`)\n"
           f"  generated  {g['rows']:,} rows  {g['tokens']:,} tokens   (of {s['available']['generated']['tokens']:,})\n"
@@ -56,9 +59,11 @@ def _split(value: str | None) -> list[str] | None:
 
 def cmd_export(args) -> int:
     if args.target == "lighteval":
-        from engine.handoff.lighteval_export import export_lighteval
-        r = export_lighteval(Path(args.out).resolve(), _split(args.tasks), args.checkpoint, args.max_samples,
-                             Path(args.results).resolve() if args.results else None, args.overwrite)
+        from engine.handoff.lighteval_export import LightevalExport, export_lighteval
+        r = export_lighteval(LightevalExport(
+            out=Path(args.out).resolve(), checkpoint=args.checkpoint, tasks=_split(args.tasks),
+            max_samples=args.max_samples, results=Path(args.results).resolve() if args.results else None,
+            overwrite=args.overwrite))
         print(f"tasks file  {r['tasks_file']}\ntask list   {r['task_list']} ({', '.join(r['tasks'])})\n"
               f"1. convert the nanotron checkpoint to transformers format (the command `engine export nanotron` "
               f"printed; in the nanotron checkout)\n"
@@ -66,40 +71,40 @@ def cmd_export(args) -> int:
               f"3. compare runs:\n  engine compare {r['results']} OTHER_RESULTS_DIR ... [--baseline NAME]")
         return ExitCode.OK
     from engine.errors import CoverageError
-    from engine.handoff.nanotron import TrainPlan, export_nanotron
+    from engine.handoff.nanotron import TrainPlan
+    from engine.handoff.nanotron_export import NanotronExport, export_nanotron
 
     plan = TrainPlan(args.seq_len, args.micro_batch_size, args.grad_accum, args.gpus, args.train_steps)
     try:
         ratio = _ratio(args)
-        prompts = _prompts_for_preset(args)
-        r = export_nanotron(Path(args.output_dir), args.mix_in, args.tokenizer, Path(args.out).resolve(), ratio,
-                            args.seed, plan, prompts, args.text_column, say=lambda m: print(m, file=sys.stderr),
-                            eos_token=args.eos_token, keep_truncated=args.keep_truncated,
-                            allow_repeat=args.allow_repeat, overwrite=args.overwrite)
+        spec = NanotronExport(sources=_sources(args), out=Path(args.out).resolve(), ratio=ratio,
+                              tokenizer=args.tokenizer, plan=plan, seed=args.seed, eos_token=args.eos_token,
+                              allow_repeat=args.allow_repeat, overwrite=args.overwrite)
+        r = export_nanotron(spec, say=lambda m: print(m, file=sys.stderr))
         error = None
     except CoverageError as exc:  # the plan is printed with what is too small, then the error
         error, r = exc, exc.args[1]
     tok = (f"{Path(args.out).resolve() / 'tokenizer'} (recorded as 'tokenizer', relative to the export)"
-           if r["tokenizer"] == "tokenizer" else r["tokenizer"])
-    print(f"token folders (datatrove format; tokenizer {tok}, vocabulary {r['vocab_size']:,}, "
-          f"document separator id {r['eos_id']}; prompts {', '.join(r['prompts'])}):")
-    for c, f in zip(r["coverage"], r["folders"]):
-        mark = "ok" if c.ok else ("REPEATED" if r["repeat"] else "TOO SMALL")
+           if r.tokenizer == "tokenizer" else r.tokenizer)
+    print(f"token folders (datatrove format; tokenizer {tok}, vocabulary {r.vocab_size:,}, "
+          f"document separator id {r.eos_id}; prompts {', '.join(r.prompts)}):")
+    for c, f in zip(r.coverage, r.folders):
+        mark = "ok" if c.ok else ("REPEATED" if r.repeat else "TOO SMALL")
         print(f"  {f.folder}  weight {c.weight:.2f}  {f.documents:,} documents  {f.tokens:,} tokens = "
               f"{c.samples:,} samples of {plan.sequence_length + 1:,} tokens; training draws {c.needed:,}  [{mark}]")
     print(f"plan: {plan.train_steps:,} steps x {plan.global_batch} sequences x {plan.sequence_length:,} tokens = "
           f"{plan.tokens / 1e9:,.2f} B tokens ({plan.gpus} GPUs x micro-batch {plan.micro_batch_size} x "
           f"accumulation {plan.grad_accum})")
-    for source, counts in r["skipped"].items():
+    for source, counts in r.skipped.items():
         for reason, n in counts.items():
             print(f"left out {source}: {n:,} x {reason}")
     if error is not None:
         raise error
-    print(f"config: {r['config']} (paths relative to its directory)\n"
-          f"install (an environment of its own): {r['install']}\n"
-          f"train:\n  {r['launch']}\n"
-          f"convert the final checkpoint for lighteval:\n  {r['convert']}")
-    if r["repeat"] and any(not c.ok for c in r["coverage"]):
+    print(f"config: {r.config} (paths relative to its directory)\n"
+          f"install (an environment of its own): {r.install}\n"
+          f"train:\n  {r.launch}\n"
+          f"convert the final checkpoint for lighteval:\n  {r.convert}")
+    if r.repeat and any(not c.ok for c in r.coverage):
         print("WARNING: --allow-repeat: nanotron's older loader repeats the small folders and returns no positions "
               "(document masking off)", file=sys.stderr)
     return ExitCode.OK
@@ -107,7 +112,7 @@ def cmd_export(args) -> int:
 
 def _prompts_for_preset(args) -> list[str] | None:
     """--prompts, else the preset's prompt when the run has it (--preset faq mixes faq rows, not math ones)."""
-    from engine.handoff.sources import generated_prompts
+    from engine.handoff.generated import generated_prompts
 
     chosen = _split(args.prompts)
     if chosen or args.preset == "default" or args.ratio is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from engine.cli.commands import cmd_launch, cmd_prompts, cmd_report, cmd_run, cmd_serve, cmd_status
+from engine.cli.commands import cmd_bench, cmd_inspect, cmd_launch, cmd_prompts, cmd_report, cmd_run, cmd_status
 from engine.cli.handoff import cmd_compare, cmd_export, cmd_mix
 from engine.errors import RESUMABLE, ExitCode
 
@@ -70,12 +70,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--extend-input", action="store_true",
                      help="accept input files that joined since output.dir was made (one shard only); changed or "
                           "removed files are still refused")
+    run.add_argument("--dry-run", action="store_true",
+                     help="check everything a run checks before start-up, count rows and requests, show one rendered "
+                          "prompt per prompt, estimate tokens, time and GPU-hours; write nothing")
+    run.add_argument("--bench", action="append", metavar="RESULTS",
+                     help="--dry-run: throughput figures from an `engine bench` results directory or results.jsonl "
+                          "(repeatable; runs/out/bench/*/ is read too)")
+    run.add_argument("--throughput", type=float, metavar="TOK_S",
+                     help="--dry-run: your own output tokens/s per GPU for the estimate")
     run.set_defaults(fn=cmd_run)
 
     st = sub.add_parser("status", help="progress of a run's output directory, per shard and prompt")
     st.add_argument("output_dir")
-    st.add_argument("--check", action="store_true", help="exit 1 unless the run is complete")
+    st.add_argument("--check", action="store_true", help="exit 1 unless the run is complete (every committed part "
+                    "present, of its recorded size and row count, the state files readable)")
+    st.add_argument("--deep", action="store_true", help="also verify every part's checksum (reads all the output)")
     st.set_defaults(fn=cmd_status)
+
+    ins = sub.add_parser("inspect", help="read sample rows of an output: source beside generation, per prompt and "
+                                         "finish reason")
+    ins.add_argument("output_dir")
+    ins.add_argument("--prompt", help="this prompt's rows only")
+    ins.add_argument("--finish-reason", choices=["stop", "length", "repetition", "error"],
+                     help="rows that ended so only")
+    ins.add_argument("--id", action="append", metavar="ID", help="this document's rows (repeatable)")
+    ins.add_argument("-n", type=int, default=3, help="rows per prompt and finish reason (a seeded sample)")
+    ins.add_argument("--lines", type=int, default=16, help="lines shown of each source and generation")
+    ins.add_argument("--width", type=int, help="columns (default: the terminal's)")
+    ins.add_argument("--seed", type=int, default=0, help="which rows the sample takes")
+    ins.set_defaults(fn=cmd_inspect)
 
     rp = sub.add_parser("report", help="diversity report of a run's outputs (template collapse, n-grams, lengths)")
     rp.add_argument("output_dir")
@@ -95,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--gpus-per-shard", type=float, default=None,
                     help="GPUs per task (slurm: a whole number, default 1, 0 for a partition without GPUs; "
                          "ray: fractions allowed, default 1 when the cluster has GPUs, else 0)")
-    la.add_argument("--cpus-per-shard", type=float, default=1, help="CPUs per task")
+    la.add_argument("--cpus-per-shard", type=float, default=None,
+                    help="CPUs per task (default: 2 x (2 + GPUs) + 2, vLLM's cores per GPU worker plus the run's "
+                         "tokeniser and writer threads: 8 for one GPU; 4 without GPUs; ray: at most a node's CPUs)")
     la.add_argument("--max-concurrent", type=int, default=0, help="slurm: at most this many tasks at once")
     la.add_argument("--partition", default="")
     la.add_argument("--account", default="")
@@ -106,23 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--job-name", default="engine")
     la.add_argument("--sbatch", action="append", metavar="OPTION", help="extra #SBATCH option, e.g. --mem=64G")
     la.add_argument("--submit", action="store_true", help="slurm: submit with sbatch (else only write the script)")
-    la.add_argument("--dry-run", action="store_true", help="slurm: print the script, write nothing")
+    la.add_argument("--dry-run", action="store_true",
+                    help="run every check of a launch, print what would be submitted (slurm: the script; ray: each "
+                         "shard's command), write, start and submit nothing")
     la.add_argument("--address", default=None, help="ray: cluster address (default: start a local Ray)")
     la.add_argument("--max-retries", type=int, default=3, help="ray: reruns of an interrupted shard")
     la.set_defaults(fn=cmd_launch)
 
-    sv = sub.add_parser("serve", help="a GPU-free test server with SGLang's /generate and OpenAI /v1/completions")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=30000)
-    sv.add_argument("--backend", choices=["instant", "torch"], default="instant")
-    sv.add_argument("--model", default="embedded", help="tokenizer (and model, for --backend torch)")
-    sv.add_argument("--completion-tokens", type=int, default=64, help="instant backend: tokens per answer")
-    sv.add_argument("--delay-ms", type=float, default=0.0, help="simulated latency per request")
-    sv.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered with HTTP 500")
-    sv.add_argument("--temperature", type=float, default=0.0)
-    sv.add_argument("--served-model-name", default="engine-serve",
-                    help="the one model name /v1/completions accepts (others: HTTP 404, as vLLM)")
-    sv.set_defaults(fn=cmd_serve)
+    be = sub.add_parser("bench", help="benchmark sweep: models x optimisation tiers, one process per config, "
+                                       "then a report (Markdown, CSV, Pareto plot)", epilog=EXIT_STATUSES,
+                        description="Run a sweep file's configs (models x optimisation tiers over one fixed "
+                                    "sample of documents), each `engine run` in its own process, then write the "
+                                    "report. Resumable: finished configs are kept in the results directory, and "
+                                    "the same command run again skips them (README: \"Benchmarks: model x "
+                                    "optimisation-tier sweeps\").")
+    be.add_argument("sweep", help="sweep file (TOML), e.g. runs/bench/cpu.toml")
+    be.add_argument("--models", help="comma-separated model labels to run (default: all)")
+    be.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a sweep key, e.g. 'data.paths=[\"/data/fw/*.parquet\"]' or "
+                         "run.sampling.max_new_tokens=512")
+    be.add_argument("--retry-failed", action="store_true", help="rerun configs recorded as oom/timeout/failure")
+    be.add_argument("--report-only", action="store_true", help="write the report from the results so far")
+    be.add_argument("--dry-run", action="store_true", help="check every config and list them; run nothing")
+    be.add_argument("--gpu-hour-usd", type=float, help="price for the cost columns (default: the sweep's)")
+    be.set_defaults(fn=cmd_bench)
 
     def mix_args(p, out_help: str) -> None:
         p.add_argument("output_dir", help="output.dir of an `engine run` (the generated rows)")
@@ -140,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep cut-off generations: cut at max_new_tokens (finish_reason=length) or stopped in a "
                             "repetition loop (finish_reason=repetition, the text before the loop); left out by default")
         p.add_argument("--overwrite", action="store_true", help="replace what an earlier mix/export wrote in --out")
+        p.add_argument("--allow-incomplete", action="store_true",
+                       help="use the rows of a run that is not complete (refused by default; says what is missing)")
 
     from engine.handoff import PRESETS
     PRESET_HELP = {k: f"{v * 100:.0f}%% synthetic" for k, v in PRESETS.items()}

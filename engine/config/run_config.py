@@ -6,6 +6,7 @@ names the key (`ConfigError`). Defaults are the values a first run on the embedd
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import tomllib
 import types
@@ -14,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config.backends import ALIASES, canonical, traits
 from engine.config.engine_args import check_server_args, check_vllm_engine_args
 from engine.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,7 +168,7 @@ class ReportConfig:
 
 @dataclass
 class RunConfig:
-    backend: str = "torch"  # torch | instant | sglang | sglang-http | vllm
+    backend: str = "torch"  # torch | instant | vllm | sglang | http (config/backends.py; "sglang-http" = http)
     prompts: list[str] = field(default_factory=lambda: ["faq"])  # names in prompts/ or file paths
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -181,8 +185,6 @@ class RunConfig:
     retry: RetryConfig = field(default_factory=RetryConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
-
-BACKENDS = ("torch", "instant", "sglang", "sglang-http", "vllm")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -259,8 +261,7 @@ def nest(parts: list[str], value: Any) -> dict:
 
 
 def validate(cfg: RunConfig) -> None:
-    if cfg.backend not in BACKENDS:
-        raise ConfigError(f"config key 'backend': unknown backend {cfg.backend!r} (one of {', '.join(BACKENDS)})")
+    backend = traits(cfg.backend)  # a ConfigError naming the known backends
     if not cfg.prompts:
         raise ConfigError("config key 'prompts': give at least one prompt name")
     if not cfg.input.paths:
@@ -317,8 +318,8 @@ def validate(cfg: RunConfig) -> None:
         ("vllm.cpu_threads_bind", cfg.vllm.cpu_threads_bind in ("all", "auto")
          or bool(re.fullmatch(r"[0-9,|-]+", cfg.vllm.cpu_threads_bind))),
     ]
-    if cfg.backend == "sglang-http" and not cfg.http.urls:
-        raise ConfigError("config key 'http.urls': backend 'sglang-http' needs one or more server URLs")
+    if not backend.in_process and not cfg.http.urls:
+        raise ConfigError(f"config key 'http.urls': backend {cfg.backend!r} needs one or more server URLs")
     if cfg.sglang.server_args:
         problem = check_server_args(cfg.sglang.server_args)
         if problem:
@@ -388,6 +389,9 @@ def config_from_dict(data: dict, base: Path, overrides: list[str] = ()) -> RunCo
         data = nest(parts, value)
         _apply(cfg, data)
         _absolute_paths(cfg, data, Path.cwd())
+    if cfg.backend in ALIASES:  # every later cfg.backend is the registered name
+        log.info("backend %r is an alias of %r", cfg.backend, canonical(cfg.backend))
+        cfg.backend = canonical(cfg.backend)
     validate(cfg)
     return cfg
 

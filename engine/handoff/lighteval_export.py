@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import shlex
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ConfigError, SourceError
@@ -27,10 +28,21 @@ def task_names() -> list[str]:
     return names
 
 
-def export_lighteval(out: Path, tasks: list[str] | None, checkpoint: str, max_samples: int | None,
-                     results: Path | None = None, overwrite: bool = False) -> dict:
+@dataclass(frozen=True)
+class LightevalExport:
+    """What `engine export lighteval` is asked for."""
+    out: Path  # where the tasks file and the task list go
+    checkpoint: str  # the model to evaluate (transformers format), as the printed command names it
+    tasks: list[str] | None = None  # None: the whole suite
+    max_samples: int | None = None
+    results: Path | None = None  # lighteval's --output-dir; None: OUT/results
+    overwrite: bool = False
+
+
+def export_lighteval(spec: LightevalExport) -> dict:
     """An existing non-empty `out` is refused unless `overwrite` (as `engine mix` and `export nanotron` do);
     with it, only the two files an export writes are replaced (lighteval's results under `out` stay)."""
+    out, tasks, checkpoint, max_samples = spec.out, spec.tasks, spec.checkpoint, spec.max_samples
     available = task_names()
     chosen = tasks or available
     unknown = sorted(set(chosen) - set(available))
@@ -38,14 +50,14 @@ def export_lighteval(out: Path, tasks: list[str] | None, checkpoint: str, max_sa
         raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (the suite has {', '.join(available)})")
     if out.exists() and not out.is_dir():
         raise SourceError(f"{out} is a file, not a directory; choose another --out")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and any(out.iterdir()) and not spec.overwrite:
         raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     tasks_py = out / TASKS_FILE.name
     shutil.copyfile(TASKS_FILE, tasks_py)
     task_list = out / "tasks.txt"
     task_list.write_text("".join(f"{t}|0\n" for t in chosen))
-    results = results or out / "results"
+    results = spec.results or out / "results"
     cmd = ["lighteval", "accelerate", f"model_name={checkpoint},dtype=bfloat16", str(task_list),
            "--custom-tasks", str(tasks_py), "--output-dir", str(results)]
     if max_samples:

@@ -3,8 +3,13 @@
 Synthetic-only training data fails; the field mixes 50/50 by tokens by default and found 60-80 %
 synthetic best for structured prompts (math 80 %, table 70 %, FAQ and tutorial 60 %): the presets.
 
-Output: OUT/part-NNNNN.parquet and OUT/_mix.json (what was taken; "_" keeps it out of Parquet readers).
+Output: OUT/part-NNNNN.parquet and OUT/_mix.json (what was taken; "_" keeps it out of Parquet readers),
+written into a hidden folder renamed to OUT at the end (staging.py): a killed mix leaves nothing in OUT.
 
+`run_mix(MixSpec)` (the CLI builds the spec) runs, in order:
+0. Refuse a bad ratio, a non-empty OUT (unless `overwrite`), a folder that is not an engine output and
+   an incomplete run (unless `allow_incomplete`: then say how many documents are missing); check the
+   prompts, load the tokenizer.
 1. Count tokens of every usable row of both sources with one tokenizer (the training tokenizer).
 2. Keep all of the scarcer side and as much of the other as the ratio asks: rows are taken in a
    seeded random order until the token target is reached.
@@ -15,7 +20,7 @@ Output: OUT/part-NNNNN.parquet and OUT/_mix.json (what was taken; "_" keeps it o
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +31,30 @@ import pyarrow.parquet as pq
 
 from engine.atomic import replace_synced
 from engine.errors import SourceError
-from engine.handoff.sources import GENERATED, MIX_IN, Row, Skipped
+from engine.handoff import check_ratio
+from engine.handoff.rows import GENERATED, MIX_IN, Row, Skipped
+from engine.handoff.sources import Sources, read_sources
+from engine.handoff.staging import clear, staged, work_folder
+from engine.handoff.tokenizer import load_tokenizer
 
 SCHEMA = pa.schema([("text", pa.string()), ("source", pa.string()), ("id", pa.string()), ("prompt", pa.string()),
                     ("tokens", pa.int32())])
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """What `engine mix` is asked for."""
+    sources: Sources
+    out: Path  # directory for the parts and _mix.json
+    ratio: float  # synthetic share of tokens, 0 < ratio < 1
+    tokenizer: str = "embedded"  # tokens are counted with it: `embedded`, a local directory or a hub id
+    seed: int = 0
+    shuffle_window: int = 100_000  # rows shuffled together (bounded memory)
+    part_rows: int = 500_000  # rows per Parquet part
+    overwrite: bool = False  # replace what an earlier mix wrote in `out`
+
+    def __post_init__(self) -> None:
+        check_ratio(self.ratio)
 
 
 @dataclass
@@ -62,8 +87,7 @@ def _take(tokens: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarr
 
 
 def plan_mix(tokens: dict[str, np.ndarray], ratio: float, seed: int) -> MixPlan:
-    if not 0 < ratio < 1:
-        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
+    check_ratio(ratio)
     g, o = int(tokens[GENERATED].sum()), int(tokens[MIX_IN].sum())
     if g == 0:
         raise SourceError("no usable generated rows to mix")
@@ -144,40 +168,47 @@ def write_mix(out: Path, items: Iterator[tuple[str, Row, int]], seed: int, shuff
     return {"parts": parts, "sources": stats}
 
 
-def run_mix(output_dir: Path, mix_in: list[str], out: Path, ratio: float, seed: int, tokenizer, tokenizer_name: str,
-            prompts: list[str], text_column: str, shuffle_window: int = 100_000, part_rows: int = 500_000,
-            overwrite: bool = False, say=print, keep_truncated: bool = False) -> dict:
-    from engine.handoff.sources import generated_rows, mix_in_rows
+RECORD = "_mix.json"
 
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
-        for old in [*out.glob("part-*.parquet"), *out.glob("part-*.parquet.tmp"), out / "_mix.json"]:
-            old.unlink(missing_ok=True)  # only what a mix writes: --out may hold other files
-    skipped_g, skipped_o = Skipped(), Skipped()
+
+def _ours(name: str) -> bool:
+    """What a mix writes in OUT (`--overwrite` replaces only that: OUT may hold other files)."""
+    return name == RECORD or (name.startswith("part-") and name.endswith((".parquet", ".parquet.tmp")))
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"{out} is a file, not a directory; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
+    clear(out, _ours)  # --overwrite: the earlier mix goes now (a refused or failed mix leaves neither)
+
+
+def run_mix(spec: MixSpec, say: Callable[[str], object] = print) -> dict:
+    """Write the mix `spec` asks for; returns the summary also written to OUT/_mix.json."""
+    src, out = spec.sources, spec.out
+    _check_out(out, spec.overwrite)
+    prompts = src.checked_prompts()
+    progress = src.progress(say)
+    tokenizer, tokenizer_name = load_tokenizer(spec.tokenizer)
+    skipped = {GENERATED: Skipped(), MIX_IN: Skipped()}
     say(f"counting tokens ({tokenizer_name}) ...")
-    tokens = {GENERATED: count_tokens(generated_rows(output_dir, prompts, skipped_g, keep_truncated), tokenizer),
-              MIX_IN: count_tokens(mix_in_rows(mix_in, text_column, skipped_o), tokenizer)}
-    plan = plan_mix(tokens, ratio, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    streams = {GENERATED: _selected(generated_rows(output_dir, prompts, Skipped(), keep_truncated),
-                                    plan.keep[GENERATED],
-                                    tokens[GENERATED]),
-               MIX_IN: _selected(mix_in_rows(mix_in, text_column, Skipped()), plan.keep[MIX_IN], tokens[MIX_IN])}
-    try:
-        result = write_mix(out, interleave(streams, plan.target), seed, shuffle_window, part_rows)
-    except BaseException:  # a bad mix-in row mid-way, Ctrl-C, a full disk: no partial mix that looks usable
-        for part in [*out.glob("part-*.parquet"), *out.glob("part-*.parquet.tmp")]:
-            part.unlink(missing_ok=True)
-        raise
-    total = sum(s["tokens"] for s in result["sources"].values())
-    summary = {
-        "output_dir": str(output_dir), "mix_in": mix_in, "prompts": prompts, "out": str(out),
-        "ratio_requested": ratio, "ratio_achieved": round(result["sources"][GENERATED]["tokens"] / total, 4),
-        "seed": seed, "tokenizer": tokenizer_name, "keep_truncated": keep_truncated, "parts": result["parts"],
-        "sources": result["sources"],
-        "available": {s: {"rows": int(len(t)), "tokens": int(t.sum())} for s, t in tokens.items()},
-        "skipped": {GENERATED: skipped_g.counts, MIX_IN: skipped_o.counts},
-    }
-    (out / "_mix.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    tokens = {name: count_tokens(rows, tokenizer) for name, rows in read_sources(src, prompts, skipped).items()}
+    plan = plan_mix(tokens, spec.ratio, spec.seed)
+    again = read_sources(src, prompts, {GENERATED: Skipped(), MIX_IN: Skipped()})  # counted in the first pass
+    streams = {name: _selected(rows, plan.keep[name], tokens[name]) for name, rows in again.items()}
+    say(f"writing the mix (into {work_folder(out).name}, renamed to {out} when whole) ...")
+    # a bad mix-in row mid-way, Ctrl-C, a full disk, a kill: no partial mix in OUT that looks usable
+    with staged(out, _ours, last=(RECORD,)) as work:
+        result = write_mix(work, interleave(streams, plan.target), spec.seed, spec.shuffle_window, spec.part_rows)
+        total = sum(s["tokens"] for s in result["sources"].values())
+        summary = {
+            "output_dir": str(src.output_dir), "mix_in": src.mix_in, "prompts": prompts, "out": str(out),
+            "ratio_requested": spec.ratio, "ratio_achieved": round(result["sources"][GENERATED]["tokens"] / total, 4),
+            "seed": spec.seed, "tokenizer": tokenizer_name, "keep_truncated": src.keep_truncated,
+            "run": progress.to_dict(), "parts": result["parts"], "sources": result["sources"],
+            "available": {s: {"rows": int(len(t)), "tokens": int(t.sum())} for s, t in tokens.items()},
+            "skipped": {name: sk.counts for name, sk in skipped.items()},
+        }
+        (work / RECORD).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     return summary

@@ -1,4 +1,4 @@
-"""`engine export nanotron`: token folders (one per source) + a nanotron training config.
+"""The nanotron side of `engine export nanotron`: the training plan, coverage, nanotron.yaml and the commands.
 
 Target: the verified pair **nanotron 1dfee7f5 + datatrove 2c895af7** (NANOTRON_COMMIT,
 DATATROVE_COMMIT). Its tokenized-bytes loader (`src/nanotron/data/tokenized_bytes.py`) reads folders
@@ -10,9 +10,9 @@ that nanotron's own config loader, dataset builder and BlendableDataset (source 
 tests/vendor) on what this module writes. Both go in an environment of their own (nanotron pins
 numpy < 2; lighteval numpy >= 2).
 
-The export is self-contained and relocatable: every path in nanotron.yaml is relative to the export
-directory (token folders, checkpoints, and the tokenizer when a copy is saved there), so training
-runs from that directory, wherever it is copied to.
+The export's steps, in order, are in nanotron_export.py. The export is self-contained and relocatable:
+every path in nanotron.yaml is relative to the export directory (token folders, checkpoints, and the
+tokenizer when a copy is saved there), so training runs from that directory, wherever it is copied to.
 
 Each training sample is seq_len + 1 tokens; nanotron samples folder i with weight_i, in order
 within a folder, and crashes (IndexError) when a folder runs out, hours into training. So a plan
@@ -28,14 +28,16 @@ from pathlib import Path
 
 import yaml
 
-from engine.errors import CoverageError, SourceError
+from engine.errors import SourceError
 from engine.handoff.token_files import TokenFolder
+from engine.handoff.tokenizer import TrainingTokenizer
 
 NANOTRON_COMMIT = "1dfee7f5"  # github.com/huggingface/nanotron (full: 1dfee7f5, see README)
 DATATROVE_COMMIT = "2c895af7"  # github.com/huggingface/datatrove, branch nouamane/avoid-s3
 INSTALL = (f"pip install 'nanotron @ git+https://github.com/huggingface/nanotron@{NANOTRON_COMMIT}' "
            f"'datatrove[io] @ git+https://github.com/huggingface/datatrove@{DATATROVE_COMMIT}' (plus flash-attn; "
            f"clone nanotron at {NANOTRON_COMMIT} for run_train.py and examples/llama/convert_nanotron_to_hf.py)")
+CHECKPOINTS = "checkpoints"  # nanotron's checkpoints, relative to the export
 
 
 @dataclass
@@ -94,9 +96,12 @@ def student_model(vocab_size: int, plan: TrainPlan, bos: int | None, eos: int | 
     }
 
 
-def training_config(folders: list[TokenFolder], weights: list[float], vocab_size: int, plan: TrainPlan,
-                    run_name: str, checkpoints: str, bos: int | None, eos: int | None, seed: int,
-                    folder_names: list[str] | None = None, repeat: bool = False) -> dict:
+def training_config(folders: list[TokenFolder], weights: list[float], plan: TrainPlan, tt: TrainingTokenizer,
+                    seed: int, repeat: bool = False) -> dict:
+    """nanotron.yaml for training on `folders` (sampled by `weights`) under `plan`; every path relative to the
+    export directory (the folders' own names, `checkpoints`, the tokenizer as recorded). `repeat`: nanotron's
+    older loader, which repeats a folder when it runs out."""
+    vocab_size, bos, eos = len(tt.tokenizer), tt.tokenizer.bos_token_id, tt.eos_id
     names = {f.tokenizer_name for f in folders}
     sizes = {f.token_size for f in folders}
     if len(names) != 1 or len(sizes) != 1:
@@ -104,16 +109,16 @@ def training_config(folders: list[TokenFolder], weights: list[float], vocab_size
     tokenizer_name, token_size = names.pop(), sizes.pop()
     warmup = max(1, min(2000, plan.train_steps // 100))
     return {
-        "general": {"project": "synth-engine-ablations", "run": run_name, "seed": seed, "step": None,
+        "general": {"project": "synth-engine-ablations", "run": run_name(weights[0]), "seed": seed, "step": None,
                     "consumed_train_samples": None, "benchmark_csv_path": None, "ignore_sanity_checks": True},
-        "checkpoints": {"checkpoints_path": checkpoints, "checkpoint_interval": max(1, plan.train_steps // 10),
+        "checkpoints": {"checkpoints_path": CHECKPOINTS, "checkpoint_interval": max(1, plan.train_steps // 10),
                         "checkpoints_path_is_shared_file_system": False, "resume_checkpoint_path": None,
                         "save_initial_state": False, "save_final_state": True, "load_lr_scheduler": True,
                         "load_optimizer": True},
         "data_stages": [{
             "name": "Stable Training Stage", "start_training_step": 1,
             "data": {"seed": seed, "num_loading_workers": 1, "dataset": {
-                "dataset_folder": folder_names or [str(f.folder) for f in folders],
+                "dataset_folder": [f.folder.name for f in folders],
                 "dataset_weights": weights,
                 "tokenizer_name": tokenizer_name,
                 "token_size_in_bytes": token_size,
@@ -170,111 +175,3 @@ def convert_command(out: Path, plan: TrainPlan, tokenizer: str) -> str:
 
 def run_name(ratio: float) -> str:
     return f"mix-{round(ratio * 100):d}-synthetic"
-
-
-def export_nanotron(output_dir: Path, mix_in: list[str], tokenizer_name: str, out: Path, ratio: float, seed: int,
-                    plan: TrainPlan, prompts: list[str] | None, text_column: str, say=print,
-                    eos_token: str | None = None, keep_truncated: bool = False, allow_repeat: bool = False,
-                    overwrite: bool = False) -> dict:
-    """Tokenise both sources into OUT/generated and OUT/mix-in, write OUT/nanotron.yaml (and OUT/tokenizer),
-    check coverage: a folder smaller than the plan is a CoverageError unless `allow_repeat`. A refused or
-    failed export removes what it wrote (no config or record is left that looks usable)."""
-    from engine.errors import SourceError
-
-    if not 0 < ratio < 1:
-        raise SourceError(f"--ratio {ratio}: the synthetic share must be between 0 and 1 (exclusive)")
-    ours = ("generated", "mix-in", "tokenizer", "nanotron.yaml", "_export.json")
-    if out.exists() and any(p.name not in ("checkpoints",) for p in out.iterdir()):
-        if not overwrite:
-            raise SourceError(f"{out} is not empty; choose another --out or pass --overwrite")
-        import shutil
-        for name in ours:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)  # only what an export writes
-    created = not out.exists()
-    try:
-        return _export(output_dir, mix_in, tokenizer_name, out, ratio, seed, plan, prompts, text_column, say,
-                       eos_token, keep_truncated, allow_repeat)
-    except BaseException:  # a refusal (CoverageError), a bad source, Ctrl-C: remove what this export began
-        import shutil
-        for name in ours:
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
-def _export(output_dir, mix_in, tokenizer_name, out, ratio, seed, plan, prompts, text_column, say, eos_token,
-            keep_truncated, allow_repeat) -> dict:
-    """export_nanotron's work; the token folders first, then the checks, then the config and record."""
-    from tqdm import tqdm
-
-    from engine.handoff.sources import (
-        GENERATED,
-        MIX_IN,
-        Skipped,
-        generated_prompts,
-        generated_rows,
-        mix_in_rows,
-        save_training_tokenizer,
-        training_tokenizer,
-    )
-    from engine.handoff.token_files import write_token_folder
-
-    tt = training_tokenizer(tokenizer_name, eos_token)
-    say(f"training tokenizer {tokenizer_name}" + (f" (saved to {out / 'tokenizer'}, recorded as 'tokenizer')" if tt.copy
-                                                 else "") + f": {tt.note}")
-    prompts = generated_prompts(output_dir, prompts)
-    skipped = {GENERATED: Skipped(), MIX_IN: Skipped()}
-    sources = {GENERATED: lambda: (r.text for r in generated_rows(output_dir, prompts, skipped[GENERATED],
-                                                                  keep_truncated)),
-               MIX_IN: lambda: (r.text for r in mix_in_rows(mix_in, text_column, skipped[MIX_IN]))}
-    folders = []
-    for i, (name, texts) in enumerate(sources.items()):
-        with tqdm(desc=f"tokenising {name}", unit="doc", disable=None) as bar:
-            folders.append(write_token_folder(texts(), tt.tokenizer, tt.recorded, out / name, seed + i,
-                                              name=f"000_{name}", progress=bar.update))
-        say(f"{name:>9}: {folders[-1].documents:,} documents, {folders[-1].tokens:,} tokens -> {out / name}")
-    if tt.copy:
-        save_training_tokenizer(tt, out / "tokenizer")
-    weights = [ratio, round(1 - ratio, 6)]
-    tok = tt.tokenizer
-    config = training_config(folders, weights, len(tok), plan, run_name(ratio), "checkpoints",
-                             tok.bos_token_id, tt.eos_id, seed, folder_names=[GENERATED, MIX_IN],
-                             repeat=allow_repeat)
-    config_path = out / "nanotron.yaml"
-    cov = coverage(folders, weights, plan)
-    result = {"folders": folders, "weights": weights, "coverage": cov, "config": config_path,
-              "launch": launch_command(out, plan), "convert": convert_command(out, plan, tt.recorded),
-              "install": INSTALL, "tokenizer": tt.recorded, "tokenizer_note": tt.note, "eos_id": tt.eos_id,
-              "vocab_size": len(tok), "skipped": {k: v.counts for k, v in skipped.items()}, "prompts": prompts,
-              "repeat": allow_repeat}
-    _check_coverage(folders, cov, plan, allow_repeat, result)  # a refusal writes no config (the caller cleans up)
-    write_config(config_path, config)
-    import json
-    (out / "_export.json").write_text(json.dumps({
-        "nanotron": NANOTRON_COMMIT, "datatrove": DATATROVE_COMMIT, "output_dir": str(output_dir.resolve()),
-        "mix_in": mix_in, "prompts": prompts, "ratio": ratio, "weights": weights, "seed": seed,
-        "tokenizer": tt.recorded, "eos_id": tt.eos_id, "keep_truncated": keep_truncated, "allow_repeat": allow_repeat,
-        "plan": vars(plan), "folders": {f.folder.name: {"documents": f.documents, "tokens": f.tokens} for f in folders},
-        "skipped": result["skipped"]}, indent=2))
-    return result
-
-
-def _check_coverage(folders, cov, plan, allow_repeat: bool, result: dict) -> None:
-    short = [c for c in cov if not c.ok]
-    if short and not allow_repeat:
-        most = min(c.max_steps for c in cov)
-        fit = (f"they support at most {most:,} steps at this batch and mix (--train-steps {most})" if most
-               else "they do not hold even one step's worth at this batch and mix")
-        raise CoverageError(
-            f"the token folders do not cover the plan: nanotron reads each folder in order and crashes "
-            f"(IndexError) when one runs out, hours into training; {fit}. Generate or mix in more data, plan a "
-            f"smaller run, or pass --allow-repeat (nanotron's older loader then repeats the folders silently, "
-            f"without document masking)", result)
-    empty = [f.folder.name for f, c in zip(folders, cov) if c.samples == 0]
-    if empty:  # even the repeating loader divides by the folder's sample count (ZeroDivisionError)
-        raise CoverageError(f"{', '.join(empty)}: fewer tokens than one training sample ({plan.sequence_length + 1:,} "
-                            f"tokens); nanotron cannot read such a folder at all. Generate or mix in more data, or "
-                            f"use a shorter --seq-len", result)

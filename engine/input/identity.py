@@ -10,6 +10,10 @@ join. Two files with the same label would give colliding ids: refused (InputErro
 Input record: per file its label, path (as expanded: absolute for local files, the URL for stores),
 size, and a content signature: sha256 of the size, the first 64 KiB and the last 64 KiB (the Parquet
 footer; the head and tail of a JSONL file), read with two range requests from a store.
+
+At the end of a run (`check_read`) the files it read are signed again and compared with the record
+taken at its start, and the rows it read (documents + rejected rows) with the rows preflight counted:
+an input changed, cut or removed under a running run is an InputError naming the file, never "complete".
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import glob
 import hashlib
 from pathlib import Path, PurePosixPath
 
-from engine.errors import InputError
+from engine.errors import InputChanged, InputError
 from engine.stores import filesystem, is_remote, retrying
 
 BLOCK = 64 * 1024
@@ -97,3 +101,31 @@ def compare(old: list[dict], new: list[dict]) -> tuple[list[str], list[str]]:
             what = f"size {f['size']:,} -> {g['size']:,} bytes" if f["size"] != g["size"] else "its content differs"
             changed.append(f"input file {label} ({g['path']}) is not the file these results were made from ({what})")
     return changed, [label for label in after if label not in before]
+
+
+def check_read(record: list[dict], files, rows_read: int, rows_expected: int | None) -> None:
+    """Raise InputError when the input a run has just read is not the input recorded at its start: a file
+    (of `files`, those this shard read: objects with .path and .label) whose size or signature changed or
+    that is gone, or a row count other than preflight's (`rows_expected`; None: not known, not compared)."""
+    recorded = {f["label"]: f for f in record}
+    problems = []
+    for f in files:
+        old = recorded.get(f.label)
+        if old is None:
+            continue
+        try:
+            size, sig = signature(f.path)
+        except FileNotFoundError:
+            problems.append(f"input file {f.label} ({f.path}) is gone: it was removed while the run read it")
+            continue
+        except OSError as exc:
+            problems.append(f"input file {f.label} ({f.path}) cannot be read again: {exc}")
+            continue
+        if (size, sig) != (old["size"], old["signature"]):
+            what = f"size {old['size']:,} -> {size:,} bytes" if size != old["size"] else "its content differs"
+            problems.append(f"input file {f.label} ({f.path}) changed while the run read it ({what})")
+    if rows_expected is not None and rows_read != rows_expected:
+        problems.append(f"the run read {rows_read:,} input rows (documents + rejected rows) where {rows_expected:,} "
+                        f"were counted at its start")
+    if problems:
+        raise InputChanged("the input changed under the run; its results are not complete:\n  " + "\n  ".join(problems))

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from engine.errors import InputError, StoreError
+from engine.errors import InputChanged, InputError, StoreError
 from engine.input.identity import check_labels, label_for
 from engine.stores import filesystem, is_remote, open_input, retrying
 from engine.types import Doc, Rejection
@@ -185,6 +185,7 @@ class Reader:
             self.my_files = list(self.files)
         self.schema: pa.Schema | None = None  # passthrough columns (text and id excluded)
         self.warnings: list[str] = []
+        self.rows_read = 0  # this shard's rows `batches()` has read so far (documents + rejected rows)
 
     # ---- preflight -------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -272,22 +273,34 @@ class Reader:
 
     # ---- streaming -------------------------------------------------------------------------------
     def batches(self) -> Iterator[DocBatch]:
+        """This shard's rows in batches; `rows_read` counts them (documents + rejected rows), so that the end
+        of a run can check it read what preflight counted (input/identity.py `check_read`). A file that is
+        gone or unreadable when its turn comes is an InputError naming it."""
+        self.rows_read = 0
         for f in self.my_files:
             if f.empty:
                 continue
             rows = self._parquet_rows(f) if f.kind == "parquet" else self._jsonl_rows(f)
             batch = DocBatch()
-            for row, obj_or_rej in rows:
-                if not self.split_files and row % self.shard_count != self.shard_index:
-                    continue
-                batch.rows_seen += 1
-                if isinstance(obj_or_rej, Rejection):
-                    batch.rejected.append(obj_or_rej)
-                else:
-                    self._accept(f, row, obj_or_rej, batch)
-                if batch.rows_seen >= self.batch_rows:
-                    yield batch
-                    batch = DocBatch()
+            try:
+                for row, obj_or_rej in rows:
+                    if not self.split_files and row % self.shard_count != self.shard_index:
+                        continue
+                    batch.rows_seen += 1
+                    self.rows_read += 1
+                    if isinstance(obj_or_rej, Rejection):
+                        batch.rejected.append(obj_or_rej)
+                    else:
+                        self._accept(f, row, obj_or_rej, batch)
+                    if batch.rows_seen >= self.batch_rows:
+                        yield batch
+                        batch = DocBatch()
+            except FileNotFoundError:
+                raise InputChanged(f"input file {f.label} ({f.path}) is gone: it was removed or renamed while the "
+                                   f"run read its input; the run is not complete") from None
+            except (OSError, zstandard.ZstdError) as exc:
+                raise InputChanged(f"input file {f.label} ({f.path}) could not be read mid-run ({exc}); the run is "
+                                   f"not complete") from None
             if batch.rows_seen:
                 yield batch
 

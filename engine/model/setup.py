@@ -1,12 +1,15 @@
-"""The model a run uses, known before any backend starts: where it is, its tokenizer, its context, and
-the sampling settings resolved once for every backend (run config, then the model's generation config)."""
+"""The model a run uses, known before any backend starts: where it is, its tokenizer, its context, the ids
+that end a generation, and the sampling settings resolved once for every backend (run config, then the
+model's generation config)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config.backends import traits
 from engine.config.run_config import RunConfig
-from engine.model.store import resolve_model
+from engine.model.locate import resolve_model
 from engine.types import RepetitionStop, SamplingParams
 
 
@@ -18,6 +21,15 @@ def generation_config(model_dir: Path | str) -> dict:
         return GenerationConfig.from_pretrained(model_dir).to_diff_dict()
     except OSError:
         return {}
+
+
+def generation_eos(model_dir: Path | str) -> list[int]:
+    """The EOS ids the model's generation_config.json names (often more than the tokenizer's one)."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.exists():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
 
 def sampling_defaults(gen: dict, temperature: float | None, top_p: float | None) -> tuple[float, float]:
@@ -61,10 +73,14 @@ class ModelSetup:
     def load(cls, cfg: RunConfig) -> ModelSetup:
         from transformers import AutoConfig, AutoTokenizer
 
-        model_dir, model_name = resolve_model(cfg.model.name,
-                                              allow_hub=cfg.backend in ("sglang", "sglang-http", "vllm"))
+        model_dir, model_name = resolve_model(cfg.model.name, allow_hub=traits(cfg.backend).hub_models)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         # get_text_config: multimodal checkpoints (Gemma-3 4B+) keep it in their text config
         context = cfg.model.context or AutoConfig.from_pretrained(model_dir).get_text_config().max_position_embeddings
         sampling = resolve_sampling(generation_config(model_dir), cfg.sampling, cfg.repetition)
         return cls(model_dir, model_name, tokenizer, context, sampling)
+
+    def eos_ids(self) -> set[int]:
+        """Every id that ends a generation: the generation config's EOS and the tokenizer's."""
+        eos = self.tokenizer.eos_token_id
+        return set(generation_eos(self.model_dir)) | ({eos} if eos is not None else set())

@@ -7,12 +7,21 @@ complete (their state file says so) are not launched again.
 
 Slurm: `slurm_script` writes the job array's script (its task body forwards one SIGTERM, waits for the
 engine's real status and requeues the task on every status in RESUMABLE; each attempt appends to its
-logs between '=== start' and '=== end' lines); `launch_slurm` writes and submits it (`job_id=N`) and
-warns when --time leaves less than the measured start-up. Tested on a real cluster: tests/test_slurm.py.
+logs between '=== start' and '=== end' lines); `launch_slurm` writes and submits it (`job_id=N`). Tested on a
+real cluster: tests/test_slurm.py.
+
+Checks (`_plan`, and for Slurm `check_time_limit`) run before anything is written or submitted, and a
+`--dry-run` runs every one of them, then prints what would be submitted: the run config validates, its
+backend is installed and its prompts load, output.dir can be written, an existing output was made with
+this shard count (else every task would stop with status 2), and Slurm's --time parses and leaves time to
+generate after --signal-seconds (a warning when it is shorter than an earlier run's measured start-up).
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
+import re
 import shlex
 import signal
 import subprocess
@@ -21,11 +30,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
-from engine.config.run_config import load_config
-from engine.errors import RESUMABLE, ConfigError, ExitCode, ShardFailed, ShardInterrupted
-from engine.output.layout import read_states, shard_tag
+from engine.config.run_config import RunConfig, load_config
+from engine.errors import RESUMABLE, ConfigError, ExitCode, ResumeError, ShardFailed, ShardInterrupted
+from engine.output.layout import shard_tag
+from engine.output.record import load_summary, read_states
+from engine.preflight import check_backend_installed, check_output, check_shard_count
+from engine.render.prompts import load_prompts
 from engine.signals import SIGNALS, Interrupted, signal_on_parent_death
 
 log = logging.getLogger(__name__)
@@ -33,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def pending_shards(output_dir: Path, shards: int) -> list[int]:
     """Shards of an N-way run whose state file does not say complete."""
-    done = {s["shard"] for s in read_states(output_dir) if s.get("complete")}
+    done = {s.shard for s in read_states(output_dir) if s.complete}
     return [i for i in range(shards) if shard_tag(i, shards) not in done]
 
 
@@ -53,6 +63,19 @@ def engine_command(config: Path, shard: str, overrides: list[str]) -> list[str]:
     for o in overrides:
         cmd += ["--set", o]
     return cmd
+
+
+CPUS_WITHOUT_GPU = 4  # default CPUs of a shard whose model runs on the CPU
+
+
+def default_cpus(gpus: float) -> int:
+    """CPUs per shard when --cpus-per-shard is not given. With GPUs, vLLM's sizing rule for GPU deployments
+    (at least 2 + N physical cores for N GPUs: its engine core, one worker per GPU and the process that feeds
+    them; x 2 for hyperthreaded vCPUs) plus 2 for the run's own producer (tokenisation) and writer threads:
+    8 for one GPU, 10 for two. Without GPUs (the model runs on the CPU): 4; give it the cores it should use."""
+    if gpus <= 0:
+        return CPUS_WITHOUT_GPU
+    return 2 * (2 + math.ceil(gpus)) + 2
 
 
 @dataclass
@@ -131,31 +154,42 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
     return "\n".join(lines) + "\n"
 
 
-def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[Path, list[int]]:
-    """The run's output directory and its shards still to run (a message when there are none)."""
-    out = Path(load_config(config, overrides).output.dir)
+def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[RunConfig, Path, list[int]]:
+    """Every check a launch makes before it writes or submits anything (a ConfigError, status 2, on the first
+    that fails); then the run's config, output directory and shards still to run (a message when none)."""
+    if shards < 1:
+        raise ConfigError(f"--shards {shards}: need at least 1")
+    cfg = load_config(config, overrides)
+    check_backend_installed(cfg.backend)  # the tasks run this same Python (engine_command: sys.executable)
+    load_prompts(cfg.prompts)
+    check_output(cfg.output.dir)
+    out = Path(cfg.output.dir)
+    check_shard_count(out, shards)
     ids = pending_shards(out, shards)
     if not ids:
         print(f"all {shards} shards of {out} are complete; nothing to launch")
-    return out, ids
+    return cfg, out, ids
 
 
 def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[str], submit: bool,
                  dry_run: bool) -> int:
-    out, ids = _plan(config, shards, overrides)
+    _, out, ids = _plan(config, shards, overrides)
+    check_time_limit(out, opts)
     if not ids:
-        return 0
+        return ExitCode.OK
     logs = out / "_logs"
     script = slurm_script(config.resolve(), shards, ids, logs, opts, overrides)
     if dry_run:
         print(script, end="")
-        return 0
+        log.info("dry run: every check passed; %d of %d shards would run (%d GPU, %d CPU each); nothing was "
+                 "written or submitted (without --dry-run the script goes to %s, and --submit runs sbatch on it)",
+                 len(ids), shards, opts.gpus_per_shard, opts.cpus_per_shard, out / "_run")
+        return ExitCode.OK
     logs.mkdir(parents=True, exist_ok=True)
     path = out / "_run" / f"slurm-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     print(f"{len(ids)} of {shards} shards to run; script: {path}")
-    _warn_short_time_limit(out, opts)
     if submit:
         proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -174,13 +208,11 @@ def slurm_seconds(limit: str) -> float | None:
     text = limit.strip().lower()
     if text in ("", "infinite", "unlimited", "-1"):
         return None
+    if not re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}", text):
+        raise ConfigError(f"--time {limit!r}: not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])")
     days, _, rest = text.rpartition("-")
-    try:
-        parts = [int(x) for x in rest.split(":")]
-        d = int(days) if days else 0
-    except ValueError:
-        raise ConfigError(f"--time {limit!r}: not a Slurm time limit (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])") \
-            from None
+    parts = [int(x) for x in rest.split(":")]
+    d = int(days) if days else 0
     if days:  # D-HH, D-HH:MM, D-HH:MM:SS
         h, m, sec = (parts + [0, 0])[:3]
     elif len(parts) == 1:
@@ -195,34 +227,37 @@ def slurm_seconds(limit: str) -> float | None:
 EARLY_SIGNAL_S = 60  # Slurm checks time limits about once a minute: --signal may come up to this much early
 
 
-def _summary(path: Path) -> dict:
-    try:
-        return orjson.loads(path.read_bytes())
-    except (OSError, ValueError):
-        return {}
-
-
 def measured_startup(out: Path) -> float | None:
     """The longest start-up an earlier run of this output measured (`process_startup_s`, from its
     process's start, else `startup_s`, in its state files and summaries); None when no run left one."""
-    found = []
-    for rec in list(read_states(out)) + [_summary(p) for p in out.glob("summary*.json")]:
-        found.append(rec.get("process_startup_s", rec.get("startup_s")))
-    found = [float(x) for x in found if isinstance(x, (int, float))]
+    found = [st.rates.process_startup_s or st.rates.startup_s for st in read_states(out)]
+    for path in out.glob("summary*.json"):
+        try:
+            s = load_summary(path)
+        except (OSError, ResumeError):
+            continue
+        found.append(s.process.process_startup_s or s.process.startup_s)
+    found = [float(x) for x in found if x]
     return max(found) if found else None
 
 
-def _warn_short_time_limit(out: Path, opts: SlurmOptions) -> None:
+def check_time_limit(out: Path, opts: SlurmOptions) -> None:
+    """--time must parse and leave time to generate after --signal-seconds (and the minute by which Slurm may
+    signal early): else every attempt is stopped before it starts and requeued for ever (ConfigError). Shorter
+    than the start-up an earlier run of `out` measured: a warning (that start-up may have been a first one)."""
     limit = slurm_seconds(opts.time)
+    if opts.signal_seconds < 0:
+        raise ConfigError(f"--signal-seconds {opts.signal_seconds}: need 0 or more")
     if limit is None:
         return
     usable = limit - opts.signal_seconds - EARLY_SIGNAL_S
     startup = measured_startup(out)
     if usable <= 0:
-        log.warning("--time %s minus --signal-seconds %d (and up to %d s Slurm may signal early) leaves no time "
-                    "to generate: every attempt is stopped before it starts; raise --time", opts.time,
-                    opts.signal_seconds, EARLY_SIGNAL_S)
-    elif startup is not None and usable < startup:
+        raise ConfigError(f"--time {opts.time} minus --signal-seconds {opts.signal_seconds} (and up to "
+                          f"{EARLY_SIGNAL_S} s Slurm may signal early) leaves no time to generate: every attempt "
+                          "would be stopped before it starts and requeued for ever; raise --time (or lower "
+                          "--signal-seconds)")
+    if startup is not None and usable < startup:
         log.warning("--time %s minus --signal-seconds %d (and up to %d s Slurm may signal early) leaves %.0f s, less "
                     "than the %.0f s start-up an earlier run of %s measured: the tasks would be requeued forever "
                     "without progress; raise --time", opts.time, opts.signal_seconds, EARLY_SIGNAL_S, usable,
@@ -246,13 +281,29 @@ def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: 
 
 
 def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: float | None,
-               cpus_per_shard: float, max_retries: int, overrides: list[str]) -> int:
+               cpus_per_shard: float | None, max_retries: int, overrides: list[str], dry_run: bool = False) -> int:
+    """`cpus_per_shard` None: default_cpus(GPUs per shard), at most the CPUs of the cluster's largest node."""
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("engine launch ray needs Ray, which is not installed in this Python: pip install ray")
+    if gpus_per_shard is not None and gpus_per_shard < 0 or cpus_per_shard is not None and cpus_per_shard <= 0:
+        raise ConfigError("--gpus-per-shard must be 0 or more and --cpus-per-shard more than 0")
+    _, out, ids = _plan(config, shards, overrides)
+    if not ids:
+        return ExitCode.OK
+    logs = out / "_logs"
+    if dry_run:
+        gpus = f"{gpus_per_shard:g} GPU" if gpus_per_shard is not None else \
+            "1 GPU where the cluster has GPUs, else 0 (decided at launch)"
+        cpus = f"{cpus_per_shard:g}" if cpus_per_shard is not None else \
+            f"{default_cpus(gpus_per_shard if gpus_per_shard is not None else 1)} (at most a node's CPUs)"
+        print(f"dry run: every check passed; nothing was started. Would run {len(ids)} of {shards} shards on Ray "
+              f"({f'address {address}' if address else 'a local Ray'}; {gpus} and {cpus} CPU each; an interrupted "
+              f"shard retried up to {max_retries} times), logs in {logs}:")
+        for i in ids:
+            print("  " + " ".join(shlex.quote(c) for c in engine_command(config.resolve(), f"{i}/{shards}", overrides)))
+        return ExitCode.OK
     import ray
 
-    out, ids = _plan(config, shards, overrides)
-    if not ids:
-        return 0
-    logs = out / "_logs"
     logs.mkdir(parents=True, exist_ok=True)
     if address:
         ray.init(address=address, log_to_driver=False)
@@ -266,6 +317,9 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
     try:
         if gpus_per_shard is None:  # one GPU per shard where the cluster has GPUs
             gpus_per_shard = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+        if cpus_per_shard is None:  # a task asking more CPUs than any node has would never be scheduled
+            node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+            cpus_per_shard = float(min(default_cpus(gpus_per_shard), max(node_cpus, 1)))
         task = ray.remote(_run_shard).options(num_gpus=gpus_per_shard, num_cpus=cpus_per_shard,
                                               max_retries=max_retries, retry_exceptions=[ShardInterrupted])
         refs = {task.remote(str(config.resolve()), i, shards, overrides, str(Path.cwd()), str(logs)): i for i in ids}

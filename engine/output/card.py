@@ -13,7 +13,9 @@ import orjson
 import yaml
 
 from engine.atomic import write_atomic
-from engine.output.layout import REJECTED, read_states
+from engine.gate import EXPLAINED
+from engine.output.layout import REJECTED
+from engine.output.record import ShardState, read_states
 
 CARD = "README.md"
 
@@ -25,7 +27,7 @@ def _load(path: Path):
         return None
 
 
-def render_card(out: Path, title: str | None = None, states: list[dict] | None = None) -> str | None:
+def render_card(out: Path, title: str | None = None, states: list[ShardState] | None = None) -> str | None:
     """The card's text; `states`: every shard's state when `out` holds only some (a store's staging)."""
     fp = _load(out / "_run" / "fingerprint.json")
     if fp is None:
@@ -33,18 +35,16 @@ def render_card(out: Path, title: str | None = None, states: list[dict] | None =
     prompts = list(fp.get("prompts", {}))
     states = read_states(out) if states is None else states
     shards = fp.get("shard_count", 1)
-    done = {p: sum(st["prompts"].get(p, {}).get("done", 0) for st in states) for p in prompts}
-    failed = {p: sum(st["prompts"].get(p, {}).get("failed", 0) for st in states) for p in prompts}
-    # per prompt, from the stored rows: output tokens, useful ones (rows finished by the model), loops stopped
-    ptok, useful, loops = ({p: sum(st["prompts"].get(p, {}).get(k, 0) if k != "repetition" else
-                                   st["prompts"].get(p, {}).get("finish_reasons", {}).get(k, 0) for st in states)
-                            for p in prompts} for k in ("output_tokens", "useful_tokens", "repetition"))
-    tokens = sum(st.get("output_tokens", 0) for st in states)  # each shard's total over every attempt
-    attempts = sum(st.get("totals", {}).get("attempts", 1) for st in states)
-    gen_h = sum(st.get("totals", {}).get("generation_s", 0) for st in states) / 3600
-    dupes = {p: sum(st["prompts"].get(p, {}).get("duplicates", 0) for st in states) for p in prompts}
-    complete = sum(bool(st.get("complete")) for st in states)
-    rejected = sum(st.get("rejected", 0) for st in states)
+    # per prompt, from the stored rows (every shard): rows, failed, output tokens, useful ones, loops, duplicates
+    figures = {p: [st.prompts[p] for st in states if p in st.prompts] for p in prompts}
+    done, failed, ptok, useful, dupes = ({p: sum(getattr(f, k) for f in figures[p]) for p in prompts}
+                                         for k in ("done", "failed", "output_tokens", "useful_tokens", "duplicates"))
+    loops = {p: sum(f.finish_reasons.get("repetition", 0) for f in figures[p]) for p in prompts}
+    tokens = sum(st.output_tokens for st in states)  # each shard's total over every attempt
+    attempts = sum(st.totals.attempts for st in states)
+    gen_h = sum(st.totals.generation_s for st in states) / 3600
+    complete = sum(st.complete for st in states)
+    rejected = sum(st.rejected for st in states)
     meta = {"configs": [{"config_name": p, "data_files": [{"split": "train", "path": f"{p}/*.parquet"}]}
                         for p in prompts],
             "tags": ["synthetic", "synth-engine"]}
@@ -70,8 +70,8 @@ def render_card(out: Path, title: str | None = None, states: list[dict] | None =
               for p, n in dupes.items() if n]
     total_useful = sum(useful.values())
     lines += ["", f"Output tokens (every attempt, read from the stored rows): {tokens:,}, in {gen_h:,.2f} h "
-              f"of generation over {attempts:,} attempt(s); useful (rows finished by the model, which "
-              f"`engine mix`/`export` keep): {total_useful:,} ({total_useful / max(tokens, 1):.0%})"
+              f"of generation over {attempts:,} attempt(s); useful (what `engine mix`/`export` keep; {EXPLAINED}): "
+              f"{total_useful:,} ({total_useful / max(tokens, 1):.0%})"
               + (f", {total_useful / (gen_h * 3600):,.1f} useful tok/s of generation" if gen_h else "")
               + f". Input rows skipped as unusable: {rejected:,} "
               f"(in `{REJECTED}/`, with the reason).", "", "## Generation", "",
@@ -97,7 +97,7 @@ def render_card(out: Path, title: str | None = None, states: list[dict] | None =
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_card(out: Path, title: str | None = None, states: list[dict] | None = None) -> bool:
+def write_card(out: Path, title: str | None = None, states: list[ShardState] | None = None) -> bool:
     text = render_card(out, title, states)
     if text is None:
         return False
@@ -111,7 +111,7 @@ class StoreCard:
 
     def __init__(self, out: Path, url: str, every: float = 60.0):
         self.out, self.url, self.every = out, url, every
-        self.others: dict[str, dict] = {}
+        self.others: dict[str, ShardState] = {}
         self.fetched = 0.0
 
     def __call__(self, final: bool = False) -> None:
@@ -123,8 +123,8 @@ class StoreCard:
             self.fetched = time.monotonic()
             try:
                 with tempfile.TemporaryDirectory(prefix="engine-card-") as tmp:
-                    self.others = {st["shard"]: st for st in read_states(fetch_progress(self.url, Path(tmp)))}
+                    self.others = {st.shard: st for st in read_states(fetch_progress(self.url, Path(tmp)))}
             except Exception as exc:  # noqa: BLE001 - the card is a summary; the data is what matters
                 logging.getLogger(__name__).info("reading other shards' progress from %s: %s", self.url, exc)
-        states = {**self.others, **{st["shard"]: st for st in read_states(self.out)}}
-        write_card(self.out, self.url, sorted(states.values(), key=lambda st: st["shard"]))
+        states = {**self.others, **{st.shard: st for st in read_states(self.out)}}
+        write_card(self.out, self.url, sorted(states.values(), key=lambda st: st.shard))

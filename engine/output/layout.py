@@ -1,9 +1,9 @@
-"""The output directory: its layout, the output schema, the run fingerprint, per-shard state files.
+"""The output directory: its layout, the output schema, the run fingerprint (state files: record.py).
 
     OUTPUT_DIR/<prompt>/part-*.parquet     results, one row per (document, prompt)
     OUTPUT_DIR/rejected/part-*.parquet     input rows that were skipped, with the reason
     OUTPUT_DIR/_run/fingerprint.json       what the results depend on (model, prompts, sampling ...)
-    OUTPUT_DIR/_state/<shard>.json         progress of each shard (read by `engine status`)
+    OUTPUT_DIR/_state/<shard>.json         progress of each shard (record.py; read by `engine status`)
     OUTPUT_DIR/_journal, _manifest         crash recovery (see parts.py)
     OUTPUT_DIR/_lease/<shard>.*            one writer per shard (lease.py); never deleted by clear()
     OUTPUT_DIR/summary.json                the last run's summary (per shard: summary-<shard>.json)
@@ -12,16 +12,15 @@
 from __future__ import annotations
 
 import logging
-import os
+import re
 import shutil
-import time
 from pathlib import Path
 
 import orjson
 import pyarrow as pa
 
 from engine.atomic import temp_name, write_atomic
-from engine.errors import ResumeError, WriterError
+from engine.errors import DamagedOutput, ResumeError, WriterError
 from engine.input.identity import compare as input_changes
 from engine.types import ENGINE_DIRS, REJECTED  # noqa: F401 - REJECTED re-exported (layout.REJECTED)
 
@@ -82,11 +81,11 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
     version, without a record, is accepted once with a warning and its record written then."""
     path = out / "_run" / "fingerprint.json"
     if overwrite and out.exists():
-        clear(out)
-    if not path.exists():
+        clear(out, list(fingerprint.get("prompts", {})))
+    old = read_fingerprint(out)
+    if old is None:
         _write_fingerprint(path, fingerprint)
         return False
-    old = orjson.loads(path.read_bytes())
     old_files = old.get("input", {}).get("files")
     new_files = fingerprint.get("input", {}).get("files")
     diffs = _diff(_without_files(old), _without_files(fingerprint))
@@ -117,6 +116,23 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
     return True
 
 
+def read_fingerprint(out: Path) -> dict | None:
+    """`out`'s run fingerprint; None when there is none; a DamagedOutput naming the file when it is unreadable."""
+    path = Path(out) / "_run" / "fingerprint.json"
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (orjson.JSONDecodeError, OSError) as exc:
+        raise DamagedOutput(f"{path}: damaged, not readable ({exc}): the configuration and input these results were "
+                            f"made with cannot be checked. Restore the file, or start afresh with --overwrite "
+                            f"(deletes the results) or another output.dir") from None
+    if not isinstance(data, dict):
+        raise DamagedOutput(f"{path}: damaged (a JSON {type(data).__name__}, not a run fingerprint). Restore the "
+                            f"file, or start afresh with --overwrite (deletes the results) or another output.dir")
+    return data
+
+
 def _write_fingerprint(path: Path, fingerprint: dict) -> None:
     write_atomic(path, orjson.dumps(fingerprint, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
 
@@ -134,34 +150,21 @@ def _diff(old, new, prefix="") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
-def clear(out: Path) -> None:
-    """Delete what the engine wrote in `out` (prompt folders are found from the fingerprint)."""
-    fp = out / "_run" / "fingerprint.json"
-    prompts = list(orjson.loads(fp.read_bytes()).get("prompts", {})) if fp.exists() else []
+PART_NAME = re.compile(r"part-s\d+-of-\d+-\d+\.parquet(\.tmp)?")
+
+
+def clear(out: Path, prompts: list[str] = ()) -> None:
+    """Delete what the engine wrote in `out`: the prompt folders the fingerprint names and `prompts` (this
+    run's); with a damaged fingerprint, also every folder that holds nothing but engine parts."""
+    try:
+        fp = read_fingerprint(out) or {}
+        prompts = [*prompts, *fp.get("prompts", {})]
+    except DamagedOutput:
+        log.warning("%s is damaged: deleting this run's prompt folders and every folder that holds only engine "
+                    "parts", out / "_run" / "fingerprint.json")
+        prompts = [*prompts, *(d.name for d in out.iterdir() if d.is_dir() and d.name not in ENGINE_DIRS
+                               and any(d.iterdir()) and all(PART_NAME.fullmatch(f.name) for f in d.iterdir()))]
     for name in [*ENGINE_DIRS, *prompts]:
         shutil.rmtree(out / name, ignore_errors=True)
     for f in [*out.glob("summary*.json"), out / "README.md"]:
         f.unlink(missing_ok=True)
-
-
-def write_state(out: Path, tag: str, state: dict) -> None:
-    state = {**state, "updated_at": time.time()}
-    write_atomic(out / "_state" / f"{tag}.json", orjson.dumps(state, option=orjson.OPT_INDENT_2))
-
-
-def read_states(out: Path) -> list[dict]:
-    folder = out / "_state"
-    if not folder.is_dir():
-        return []
-    return [orjson.loads(p.read_bytes()) for p in sorted(folder.glob("*.json"))]
-
-
-def slurm_attempt() -> dict:
-    """Under Slurm, for the state file: the job, array task and restart count of this attempt."""
-    env = os.environ
-    if "SLURM_JOB_ID" not in env:
-        return {}
-    task = f"{env.get('SLURM_ARRAY_JOB_ID', env['SLURM_JOB_ID'])}_{env['SLURM_ARRAY_TASK_ID']}" \
-        if "SLURM_ARRAY_TASK_ID" in env else env["SLURM_JOB_ID"]
-    return {"slurm": {"job_id": env["SLURM_JOB_ID"], "task": task,
-                      "restart_count": int(env.get("SLURM_RESTART_COUNT") or 0)}}

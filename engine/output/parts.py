@@ -4,32 +4,38 @@ Files, for shard tag T (`s00003-of-00016`) and part number k:
   <dir>/part-T-k.parquet              committed zstd Parquet part (appears only by atomic rename)
   <dir>/part-T-k.parquet.tmp          the part being written (never read; deleted on recovery)
   <root>/_journal/<stream>/T-k.arrows every row of part k, as an Arrow IPC stream of record batches,
-                                      flushed every few seconds (appending a batch is a memory copy)
-  <root>/_manifest/<stream>/T.jsonl   one line per committed part: name, rows, bytes, time
+                                      each with its checksum, flushed every few seconds (journal.py)
+  <root>/_manifest/<stream>/T.jsonl   one line per committed part: name, rows, bytes, CRC-32, time (manifest.py)
 
 Part k and journal k hold the same rows. Commit order: close the .tmp, fsync, rename, append to the
 manifest, delete journal k. So after a crash at any point: a part under its final name is complete;
 a journal whose part exists is stale (deleted); any other journal holds finished rows that are
 re-emitted into the next part, and nothing else was lost but requests in flight.
+
+Everything is checked when read back: a journal batch that fails its checksum is dropped with a warning
+(its documents are generated again, journal.py); a part is checked against its manifest record (size,
+CRC-32) before recovery trusts it: a missing one is said and its rows generated again, a damaged one stops
+the run with a DamagedOutput naming it. A failed write (disk full) is a WriterError naming the file.
 """
 from __future__ import annotations
 
 import logging
-import os
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.atomic import fsync_dir, replace_synced
-from engine.errors import WriterError
+from engine.errors import DamagedOutput, WriterError
+from engine.gate import useful_mask
 from engine.ids import DoneSet, id_hash
+from engine.metrics import Tally, add_tallies
+from engine.output.journal import JournalWriter, read_journal
+from engine.output.manifest import check_part, read_manifest, record_part, record_removed
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +52,20 @@ class PartSpec:
     file_max_bytes: int  # a part is committed once its file reaches this size
     compression_level: int  # zstd
     count_column: str | None = None  # rows are counted per value of this column ("finish_reason")
+    text_column: str | None = None  # with count_column: the generated text the quality gate reads (engine/gate.py)
 
     @property
     def data_dir(self) -> Path:
         return self.root / self.stream
+
+
+@dataclass(frozen=True)
+class StreamCounts:
+    """A stream's stored rows at one moment: `rows` (committed + journaled), their tally per `count_column`
+    value, and `duplicates` (found at recovery)."""
+    rows: int
+    tally: dict[str, Tally]
+    duplicates: int = 0
 
 
 class PartSink:
@@ -58,9 +74,10 @@ class PartSink:
     Lifecycle: `recover()` once (clean up after a crash; returns what is done and the journaled rows),
     `replay()` those rows, then `add()` record batches (journaled at once, flushed by `flush()`),
     `commit()` whenever a part is full and at `close()`. Counts: `rows_total` (every stored row of the
-    shard, recovered ones included), `counts` (rows per value of `count_column`), `tokens` (their
-    completion_tokens per value), `dropped` (error rows
-    removed by --retry-errors). Used from one thread at a time (the writer thread once the run goes)."""
+    shard, recovered ones included), `tally` (per value of `count_column`: rows, their completion tokens and
+    the tokens of rows that pass the quality gate, engine/gate.py), `dropped` (error rows removed by
+    --retry-errors). `add()` returns the batch's own tally, so the writer can report what it stored.
+    Used from one thread at a time (the writer thread once the run goes)."""
 
     def __init__(self, spec: PartSpec):
         self.spec = spec
@@ -78,16 +95,17 @@ class PartSink:
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = 0
         self.writer: pq.ParquetWriter | None = None
-        self.journal = None  # the open journal file
-        self.journal_ipc: pa.ipc.RecordBatchStreamWriter | None = None
+        self.journal: JournalWriter | None = None  # the open journal
         self.part_rows = 0
         self.rows_total = 0  # rows stored (committed + journaled), recovered ones included
         self.dropped = 0  # error rows removed by recover(drop_errors=True)
         self.duplicates = 0  # committed rows whose key another committed row of this shard has (found by recover)
-        self.counts: dict[str, int] = {}  # rows per value of `count_column` (finish reasons), this shard
-        # completion_tokens per value of `count_column` (when the schema has that column), this shard
-        self.tokens: dict[str, int] = {}
+        self.tally: dict[str, Tally] = {}  # per value of `count_column` (finish reasons), this shard
         self.token_column = "completion_tokens" if spec.schema.get_field_index("completion_tokens") >= 0 else None
+        self.text_column = spec.text_column
+
+    def counts(self) -> StreamCounts:
+        return StreamCounts(self.rows_total, dict(self.tally), self.duplicates)
 
     # ---- names -----------------------------------------------------------------------------------
     def _part(self, k: int) -> Path:
@@ -115,19 +133,22 @@ class PartSink:
             tmp.unlink()
         parts = self._numbers(self.data_dir, r"part-{tag}-(\d+)\.parquet")
         journals = self._numbers(self.journal_dir, r"{tag}-(\d+)\.arrows")
-        self._reconcile_manifest(parts)
+        self._check_parts(parts)
         if drop_errors and self.count_column:
             parts = {k: p for k, p in parts.items() if self._drop_errors(p)}
         hashes: list[int] = []
         for p in parts.values():
             cols = [self.key_column] + ([self.count_column] if self.count_column else [])
-            cols += [self.token_column] if self.count_column and self.token_column else []
-            table = pq.read_table(p, columns=cols)
+            cols += [c for c in (self.token_column, self.text_column) if c and self.count_column]
+            try:
+                table = pq.read_table(p, columns=cols)
+            except (pa.ArrowException, OSError) as exc:
+                raise _damaged(p, f"not readable Parquet ({exc})") from None
             keys = table.column(0).to_pylist()
             hashes.extend(map(id_hash, keys))
             self.rows_total += len(keys)
             if self.count_column:
-                self._count(table.column(1), table.column(2) if self.token_column else None)
+                self._count(table)
         self.duplicates = len(hashes) - len(np.unique(np.asarray(hashes, dtype=np.uint64)))
         if self.duplicates:
             log.warning("DUPLICATES: %s holds %d row(s) whose %s is stored more than once (two runs wrote shard %s "
@@ -138,7 +159,7 @@ class PartSink:
             if k in parts:
                 j.unlink()  # its part was committed before the crash
                 continue
-            batches = _read_journal(j, self.schema)
+            batches = read_journal(j, self.schema)
             if drop_errors and self.count_column:
                 kept = [b.filter(pc.not_equal(b.column(self.count_column), "error")) for b in batches]
                 self.dropped += sum(b.num_rows for b in batches) - sum(b.num_rows for b in kept)
@@ -159,7 +180,7 @@ class PartSink:
                 deduped.append(b.filter(pa.array(keep)))
             hashes.extend(h for h, k in zip(keys, keep) if k)
         replay = deduped
-        self.k = max([*parts, *journals], default=-1) + 1
+        self.k = max([*parts, *journals, *self._listed], default=-1) + 1  # a part's name is never reused
         self._stale_journals = [j for k, j in journals.items() if k not in parts]
         return DoneSet(hashes), replay
 
@@ -172,14 +193,20 @@ class PartSink:
         table = pq.read_table(part)
         kept = table.filter(pc.not_equal(table.column(self.count_column), "error"))
         self.dropped += errors
-        if not kept.num_rows:
-            part.unlink()
-            fsync_dir(self.data_dir)
-            return False
         tmp = part.with_suffix(".parquet.tmp")
-        pq.write_table(kept, tmp, compression="zstd", compression_level=self.level, row_group_size=self.row_group_rows)
-        replace_synced(tmp, part)
-        self._manifest_append(part, kept.num_rows)
+        try:
+            if not kept.num_rows:
+                record_removed(self.manifest, part.name, "--retry-errors: only error rows")
+                part.unlink()
+                fsync_dir(self.data_dir)
+                return False
+            pq.write_table(kept, tmp, compression="zstd", compression_level=self.level,
+                           row_group_size=self.row_group_rows)
+            # recorded before the rename: a crash between leaves the old part, which its older record still lists
+            record_part(self.manifest, tmp, kept.num_rows, name=part.name)
+            replace_synced(tmp, part)
+        except OSError as exc:
+            raise WriterError.writing(tmp, exc) from exc
         return True
 
     def replay(self, batches: list[pa.RecordBatch]) -> None:
@@ -192,61 +219,83 @@ class PartSink:
             j.unlink()
         self._stale_journals = []
 
-    def _reconcile_manifest(self, parts: dict[int, Path]) -> None:
-        listed = set()
-        if self.manifest.exists():
-            for line in self.manifest.read_bytes().splitlines():
-                try:
-                    listed.add(orjson.loads(line)["part"])
-                except (orjson.JSONDecodeError, KeyError):
-                    pass  # a torn last line from a crash
-        for _, p in sorted(parts.items()):
-            if p.name not in listed:
-                self._manifest_append(p, pq.ParquetFile(p).metadata.num_rows)
-
-    def _manifest_append(self, part: Path, rows: int) -> None:
-        line = orjson.dumps({"part": part.name, "rows": rows, "bytes": part.stat().st_size,
-                             "committed_at": time.time()}) + b"\n"
-        with open(self.manifest, "ab") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+    def _check_parts(self, parts: dict[int, Path]) -> None:
+        """Every part against the manifest before it is trusted (deep: its checksum); a part committed just
+        before a crash, before its manifest line, is listed now; one listed but gone is said (its rows are
+        not done: generated again); a damaged one stops the run, named (DamagedOutput)."""
+        listed = read_manifest(self.manifest)
+        self._listed = [int(m.group(1)) for name in listed
+                        if (m := re.fullmatch(rf"part-{re.escape(self.shard_tag)}-(\d+)\.parquet", name))]
+        on_disk = {p.name: p for p in parts.values()}
+        try:
+            for name, history in sorted(listed.items()):
+                if name not in on_disk and history and history[-1].removed is None:
+                    log.warning("%s: missing (the manifest lists it with %d row(s)): its rows are generated again",
+                                self.data_dir / name, history[-1].rows)
+                    record_removed(self.manifest, name, "missing at resume")
+            for name, p in sorted(on_disk.items()):
+                history = listed.get(name, [])
+                if not history or history[-1].removed is not None:  # committed just before its manifest line
+                    try:
+                        rows = pq.ParquetFile(p).metadata.num_rows
+                    except (pa.ArrowException, OSError) as exc:
+                        raise _damaged(p, f"not readable Parquet ({exc})") from None
+                    record_part(self.manifest, p, rows)
+                    continue
+                problem = check_part(p, history, deep=True)
+                if problem:
+                    raise _damaged(p, problem)
+        except OSError as exc:
+            raise WriterError.writing(self.manifest, exc) from exc
 
     # ---- writing ---------------------------------------------------------------------------------
-    def add(self, batch: pa.RecordBatch) -> None:
-        if self.journal is None:
-            self.journal = open(self._journal(self.k), "wb", buffering=1 << 20)
-            self.journal_ipc = pa.ipc.new_stream(self.journal, self.schema)
-        self.journal_ipc.write_batch(batch)
+    def add(self, batch: pa.RecordBatch) -> dict[str, Tally]:
+        """Journal `batch` and buffer it for the current part; its tally (empty without a count column)."""
+        path = self._journal(self.k)
+        try:
+            if self.journal is None:
+                self.journal = JournalWriter(path, self.schema)
+            self.journal.write(batch)
+        except OSError as exc:
+            raise self._failed(path, exc) from exc
         self.buffer.append(batch)
         self.buffered += batch.num_rows
         self.rows_total += batch.num_rows
-        if self.count_column:
-            self._count(batch.column(self.count_column),
-                        batch.column(self.token_column) if self.token_column else None)
+        tally = self._count(batch) if self.count_column else {}
         if self.buffered >= self.row_group_rows:
             self._write_group()
+        return tally
 
-    def _count(self, values: pa.Array | pa.ChunkedArray, tokens: pa.Array | pa.ChunkedArray | None = None) -> None:
-        for item in pc.value_counts(values).to_pylist():
-            v = item["values"]
-            self.counts[v] = self.counts.get(v, 0) + item["counts"]
-        if tokens is not None:
-            sums = pa.table({"v": values, "t": tokens}).group_by("v").aggregate([("t", "sum")])
-            for v, t in zip(sums.column("v").to_pylist(), sums.column("t_sum").to_pylist()):
-                self.tokens[v] = self.tokens.get(v, 0) + int(t or 0)
+    def _count(self, rows: pa.RecordBatch | pa.Table) -> dict[str, Tally]:
+        """Add the tally of `rows` (per `count_column` value) to the shard's; return the tally of `rows`."""
+        values = rows.column(self.count_column)
+        n = len(values)
+        tokens = rows.column(self.token_column) if self.token_column else pa.array([0] * n, pa.int32())
+        useful = pc.if_else(useful_mask(values, rows.column(self.text_column)), tokens, 0) \
+            if self.text_column else pa.array([0] * n, pa.int64())
+        sums = pa.table({"v": values, "t": tokens, "u": useful}).group_by("v").aggregate(
+            [("t", "count", pc.CountOptions(mode="all")), ("t", "sum"), ("u", "sum")])
+        out: dict[str, Tally] = {}
+        for v, rows_n, t, u in zip(*(sums.column(c).to_pylist() for c in ("v", "t_count", "t_sum", "u_sum"))):
+            out[v] = Tally(int(rows_n), int(t or 0), int(u or 0))
+        add_tallies(self.tally, out)
+        return out
 
     def _write_group(self) -> None:
         if not self.buffer:
             return
         table = pa.Table.from_batches(self.buffer, schema=self.schema)
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self._tmp(), self.schema, compression="zstd",
-                                           compression_level=self.level)
-        self.writer.write_table(table, row_group_size=table.num_rows)
+        try:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self._tmp(), self.schema, compression="zstd",
+                                               compression_level=self.level)
+            self.writer.write_table(table, row_group_size=table.num_rows)
+            full = self._tmp().stat().st_size >= self.file_max_bytes
+        except OSError as exc:
+            raise self._failed(self._tmp(), exc) from exc
         self.part_rows += table.num_rows
         self.buffer, self.buffered = [], 0
-        if self._tmp().stat().st_size >= self.file_max_bytes:
+        if full:
             self.commit()
 
     def _tmp(self) -> Path:
@@ -254,9 +303,10 @@ class PartSink:
 
     def flush(self, sync: bool = False) -> None:
         if self.journal is not None:
-            self.journal.flush()
-            if sync:
-                os.fsync(self.journal.fileno())
+            try:
+                self.journal.flush(sync)
+            except OSError as exc:
+                raise self._failed(self.journal.path, exc) from exc
 
     def commit(self) -> None:
         """Write what is buffered and make the current part visible under its final name."""
@@ -264,31 +314,48 @@ class PartSink:
         if self.writer is None:
             return
         self.flush(sync=True)
-        self.writer.close()
-        self.writer = None
         final = self._part(self.k)
-        replace_synced(self._tmp(), final)
-        self._manifest_append(final, self.part_rows)
-        self.journal_ipc.close()
-        self.journal.close()
-        self.journal = self.journal_ipc = None
-        self._journal(self.k).unlink()
+        step = self._tmp()
+        try:
+            self.writer.close()
+            self.writer = None
+            replace_synced(self._tmp(), final)
+            step = self.manifest
+            record_part(self.manifest, final, self.part_rows)
+            step = self._journal(self.k)
+            self.journal.close()
+            self.journal = None
+            self._journal(self.k).unlink()
+        except OSError as exc:
+            raise self._failed(step, exc) from exc
         self.k += 1
         self.part_rows = 0
 
     def close(self) -> None:
         self.commit()
 
+    def _failed(self, path: Path, exc: OSError) -> WriterError:
+        """A write failed (disk full, permissions): close what is open without raising again (a half-written
+        part stays a .tmp, deleted by the next recovery; the journal keeps its rows) and name the file."""
+        self.abort()
+        return WriterError.writing(path, exc)
 
-def _read_journal(path: Path, schema: pa.Schema) -> list[pa.RecordBatch]:
-    """The batches of a journal; a batch torn by a crash (only the last can be) is dropped."""
-    batches: list[pa.RecordBatch] = []
-    try:
-        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
-            for batch in reader:
-                batches.append(batch)
-    except (pa.ArrowInvalid, OSError) as exc:
-        log.info("%s: ignoring a torn last batch after %d batches (%s)", path, len(batches), exc)
-    if batches and batches[0].schema != schema:
-        raise WriterError(f"{path}: journal schema differs from this run's output schema; inspect it before resuming")
-    return batches
+    def abort(self) -> None:
+        """Close the open part and journal without raising (after a failed write, or when another stream's
+        write failed): nothing is committed; the next run recovers from the journal."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except (OSError, pa.ArrowException):
+                self.writer.is_open = False  # or its __del__ tries again, with a traceback at exit
+            self.writer = None
+        if self.journal is not None:
+            self.journal.abort()
+            self.journal = None
+
+
+
+def _damaged(part: Path, problem: str) -> DamagedOutput:
+    return DamagedOutput(f"{part}: {problem}; this shard's committed results cannot be trusted as they are. Delete "
+                         f"that file (or move it out of the output directory) and run the same command again: its "
+                         f"rows are generated again")

@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 import orjson
 
 from engine.atomic import replace_synced, write_atomic
+from engine.output.manifest import record_fetched
 from engine.stores import filesystem, retrying
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class RemoteOutput:
                     log.warning("%s: the store's copy differs from the local one (another machine resumed this "
                                 "shard); using the store's", rel)
                 self._get(rel)
+                record_fetched(self.staging / "_manifest" / stream / f"{shard_tag}.jsonl", local)
                 self._mark(rel)
                 fetched += 1
         return fetched

@@ -3,7 +3,8 @@ the same sentence, say) in every run, per prompt and per model.
 
 Streams the Parquet outputs in record batches: length statistics over every row, text statistics
 (openings, n-grams, repeated lines) over a reservoir sample of `sample` outputs, so memory stays
-bounded on runs of any size. Writes OUTPUT_DIR/report/{report.md, report.json, *.png}.
+bounded on runs of any size. Writes OUTPUT_DIR/report/{report.md, report.json, *.png}. A folder whose
+parts lack the result columns (a dataset folder given by mistake) is a one-line error naming it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from engine.output.layout import ENGINE_DIRS
+from engine.output.readiness import check_result_parts
 
 PREFIX_LENGTHS = (10, 20, 50)
 CURVE_LENGTHS = (1, 2, 5, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200)
@@ -187,7 +189,9 @@ def build_report(out: Path, sample: int = 5000, seed: int = 0, thresholds: Thres
     thresholds = thresholds or Thresholds()
     groups: dict[tuple[str, str], _Group] = {}
     cols = ["model", "generation", "completion_tokens", "prompt_tokens", "finish_reason"]
-    for d in _prompt_dirs(out):
+    dirs = _prompt_dirs(out)
+    check_result_parts(out, dirs, cols)  # not an engine output: a SourceError naming it, not a KeyError
+    for d in dirs:
         for f in sorted(d.glob("*.parquet")):
             for rb in pq.ParquetFile(f).iter_batches(batch_size=4096, columns=cols):
                 data = rb.to_pydict()

@@ -10,8 +10,8 @@ import pyarrow as pa
 from engine.config.run_config import OutputConfig
 from engine.ids import DoneSet
 from engine.output.layout import REJECTED, REJECTED_SCHEMA, result_schema, source_column_names
-from engine.output.parts import PartSink, PartSpec
-from engine.types import USEFUL
+from engine.output.parts import PartSink, PartSpec, StreamCounts
+from engine.output.record import PromptFigures
 
 
 @dataclass
@@ -30,12 +30,12 @@ class ShardSinks:
         schema = result_schema(source_schema)
         size = o.file_max_mb * 1024 * 1024
 
-        def spec(stream: str, schema: pa.Schema, key: str, count: str | None) -> PartSpec:
+        def spec(stream: str, schema: pa.Schema, key: str, count: str | None, text: str | None) -> PartSpec:
             return PartSpec(root=out, stream=stream, shard_tag=tag, schema=schema, key_column=key,
                             row_group_rows=o.row_group_rows, file_max_bytes=size,
-                            compression_level=o.compression_level, count_column=count)
-        streams = {p: PartSink(spec(p, schema, "id", "finish_reason")) for p in prompts}
-        streams[REJECTED] = PartSink(spec(REJECTED, REJECTED_SCHEMA, "doc_ref", None))
+                            compression_level=o.compression_level, count_column=count, text_column=text)
+        streams = {p: PartSink(spec(p, schema, "id", "finish_reason", "generation")) for p in prompts}
+        streams[REJECTED] = PartSink(spec(REJECTED, REJECTED_SCHEMA, "doc_ref", None, None))
         done: dict[str, DoneSet] = {}
         dropped = 0
         for name, sink in streams.items():
@@ -44,28 +44,36 @@ class ShardSinks:
             sink.replay(replay)
         return cls(streams, done, schema, source_column_names(source_schema), dropped, list(prompts))
 
-    def stored_per_prompt(self) -> dict[str, int]:
-        return {p: self.streams[p].rows_total for p in self.prompts}
+    def snapshot(self) -> Stored:
+        """What the streams hold now (take it on the thread that writes them: the writer's, once it runs)."""
+        return Stored({name: sink.counts() for name, sink in self.streams.items()}, list(self.prompts))
 
     def already_done(self) -> int:
         """Results found stored at start (recovered), over every prompt."""
         return sum(len(self.done[p]) for p in self.prompts)
 
+
+@dataclass(frozen=True)
+class Stored:
+    """A snapshot of a shard's stored rows: per stream, rows, their tally and duplicates (parts.StreamCounts)."""
+    streams: dict[str, StreamCounts]
+    prompts: list[str]
+
+    def stored_per_prompt(self) -> dict[str, int]:
+        return {p: self.streams[p].rows for p in self.prompts}
+
     def stored(self) -> int:
         return sum(self.stored_per_prompt().values())
 
     def failed(self) -> int:
-        return sum(self.streams[p].counts.get("error", 0) for p in self.prompts)
+        return sum(self.streams[p].tally["error"].rows for p in self.prompts if "error" in self.streams[p].tally)
 
     def rejected_rows(self) -> int:
-        return self.streams[REJECTED].rows_total
+        return self.streams[REJECTED].rows
 
-    def per_prompt(self) -> dict[str, dict]:
-        """The state file's per-prompt counts: rows stored, failed, per finish reason, and output tokens
-        (every stored row's completion_tokens) of which useful (rows finished by the model: USEFUL)."""
-        return {p: {"done": self.streams[p].rows_total, "failed": self.streams[p].counts.get("error", 0),
-                    "finish_reasons": dict(self.streams[p].counts),
-                    "output_tokens": sum(self.streams[p].tokens.values()),
-                    "useful_tokens": sum(self.streams[p].tokens.get(r, 0) for r in USEFUL),
-                    "duplicates": self.streams[p].duplicates}
-                for p in self.prompts}
+    def per_prompt(self) -> dict[str, PromptFigures]:
+        """The state file's per-prompt figures, counted from the stored rows (engine/output/record.py)."""
+        return {p: PromptFigures.of(self.streams[p].tally, self.streams[p].duplicates) for p in self.prompts}
+
+    def output_tokens(self) -> int:
+        return sum(f.output_tokens for f in self.per_prompt().values())

@@ -7,10 +7,18 @@ stream only when it has room (torch: `torch.batch_size` rows; remote engines: `s
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from engine.types import Request
 
+T = TypeVar("T")
 
-def length_buckets(window: list[Request], enabled: bool = True) -> list[Request]:
+
+def length_buckets(window: list[T], enabled: bool = True, request: Callable[[T], Request] | None = None) -> list[T]:
+    """`window` ordered by (prompt, token length); `request` finds an item's Request (items are Requests without)."""
     if not enabled:
         return window
-    return sorted(window, key=lambda r: (r.prompt, len(r.input_ids)))
+    if request is None:
+        return sorted(window, key=lambda r: (r.prompt, len(r.input_ids)))
+    return sorted(window, key=lambda x: (request(x).prompt, len(request(x).input_ids)))

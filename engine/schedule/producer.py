@@ -2,7 +2,8 @@
 
     reader batches -> drop duplicate ids and rejected rows -> skip what is done -> tokenise each
     document once -> render a request per (document, prompt) -> length-bucket a look-ahead window
-    -> a bounded queue that the backend pulls from (through schedule/retry.py's RetryFeed)
+    -> a bounded queue of Pending (request + its document) that the collector admits in flight as the
+    backend pulls (collect.py, through schedule/retry.py's RetryFeed)
 
 The Rust tokenizer releases the GIL, so this thread overlaps tokenising with generation.
 """
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.config.run_config import SchedulerConfig
 from engine.ids import DoneSet, SeenIds, id_hash
 from engine.input.reader import Reader
-from engine.metrics import Metrics
+from engine.metrics import Counters
 from engine.render.renderer import Renderer
 from engine.schedule.buckets import length_buckets
 from engine.types import REJECTED, Doc, Rejection, Request
@@ -34,19 +36,22 @@ class Pending:
     request: Request
 
 
-class Producer:
-    """Reader -> requests on a background thread (see the module doc); iterate it to pull requests."""
+def _request(p: Pending) -> Request:
+    return p.request
 
-    def __init__(self, reader: Reader, renderer: Renderer, prompts: list[str], done: dict[str, DoneSet],
-                 reject: Callable[[list[Rejection]], None], metrics: Metrics, stop: threading.Event, lookahead: int,
-                 buckets: bool, depth: int):
+
+class Producer:
+    """Reader -> Pending requests on a background thread (see the module doc); iterate it to pull them."""
+
+    def __init__(self, reader: Reader, renderer: Renderer, done: dict[str, DoneSet],
+                 reject: Callable[[list[Rejection]], None], counters: Counters, stop: threading.Event,
+                 scheduler: SchedulerConfig):
         """`done`: what is stored per prompt (and per REJECTED source), `reject`: where newly rejected rows go
-        (the writer's REJECTED stream), `depth`: look-ahead windows queued ahead of the backend."""
-        self.reader, self.renderer, self.prompts, self.done = reader, renderer, prompts, done
-        self.reject, self.metrics, self.stop = reject, metrics, stop
-        self.lookahead, self.buckets = lookahead, buckets
-        self.pending: dict[int, Pending] = {}
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        (the writer's REJECTED stream); one request per (document, prompt of `renderer`)."""
+        self.reader, self.renderer, self.prompts, self.done = reader, renderer, list(renderer.rendered), done
+        self.reject, self.counters, self.stop = reject, counters, stop
+        self.lookahead, self.buckets = scheduler.lookahead, scheduler.length_buckets
+        self.queue: queue.Queue = queue.Queue(maxsize=scheduler.prefetch_batches)
         self.keys = itertools.count()
         self.thread = threading.Thread(target=self._run, name="engine-producer", daemon=True)
 
@@ -65,23 +70,23 @@ class Producer:
     def _run(self) -> None:
         try:
             seen = SeenIds()
-            window: list[Request] = []
+            window: list[Pending] = []
             for batch in self.reader.batches():
                 if self.stop.is_set():
                     return
                 window.extend(self._requests(batch, seen))
                 if len(window) >= self.lookahead:
-                    if not self._put(length_buckets(window, self.buckets)):
+                    if not self._put(length_buckets(window, self.buckets, _request)):
                         return
                     window = []
             if window:
-                self._put(length_buckets(window, self.buckets))
+                self._put(length_buckets(window, self.buckets, _request))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._put(exc)
         finally:
             self._put(_END)
 
-    def _requests(self, batch, seen: SeenIds) -> list[Request]:
+    def _requests(self, batch, seen: SeenIds) -> list[Pending]:
         rejected = list(batch.rejected)
         docs: list[Doc] = []
         hashes = []
@@ -94,11 +99,11 @@ class Producer:
                 rejected.append(Rejection(d.source, d.id, "duplicate id: an earlier row has the same id"))
         n_prompts = len(self.prompts)
         if rejected:
-            self.metrics.rejected += len(rejected)
+            self.counters.rejected += len(rejected)
             new = [r for r in rejected if not self.done[REJECTED].has(id_hash(r.source))]
             if new:
                 self.reject(new)
-            self.metrics.skipped(len(rejected) * n_prompts)
+            self.counters.skipped(len(rejected) * n_prompts)
         if not docs:
             return []
         hashes = np.array(hashes, dtype=np.uint64)
@@ -108,7 +113,7 @@ class Producer:
             need |= mask
         skipped = int(sum((~m).sum() for m in todo.values()))
         if skipped:
-            self.metrics.skipped(skipped)
+            self.counters.skipped(skipped)
         idx = np.flatnonzero(need)
         if not len(idx):
             return []
@@ -122,12 +127,10 @@ class Producer:
                 ids, truncated = self.renderer.request_ids(p, doc.text, doc_ids)
                 key = next(self.keys)
                 r = self.renderer.rendered[p]
-                req = Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)
-                self.pending[key] = Pending(doc, truncated, req)
-                out.append(req)
+                out.append(Pending(doc, truncated, Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)))
         return out
 
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[Pending]:
         while True:
             try:
                 item = self.queue.get(timeout=0.2)

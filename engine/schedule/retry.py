@@ -2,7 +2,7 @@
 
 A completion with finish_reason "error" goes back into a waiting heap, due after
 `backoff_seconds * 2**(attempt-1)`; the backend pulls due retries before new requests. After
-`max_attempts` tries the error is final: the runner stores it as a row with finish_reason "error"
+`max_attempts` tries the error is final: the collector (collect.py) stores it as a row with finish_reason "error"
 (it counts as done, so a resumed run does not retry it forever). Failures that come back after the
 backend has drained its input are served by another pass over this feed (see Run.execute).
 """

@@ -1,4 +1,6 @@
-"""A double of `sglang` 0.5.23 for a machine without a GPU: `sglang.Engine` as our backend meets it.
+"""A double of `sglang` 0.5.23 for a machine without a GPU: `sglang.Engine` as our `sglang` backend meets
+it (this file), and its HTTP server as our `http` backend meets it (`python -m sglang.launch_server`:
+launch_server.py, the native /generate and OpenAI /v1/completions shapes).
 
 Put `tests/doubles` first on `sys.path` (or PYTHONPATH for an `engine run` subprocess) and
 `import sglang` finds this. Each behaviour below is the real one from the reviewed source

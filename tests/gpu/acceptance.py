@@ -1,6 +1,6 @@
 """The first thing to run on a GPU machine: every SGLang check that needs a GPU, PASS/FAIL per item.
 
-    .venv/bin/python -m engine.bench.gpu_acceptance [--model embedded|HUB_ID|DIR] [--docs 256] [--only 16,17]
+    .venv/bin/python -m tests.gpu.acceptance [--model embedded|HUB_ID|DIR] [--docs 256] [--only 16,17]
 
 Each item is a finding of ../shared/reviews/sglang-0.5.23-first-contact.md that cannot be settled
 without a real `sglang.Engine`, checked through `engine run` exactly as a user runs it (a subprocess
@@ -39,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.bench.gpu_smoke import available  # the same "can this machine run SGLang" check
 from engine.signals import session_processes
+from tests.gpu.smoke import available  # the same "can this machine run SGLang" check
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,7 +71,7 @@ class Work:
     """A work directory with the documents and one config per item."""
 
     def __init__(self, root: Path, model: str, docs: int, timeout: float):
-        from engine.bench.corpus import make_documents
+        from benchmarks.corpus import make_documents
 
         self.root, self.model, self.timeout = root, model, timeout
         self.inputs = {}
@@ -150,10 +150,11 @@ def rows(out: Path) -> list[dict]:
 
 
 def stored(out: Path) -> int:
-    from engine.output.layout import read_states
+    from engine.errors import ResumeError
+    from engine.output.record import read_states
     try:
-        return sum(c["done"] for st in read_states(out) for c in st["prompts"].values())
-    except (OSError, ValueError):
+        return sum(st.stored for st in read_states(out))
+    except (OSError, ValueError, ResumeError):
         return 0
 
 
@@ -213,7 +214,7 @@ def item_end_to_end(w: Work) -> dict:
     if rc == 0:
         from engine.bench.worker import gpus_used
         from engine.config.run_config import load_config
-        from engine.model.store import resolve_model
+        from engine.model.locate import resolve_model
 
         conf = load_config(cfg)
         gpus = gpus_used(conf, resolve_model(conf.model.name, allow_hub=True)[0], None)
@@ -335,7 +336,7 @@ ITEMS = ("2", "9", "11", "10", "13", "15", "16", "17", "20")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.gpu_acceptance", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tests.gpu.acceptance", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--docs", type=int, default=256, help="documents per item (x8 for the kill / Ctrl-C items)")

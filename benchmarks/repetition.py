@@ -1,6 +1,6 @@
 """The repetition stop measured: `engine run` with the stop on and off, side by side in one run.
 
-    .venv/bin/python -m engine.bench.repetition --docs 32 --max-new-tokens 1024 --backends vllm,torch \
+    .venv/bin/python -m benchmarks.repetition --docs 32 --max-new-tokens 1024 --backends vllm,torch \
         --prompts faq,table,math --out runs/bench/repetition
 
 Documents: real text shipped inside installed packages (no download): the README pages of the installed
@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def documents(n: int, max_chars: int) -> list[dict]:
@@ -75,7 +75,7 @@ def loop_span(ids: list[int], max_n: int = 32, count: int = 4) -> int:
 
 def first_stop(ids: list[int], rs) -> int:
     """Where the stop would have fired on `ids` (the first prefix that ends in a loop), else -1."""
-    from engine.backends.shared import loop_period
+    from engine.backends.repetition import loop_period
 
     for end in range(rs.min_pattern * rs.min_count, len(ids) + 1):
         if loop_period(ids[:end], rs):
@@ -180,7 +180,7 @@ def markdown(results: list[dict], cpu: str, load: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.repetition", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.repetition", description=__doc__.split("\n")[0])
     ap.add_argument("--docs", type=int, default=32)
     ap.add_argument("--max-chars", type=int, default=3000)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "repetition"))
     a = ap.parse_args(argv)
-    from engine.bench.vllm_cpu import cpu_label
-    from engine.model.store import resolve_model
+    from engine.machine import cpu_label
+    from engine.model.locate import resolve_model
 
     out = Path(a.out).resolve()  # the config it writes resolves paths against its own folder
     out.mkdir(parents=True, exist_ok=True)

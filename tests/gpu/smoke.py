@@ -1,7 +1,7 @@
 """GPU smoke test of the in-process SGLang path: one GPU, a few hundred documents, end to end.
-(The acceptance checks of the SGLang review are engine/bench/gpu_acceptance.py: run that first.)
+(The acceptance checks of the SGLang review are tests/gpu/acceptance.py: run that first.)
 
-    .venv/bin/python -m engine.bench.gpu_smoke [--model embedded|HUB_ID|DIR] [--docs 512] [--set key=value ...]
+    .venv/bin/python -m tests.gpu.smoke [--model embedded|HUB_ID|DIR] [--docs 512] [--set key=value ...]
 
 Prints output tok/s per GPU and the prefix-cache hit rate; exits 0 (with a note) where CUDA or
 sglang is missing, so it is safe anywhere. It drives the same code as `engine run`.
@@ -31,7 +31,7 @@ def available() -> str | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.gpu_smoke", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m tests.gpu.smoke", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--docs", type=int, default=512)
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import pyarrow.parquet as pq
     import torch
 
-    from engine.bench.corpus import make_documents
+    from benchmarks.corpus import make_documents
     from engine.config.run_config import load_config
     from engine.run import Run
 
@@ -60,9 +60,10 @@ def main(argv=None) -> int:
                                  f"model.name={args.model}", f"prompts=['{args.prompt}']",
                                  f"sampling.max_new_tokens={args.max_new_tokens}", "scheduler.max_in_flight=1024",
                                  *args.set])
-        code, s = Run(cfg).execute()
+        code, summary = Run(cfg).execute()
+        s = summary.to_dict()  # the figures as summary.json has them
         from engine.bench.worker import gpus_used
-        from engine.model.store import resolve_model
+        from engine.model.locate import resolve_model
 
         gpus = gpus_used(cfg, resolve_model(cfg.model.name, allow_hub=True)[0], None)  # dp_size defaults to every GPU
         print(f"device {torch.cuda.get_device_name(0)} x{gpus}; model {s['model']}; {s['requests_generated']} requests")

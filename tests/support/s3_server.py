@@ -1,7 +1,7 @@
 """A real S3 API on loopback for the storage tests and benchmark: moto's S3 service (the same application as
 `moto_server`), served over HTTP, behind a fault injector.
 
-    python -m engine.bench.s3_server PORT       prints "READY <port>" once it answers
+    python -m tests.support.s3_server PORT       prints "READY <port>" once it answers
 
 Fault injection, over HTTP so a test can switch it while an `engine run` talks to the server:
   POST /_faults?status=503&next=N     the next N requests (other than /_faults) answer `status`

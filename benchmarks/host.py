@@ -11,7 +11,7 @@ are context for this machine):
      (`report_seconds`, a bounded cost: it samples 5,000 outputs).
 Target: engine documents/s >= 75% of the tokenizer's documents/s.
 
-    .venv/bin/python -m engine.bench.host --docs 20000
+    .venv/bin/python -m benchmarks.host --docs 20000
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.bench.corpus import write_corpus
+from benchmarks.corpus import write_corpus
 from engine.config.run_config import load_config
-from engine.model.store import resolve_model
+from engine.model.locate import resolve_model
 from engine.run import Run
 
 
@@ -57,7 +57,7 @@ def parquet_alone(src: Path, dst: Path, completion_chars: int, level: int, batch
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.host", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.host", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=20000)
     ap.add_argument("--completion-tokens", type=int, default=400)
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
         cfg = load_config(None, overrides)
         t = time.perf_counter()
         code, summary = Run(cfg).execute()
+        summary = summary.to_dict()  # the figures as summary.json has them
         t_engine = time.perf_counter() - t
         assert code == 0 and summary["documents_stored"]["tutorial"] == args.docs, summary
         from engine.output.report import write_report

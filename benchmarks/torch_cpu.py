@@ -1,6 +1,6 @@
 """Torch backend vs a naive loop, on the real SmolLM2-135M-Instruct, CPU, side by side in one process.
 
-The same documents (from engine/bench/corpus.py), the same rendered prompts (chat template, instruction
+The same documents (from benchmarks/corpus.py), the same rendered prompts (chat template, instruction
 first), the same sampling and a rewrite-sized budget with real end-of-sequence:
   naive           `model.generate` one document at a time, in float32 (its fastest dtype on this
                   machine: measured 20.3 vs 18.5 tok/s for bfloat16; --naive-dtypes adds others);
@@ -9,7 +9,7 @@ first), the same sampling and a rewrite-sized budget with real end-of-sequence:
   no prefix cache the same with torch.prefix_cache=false.
 Reported: output tokens/s of each, and ratios to the fastest naive loop (target: engine >= 4x).
 
-    .venv/bin/python -m engine.bench.torch_cpu --docs 64 --max-new-tokens 256
+    .venv/bin/python -m benchmarks.torch_cpu --docs 64 --max-new-tokens 256
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from engine.bench.corpus import make_documents
+from benchmarks.corpus import make_documents
 from engine.config.run_config import load_config
-from engine.model.store import resolve_model
+from engine.model.locate import resolve_model
 from engine.render.prompts import load_prompts
 from engine.run import Run
 
@@ -59,12 +59,13 @@ def engine(src: Path, out: Path, prompt: str, max_new: int, temperature: float, 
                              f"sampling.top_p={top_p}", f"torch.batch_size={batch}", *extra])
     t = time.perf_counter()
     code, summary = Run(cfg).execute()
+    summary = summary.to_dict()  # the figures as summary.json has them
     assert code == 0, summary
     return time.perf_counter() - t, summary["output_tokens"], summary
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.torch_cpu", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.torch_cpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=256)

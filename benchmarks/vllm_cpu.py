@@ -1,7 +1,7 @@
 """The engines a CPU user can pick, side by side in one run, on the same documents and settings.
 
-    .venv/bin/python -m engine.bench.vllm_cpu --docs 16 --max-new-tokens 256 --dtype float32
-    .venv/bin/python -m engine.bench.vllm_cpu --only offline,engine-vllm     # a subset
+    .venv/bin/python -m benchmarks.vllm_cpu --docs 16 --max-new-tokens 256 --dtype float32
+    .venv/bin/python -m benchmarks.vllm_cpu --only offline,engine-vllm     # a subset
 
 The shipped web-like documents (runs/data/demo_docs.jsonl, cycled under new ids past 20), one prompt
 (`faq`), the model's chat template with its default system prompt, the same sampling, real EOS:
@@ -10,7 +10,7 @@ The shipped web-like documents (runs/data/demo_docs.jsonl, cycled under new ids 
   datatrove     datatrove 0.10.1's InferenceRunner (the field's pipeline) sending /v1/chat/completions
                 to a `vllm serve` on loopback (tools/vllm_cpu_serve.py), writing JSONL;
   engine-torch  `engine run` with backend = "torch" (our own batched loop);
-  naive         `model.generate` one document at a time (engine/bench/torch_cpu.py's loop).
+  naive         `model.generate` one document at a time (benchmarks/torch_cpu.py's loop).
 Each runs in a process of its own, one after the other (nothing else should run meanwhile). Reported:
 load seconds, generation seconds (load excluded everywhere: the model is loaded and the server up
 before the clock starts), output tokens and output tok/s, and each one's ratio to `offline`. The CPU
@@ -28,26 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from engine.machine import cpu_label
+
+ROOT = Path(__file__).resolve().parents[1]
 
 KINDS = ("offline", "engine-vllm", "datatrove", "engine-torch", "naive")
 
 
-def cpu_label() -> str:
-    flags, name = "", "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and name == "?":
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = line
-    isa = "AMX" if " amx_bf16" in flags else "AVX512-BF16" if " avx512_bf16" in flags else \
-        "AVX512" if " avx512f" in flags else "AVX2" if " avx2" in flags else "no AVX2"
-    return f"{name}, {isa}, {os.cpu_count()} cores"
-
-
 def documents(n: int, dest: Path, mean_chars: int = 0) -> Path:
-    if mean_chars:  # longer web-like documents (engine/bench/corpus.py: sentences of the shipped ones)
-        from engine.bench.corpus import make_documents
+    if mean_chars:  # longer web-like documents (benchmarks/corpus.py: sentences of the shipped ones)
+        from benchmarks.corpus import make_documents
         out = make_documents(n, seed=1, mean_chars=mean_chars, min_chars=mean_chars // 2, max_chars=2 * mean_chars)
         dest.write_text("".join(json.dumps({"id": d["id"], "text": d["text"]}) + "\n" for d in out))
         return dest
@@ -109,6 +99,7 @@ def _engine(a, backend: str) -> dict:
     try:
         t = time.perf_counter()
         code, summary = Run(cfg, setup=setup, backend=be).execute()
+        summary = summary.to_dict()  # the figures as summary.json has them
         gen = time.perf_counter() - t
     finally:
         be.close()
@@ -181,7 +172,7 @@ def run_datatrove(a) -> dict:
 def run_naive(a) -> dict:
     import torch
 
-    from engine.bench.torch_cpu import naive
+    from benchmarks.torch_cpu import naive
 
     texts = [json.loads(line)["text"] for line in a.src.read_text().splitlines()]
     gen, tokens = naive(a.model_dir, a.prompt, texts, a.max_new_tokens, a.temperature, a.top_p, getattr(torch, a.dtype))
@@ -193,7 +184,7 @@ MEASURE = {"offline": run_offline, "engine-vllm": lambda a: _engine(a, "vllm"), 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.vllm_cpu", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.vllm_cpu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--docs", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256)
@@ -204,7 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--mean-chars", type=int, default=0,
                     help="0: the shipped documents (~370 prompt tokens); N: web-like documents of N characters on "
-                         "average (engine/bench/corpus.py; 4500 gives ~1,200-token prompts)")
+                         "average (benchmarks/corpus.py; 4500 gives ~1,200-token prompts)")
     ap.add_argument("--cpu-bind", default="all",
                     help="vLLM compute cores for offline and engine-vllm: all (the engine's default), auto (vLLM's: "
                          "one core kept for the scheduler) or a list; `vllm serve` (datatrove) keeps vLLM's default")
@@ -214,7 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-    from engine.model.store import resolve_model
+    from engine.model.locate import resolve_model
     a.model_dir = resolve_model("embedded")[0]
 
     if a.one:
@@ -233,7 +224,7 @@ def main(argv=None) -> int:
         documents(a.docs, work / "docs.jsonl", a.mean_chars)
         results = {}
         for kind in [k.strip() for k in a.only.split(",") if k.strip()]:
-            cmd = [sys.executable, "-m", "engine.bench.vllm_cpu", "--one", kind, "--work", str(work),
+            cmd = [sys.executable, "-m", "benchmarks.vllm_cpu", "--one", kind, "--work", str(work),
                    "--docs", str(a.docs),
                    "--max-new-tokens", str(a.max_new_tokens), "--prompt", a.prompt, "--dtype", a.dtype,
                    "--temperature", str(a.temperature), "--top-p", str(a.top_p), "--context", str(a.context),

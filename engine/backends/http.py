@@ -1,5 +1,5 @@
-"""`sglang-http`: running SGLang servers (or a router), or any OpenAI-compatible completions server
-(vLLM's `vllm serve`, SGLang's OpenAI routes, ...).
+"""`http`: running SGLang servers (or a router), or any OpenAI-compatible completions server
+(vLLM's `vllm serve`, SGLang's OpenAI routes, ...). `sglang-http`, its old name, is an alias.
 
 - `http.api = "native"`: SGLang's `/generate` with `input_ids` (the renderer's tokens) and
   `sampling_params`; the response's `output_ids`/`text` and `meta_info` (prompt, completion and cached
@@ -15,7 +15,7 @@ start (status 2), naming what to set.
 
 During the run failures are classified:
 - the request's own (HTTP 400/413/422 and other 4xx, a generation error, an `abort`): a failed
-  completion, retried by the runner and then recorded as an error row;
+  completion, retried through the retry feed (schedule/retry.py) and then recorded as an error row;
 - the backend's (connection refused, timeouts, 408/429/5xx): retried with exponential backoff
   (`http.backoff_s`, doubling, at most 30 s apart) for as long as the servers keep failing; once no
   request has succeeded for `http.dead_after` seconds the backend is dead and the run stops with
@@ -32,15 +32,11 @@ import logging
 import time
 
 from engine.backends.async_window import AsyncWindowBackend
-from engine.backends.shared import (
-    completion_from,
-    cut_loop,
-    repetition_params,
-    repetition_processor,
-    sampling_params,
-    sglang_repetition_stop,
-)
+from engine.backends.repetition import cut_loop, repetition_params, repetition_processor, sglang_repetition_stop
+from engine.backends.sglang_format import completion_from, sampling_params
+from engine.config.run_config import HTTPConfig, RunConfig
 from engine.errors import BackendDead, ProbeError
+from engine.model.setup import ModelSetup
 from engine.types import Completion, Request, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -50,22 +46,21 @@ FATAL_STATUS = {401: "unauthorised", 403: "forbidden", 404: "not found", 405: "m
 MAX_BACKOFF_S = 30.0
 
 
-class SGLangHTTPBackend(AsyncWindowBackend):
-    name = "sglang-http"
+class HTTPBackend(AsyncWindowBackend):
+    name = "http"
 
-    def __init__(self, urls: list[str], api: str, sampling: SamplingParams, max_in_flight: int,
-                 timeout_s: float = 600.0, retries: int = 3, backoff_s: float = 1.0, dead_after: float = 60.0,
-                 model: str = "", connections: int = 0, eos_ids: list[int] | None = None):
+    def __init__(self, http: HTTPConfig, sampling: SamplingParams, max_in_flight: int,
+                 eos_ids: list[int] | set[int] | None = None):
         super().__init__(max_in_flight)
-        if api not in ("native", "openai"):
-            raise ValueError(f"http.api must be 'native' or 'openai', not {api!r}")
-        if not urls:
-            raise ValueError("backend 'sglang-http' needs http.urls (one or more server or router URLs)")
-        self.urls, self.api, self.sampling = [u.rstrip("/") for u in urls], api, sampling
-        self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
-        self.dead_after, self.model = dead_after, model
+        if http.api not in ("native", "openai"):
+            raise ValueError(f"http.api must be 'native' or 'openai', not {http.api!r}")
+        if not http.urls:
+            raise ValueError("backend 'http' needs http.urls (one or more server or router URLs)")
+        self.urls, self.api, self.sampling = [u.rstrip("/") for u in http.urls], http.api, sampling
+        self.timeout_s, self.retries, self.backoff_s = http.timeout_s, http.retries, http.backoff_s
+        self.dead_after, self.model = http.dead_after, http.model  # model: filled in by the probe when empty
         # One pooled connection per request in flight, so the window never queues on the pool.
-        self.connections = connections or max_in_flight
+        self.connections = http.connections or max_in_flight
         self.next_url = itertools.cycle(self.urls)
         self.failing_since: float | None = None  # first backend failure since the last success
         self.last_success = 0.0
@@ -74,8 +69,12 @@ class SGLangHTTPBackend(AsyncWindowBackend):
         # --enable-custom-logit-processor; the probe says so); openai: vLLM's `repetition_detection`
         # request field (`vllm serve`; SGLang's OpenAI routes ignore it).
         self.eos_ids = sorted(eos_ids or [])
-        self.processor = (repetition_processor() if api == "native" and sglang_repetition_stop(sampling, self.eos_ids)
-                          else None)
+        self.processor = (repetition_processor() if self.api == "native"
+                          and sglang_repetition_stop(sampling, self.eos_ids) else None)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> HTTPBackend:
+        return cls(cfg.http, setup.sampling, cfg.scheduler.max_in_flight, eos_ids=setup.eos_ids())
 
     async def astart(self) -> None:
         import httpx
@@ -208,3 +207,6 @@ class SGLangHTTPBackend(AsyncWindowBackend):
                 return Completion(req.key, "error", prompt_tokens=len(req.input_ids),
                                   error=f"failed after {tries} tries while the server answered others: {last}")
             await asyncio.sleep(min(self.backoff_s * 2 ** (tries - 1), MAX_BACKOFF_S))
+
+
+BACKEND = HTTPBackend  # what make_backend builds from this module (engine/config/backends.py names it)

@@ -14,7 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DEMO = Path(__file__).resolve().parents[2] / "runs" / "data" / "demo_docs.jsonl"
+DEMO = Path(__file__).resolve().parents[1] / "runs" / "data" / "demo_docs.jsonl"
 
 
 def _pieces() -> list[str]:

@@ -1,7 +1,7 @@
 """Input read speed: the engine's Reader over a local disk against the same files in an S3 store on
-loopback (moto's S3 service, engine/bench/s3_server.py, through s3fs as on AWS), side by side in one run.
+loopback (moto's S3 service, tests/support/s3_server.py, through s3fs as on AWS), side by side in one run.
 
-    .venv/bin/python -m engine.bench.storage [--mb 200] [--formats jsonl,jsonl.zst,parquet] [--block-mb 1,8,32]
+    .venv/bin/python -m benchmarks.storage [--mb 200] [--formats jsonl,jsonl.zst,parquet] [--block-mb 1,8,32]
 
 Reports MB/s of input bytes (the files' size on disk) and documents/s through `Reader.batches()`
 (parse + validate, no tokenisation), per format and read-ahead block size, and the raw byte rate of
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -23,17 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from engine.machine import cpu_label
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                kind = "AVX512-BF16" if " avx512_bf16" in flags else "AVX2" if " avx2" in flags else "?"
-                return f"{line.split(':', 1)[1].strip()} ({kind}), {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or "?"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_files(folder: Path, mb: int, formats: list[str]) -> dict[str, Path]:
@@ -79,7 +70,7 @@ def read_all(url: str, block_mb: int, prefetch: int = 2) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench.storage", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=int, default=200, help="approximate input size (MB of text)")
     ap.add_argument("--formats", default="jsonl,jsonl.zst,parquet")
@@ -89,7 +80,7 @@ def main(argv=None) -> int:
     formats = args.formats.split(",")
     blocks = [int(b) for b in args.block_mb.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
-    server = subprocess.Popen([sys.executable, "-m", "engine.bench.s3_server", "0"],
+    server = subprocess.Popen([sys.executable, "-m", "tests.support.s3_server", "0"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         ready = server.stdout.readline()  # "READY <port>": the port it bound
@@ -103,7 +94,7 @@ def main(argv=None) -> int:
         files = make_files(work, args.mb, formats)
         for path in files.values():
             fs.put_file(str(path), f"bench/{path.name}")
-        print(f"CPU: {cpu_name()}; store: moto S3 on loopback ({endpoint}); input ~{args.mb} MB of text")
+        print(f"CPU: {cpu_label()}; store: moto S3 on loopback ({endpoint}); input ~{args.mb} MB of text")
         results = []
         for kind, path in files.items():
             size = path.stat().st_size / 1e6
@@ -131,7 +122,7 @@ def main(argv=None) -> int:
                       f"{n * v['mb_s'] / size:,.0f} docs/s)"
                       + ("  <- best" if b == best[0] else ""))
         if args.json:
-            Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "results": results}, indent=2))
+            Path(args.json).write_text(json.dumps({"cpu": cpu_label(), "results": results}, indent=2))
     finally:
         server.kill()
         server.wait()
