@@ -62,3 +62,25 @@ def useful_mask(finish_reason: pa.Array | pa.ChunkedArray, generation: pa.Array 
     filled = pc.not_equal(pc.utf8_length(pc.utf8_trim_whitespace(generation)), 0)
     mask = pc.and_kleene(ended, filled)
     return pc.fill_null(mask, False)
+
+
+LOW_SHARE = 0.25  # a prompt whose rows are cut this often gets a note saying why its useful share is low
+
+
+def useful_notes(finish_reasons: dict[str, dict[str, int]], used: dict[str, int], recommended: dict[str, int]
+                 ) -> list[str]:
+    """Why many rows of a prompt are not useful, where they are not: cut at max_new_tokens (`used`; the prompt
+    file recommends `recommended`) or stopped in a repetition loop. `finish_reasons`: rows per reason, per prompt."""
+    notes = []
+    for name, reasons in finish_reasons.items():
+        rows = sum(reasons.values())
+        cut, loops = reasons.get("length", 0), reasons.get("repetition", 0)
+        if rows and cut >= LOW_SHARE * rows:
+            rec, now = recommended.get(name, 0), used.get(name, 0)
+            notes.append(f"{name}: {cut:,} of {rows:,} rows cut at max_new_tokens = {now}"
+                         + (f"; the prompt recommends {rec}: raise sampling.max_new_tokens, or leave it unset to use "
+                            f"each prompt's own" if rec > now else "; raise sampling.max_new_tokens for longer texts"))
+        if rows and loops >= LOW_SHARE * rows:
+            notes.append(f"{name}: {loops:,} of {rows:,} rows stopped in a repetition loop (the model repeated itself; "
+                         f"read them with `engine inspect OUTPUT --finish-reason repetition`)")
+    return notes

@@ -40,6 +40,7 @@ from engine.errors import (
     TooManyErrors,
     WriterError,
 )
+from engine.gate import useful_notes
 from engine.input.identity import check_read, input_record
 from engine.input.reader import Reader
 from engine.metrics import Clock, Counters, process_started
@@ -54,7 +55,6 @@ from engine.output.record import (
     ShardState,
     ShardTotals,
     read_state,
-    slurm_attempt,
     write_state,
     write_summary,
 )
@@ -114,7 +114,12 @@ class Run:
     def execute(self) -> tuple[int, RunSummary]:
         try:
             p = self.p = self.assemble()
-            code, error = self.loop(p)
+            try:
+                code, error = self.loop(p)
+            except Interrupted as exc:
+                if exc.abort:  # a second Ctrl-C: status then says "interrupted", not "killed or crashed"
+                    write_state(p.out, self.state(exit_status=ExitCode.INTERRUPTED))
+                raise
             return self.finish(p, code, error)
         finally:
             if self.place is not None:  # whatever the status: the next run need not wait for it to go stale
@@ -306,9 +311,10 @@ class Run:
             shard=p.tag, input_rows=p.reader.total_rows, prompts=stored.per_prompt(), rejected=stored.rejected_rows(),
             complete=complete, totals=self.before.plus(this, stored.stored(), stored.output_tokens()),
             this_process=this, rates=Rates.of(p.counters, p.clock), model=p.setup.model_name,
-            backend=self.cfg.backend, pid_host=host_pid(), flush_seconds=self.cfg.output.flush_seconds,
-            elapsed_s=round(p.clock.elapsed, 1), slurm=slurm_attempt(), exit_status=exit_status,
-            ended_at=time.time() if exit_status is not None else None)
+            backend=self.cfg.backend, pid_host=f"{socket.gethostname()}:{os.getpid()}",
+            flush_seconds=self.cfg.output.flush_seconds, elapsed_s=round(p.clock.elapsed, 1),
+            slurm=layout.slurm_attempt(), exit_status=exit_status,
+            ended_at=None if exit_status is None else time.time())
 
     def finish(self, p: Pipeline, code: int, error: BaseException | None) -> tuple[int, RunSummary]:
         """State file, summary and report (a signal now only skips the report: the work is saved)."""
@@ -325,8 +331,10 @@ class Run:
                 if isinstance(error, WriterError):  # e.g. the full disk that stopped the writer: its error names where
                     raise error from None
                 raise
-            if complete and self.cfg.report.enabled:
-                self._report(p, summary)
+            if complete and self.cfg.report.enabled and self._report(p, summary):
+                # summary.json again, so that its time covers the report and it carries the report's warnings
+                summary.process = ProcessReport.of(p.counters, p.clock)
+                write_summary(p.out, summary, self.cfg.shard.count)
             code, error = self._publish(summary, code, error)
             if error is not None:
                 raise RunFailed(code, summary, error) from error
@@ -369,13 +377,16 @@ class Run:
             # counts of the whole shard (every process that worked on it), as `engine status` shows them
             failed=stored.failed(), error_rows_removed=p.sinks.dropped,
             shard_totals=self.before.plus(this, stored.stored(), stored.output_tokens()), this_process=this,
-            input_warnings=list(p.reader.warnings))
+            input_warnings=list(p.reader.warnings),
+            useful_notes=useful_notes({n: f.finish_reasons for n, f in stored.per_prompt().items()},
+                                      {n: r.max_new_tokens for n, r in p.renderer.rendered.items()},
+                                      {q.name: q.max_new_tokens for q in p.prompts}))
 
-    def _report(self, p: Pipeline, summary: RunSummary) -> None:
+    def _report(self, p: Pipeline, summary: RunSummary) -> bool:
         if self.interrupted_by is not None:
             log.warning("%s received: the run is complete; the diversity report is skipped (make it with: "
                         "engine report %s)", self.interrupted_by, p.out)
-            return
+            return False
         from engine.output.report import write_report  # lazy: matplotlib
 
         log.info("run complete; writing the diversity report")
@@ -383,9 +394,10 @@ class Run:
             report = write_report(p.out, self.cfg.report.sample, self.cfg.sampling.seed or 0)
         except Exception:  # noqa: BLE001 - the results are complete; a failed analysis must not hide that
             log.exception("the diversity report failed; make it again with: engine report %s", p.out)
-            return
+            return False
         summary.report = str(p.out / "report" / "report.md")
         summary.report_warnings = [f"{g['prompt']}/{g['model']}: {w}" for g in report["groups"] for w in g["warnings"]]
+        return True
 
     def _publish(self, summary: RunSummary, code: int, error: BaseException | None):
         """The dataset card and, for a store, the last upload; a failed upload is status 4 (resumable)."""
@@ -405,11 +417,3 @@ def _exit_code(exc: BaseException, interrupted: bool) -> int:
     if isinstance(exc, EngineError):
         return exc.exit_code
     return ExitCode.BACKEND_DEAD
-
-
-def host_pid() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def run(cfg: RunConfig, overwrite: bool = False) -> tuple[int, RunSummary]:
-    return Run(cfg, overwrite).execute()

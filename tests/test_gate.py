@@ -104,3 +104,15 @@ def test_a_blank_stop_row_is_useful_nowhere(tmp_path):
     # recovered from the parts: the same count (the gate reads the stored generation column)
     again = ShardSinks.open(out, tag, ["faq"], None, OutputConfig())
     assert again.snapshot().per_prompt()["faq"].useful_tokens == 5
+
+
+def test_a_low_useful_share_says_why():
+    from engine.gate import useful_notes
+
+    notes = useful_notes({"faq": {"stop": 19, "length": 21}, "math": {"stop": 38, "length": 2},
+                          "table": {"stop": 5, "repetition": 3}}, used={"faq": 256, "math": 256, "table": 1024},
+                         recommended={"faq": 1024, "math": 1024, "table": 1024})
+    assert notes[0] == ("faq: 21 of 40 rows cut at max_new_tokens = 256; the prompt recommends 1024: raise "
+                        "sampling.max_new_tokens, or leave it unset to use each prompt's own")
+    assert len(notes) == 2 and notes[1].startswith("table: 3 of 8 rows stopped in a repetition loop")
+    assert useful_notes({"faq": {}}, {}, {}) == []

@@ -121,7 +121,7 @@ def test_stale_by_heartbeat_age_is_taken_over_as_the_next_generation(tmp_path, l
     # this pid is alive, but it started at another time: a reused pid
     ({"host": HOST, "pid": os.getpid(), "pid_started": psutil.Process().create_time() - 1000},
      f"its process {os.getpid()} is gone from this host"),
-])
+], ids=["dead-pid", "reused-pid"])  # fixed ids: xdist's workers must collect the same names
 def test_a_dead_or_reused_pid_on_this_host_is_stale_at_once(tmp_path, leases, caplog, record, why):
     write_record(tmp_path, 0, **record)  # heartbeat now: only the pid says it is stale
     rec = read_lease(tmp_path, TAG)

@@ -103,6 +103,11 @@ def test_summary_status_and_card_show_useful_tokens_per_prompt(tmp_path):
     assert s["output_truncated"] == 8 and s["finish_reasons"] == {"stop": 8, "length": 8}
     assert s["input_truncated"] == 0
     assert s["startup_s"] + s["generation_s"] + s["finishing_s"] <= s["wall_seconds"] + 0.1
+    # written again after the diversity report: its time and its warnings are in summary.json
+    assert s["report"].endswith("report.md") and isinstance(s["report_warnings"], list)
+    report_json = out / "report" / "report.json"
+    assert s["finishing_s"] > 0 and (out / "summary.json").stat().st_mtime >= report_json.stat().st_mtime
+    assert "process start-up, from the process's own start" in run.stdout
     # counted from the process's start: the interpreter, imports and model set-up come on top
     assert s["process_startup_s"] > s["startup_s"]
     state = json.loads(next((out / "_state").glob("*.json")).read_text())

@@ -82,6 +82,9 @@ def test_a_repeated_sigterm_is_the_same_request_and_a_second_sigint_aborts_witho
         assert err.count("received again") <= 1, err[-3000:]
         if repeat == signal.SIGTERM:
             assert "aborted" not in err, err[-3000:]
+        if "aborted" in err:  # a double Ctrl-C: `engine status` says interrupted, not "killed or crashed"
+            st = engine_main("status", str(out)).stdout
+            assert "exit 3, interrupted" in st and "killed or crashed" not in st, st
         assert reap_session(w.proc.pid) == []
     assert engine_main("run", str(cfg)).returncode == 0
     check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)

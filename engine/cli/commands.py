@@ -56,7 +56,9 @@ def print_summary(s: RunSummary) -> None:
         f"  finished   {', '.join(f'{k} {v:,}' for k, v in sorted(q.finish_reasons.items())) or '-'} "
         f"(length: cut at max_new_tokens; repetition: stopped in a loop)",
         f"  time       {q.wall_seconds:.1f} s: start-up {q.startup_s:.1f} s, generation "
-        f"{q.generation_s:.1f} s, finishing {q.finishing_s:.1f} s",
+        f"{q.generation_s:.1f} s, finishing {q.finishing_s:.1f} s"
+        + (f" (process start-up, from the process's own start: {q.process_startup_s:.1f} s)"
+           if q.process_startup_s is not None else ""),
         f"  generated  {q.requests_generated:,} requests ({q.requests_per_s:.2f} req/s over generation); "
         f"skipped (done before or rejected) {q.requests_skipped:,}",
         f"  tokens     input {q.input_tokens:,}  output {q.output_tokens:,} "
@@ -64,6 +66,7 @@ def print_summary(s: RunSummary) -> None:
         f"useful {q.useful_output_tokens:,} ({q.useful_output_tokens_per_s:,.1f} tok/s, "
         f"{q.useful_share:.0%})  prefix-cache hit {q.prefix_cache_hit_rate:.1%}",
         f"  {EXPLAINED}",
+        *(f"  why        {n}" for n in s.useful_notes),
     ]
     for prompt, r in q.per_prompt.items():
         lines.append(f"  {prompt:<10} output {r.output_tokens:,} ({r.output_tokens_per_s:,.1f} tok/s)  useful "

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ import pyarrow as pa
 from engine.atomic import temp_name, write_atomic
 from engine.errors import DamagedOutput, ResumeError, WriterError
 from engine.input.identity import compare as input_changes
+from engine.output.record import SlurmAttempt
 from engine.types import ENGINE_DIRS, REJECTED  # noqa: F401 - REJECTED re-exported (layout.REJECTED)
 
 log = logging.getLogger(__name__)
@@ -168,3 +170,13 @@ def clear(out: Path, prompts: list[str] = ()) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
     for f in [*out.glob("summary*.json"), out / "README.md"]:
         f.unlink(missing_ok=True)
+
+
+def slurm_attempt() -> SlurmAttempt | None:
+    """Under Slurm, for the state file: the job, array task and restart count of this attempt."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env:
+        return None
+    task = f"{env.get('SLURM_ARRAY_JOB_ID', env['SLURM_JOB_ID'])}_{env['SLURM_ARRAY_TASK_ID']}" \
+        if "SLURM_ARRAY_TASK_ID" in env else env["SLURM_JOB_ID"]
+    return SlurmAttempt(env["SLURM_JOB_ID"], task, int(env.get("SLURM_RESTART_COUNT") or 0))

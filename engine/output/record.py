@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -354,6 +353,7 @@ class RunSummary:
     shard_totals: ShardTotals
     this_process: ProcessFigures
     input_warnings: list[str] = field(default_factory=list)
+    useful_notes: list[str] = field(default_factory=list)  # why the useful share is low, where it is (useful_notes())
     report: str | None = None  # the diversity report's path, once written
     report_warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
@@ -404,12 +404,3 @@ def write_summary(out: Path, summary: RunSummary, shard_count: int) -> Path:
     write_atomic(path, summary.to_json())
     return path
 
-
-def slurm_attempt() -> SlurmAttempt | None:
-    """Under Slurm, for the state file: the job, array task and restart count of this attempt."""
-    env = os.environ
-    if "SLURM_JOB_ID" not in env:
-        return None
-    task = f"{env.get('SLURM_ARRAY_JOB_ID', env['SLURM_JOB_ID'])}_{env['SLURM_ARRAY_TASK_ID']}" \
-        if "SLURM_ARRAY_TASK_ID" in env else env["SLURM_JOB_ID"]
-    return SlurmAttempt(env["SLURM_JOB_ID"], task, int(env.get("SLURM_RESTART_COUNT") or 0))

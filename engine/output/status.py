@@ -111,10 +111,10 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
     unreadable: dict[str, str] = {}
     states = {st.shard: st for st in read_states(out, unreadable)}
     damage: list[str] = []
-    lines = [f"{out}  model {fp.get('model')}  prompts {', '.join(fp.get('prompts', {}))}  shards {shards}",
-             f"{'shard':<18}{'prompt':<14}{'done':>10}{'rows':>10}{'failed':>8}{'useful tok':>12}{'rejected':>9}"
-             f"{'out tok':>12}"
-             f"{'tok/s':>9}{'ETA':>7}  {'updated':<10}state"]
+    lines = [f"{out}  model {fp.get('model')}  prompts {', '.join(fp.get('prompts', {}))}  shards {shards}  "
+             f"(columns left of | are per prompt, right of it per shard)",
+             f"{'shard':<18}{'prompt':<14}{'stored':>10}{'failed':>8}{'useful tok':>12} |{'input rows':>11}"
+             f"{'rejected':>9}{'out tok':>12}{'tok/s':>9}{'ETA':>7}  {'updated':<10}state"]
     complete = running = stopped = damaged = 0
     dupes: list[str] = []
     tokens = rate = 0.0
@@ -129,7 +129,7 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
             damage.append(f"{unreadable[tag]}; `engine status` shows the other shards")
         if st is None:
             damaged += bool(problems) or tag in unreadable
-            lines.append(f"{tag:<18}{'-':<14}{'':>10}{'':>10}{'':>8}{'':>12}{'':>9}{'':>12}{'':>9}{'':>7}  {'':<10}"
+            lines.append(f"{tag:<18}{'-':<14}{'':>10}{'':>8}{'':>12} |{'':>11}{'':>9}{'':>12}{'':>9}{'':>7}  {'':<10}"
                          + ("DAMAGED (state file unreadable)" if tag in unreadable else
                             "DAMAGED (parts)" if problems else "not started"))
             continue
@@ -161,15 +161,13 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
         rows_s = f"{rows_in:,}" if rows_in is not None else "?"
         tok_s = f"{st.output_tokens:,}"
         rate_s = f"{st.rates.output_tokens_per_s:,.0f}" if state == "running" else ""
-        eta_s = _duration(eta) if state != "complete" else ""
+        eta_s = _duration(eta) if state == "running" else ""  # a stopped shard has no ETA: it is not moving
         for j, (prompt, c) in enumerate(st.prompts.items()):
-            shard_cols = (tag, st.rejected, tok_s, rate_s, eta_s, _age(st.updated_at), state + slurm_note(st)) \
-                if j == 0 \
-                else ("", "", "", "", "", "", "")
-            t, rej, tk, rt, et, age, stt = shard_cols
-            lines.append(f"{t:<18}{prompt:<14}{c.done:>10,}{rows_s:>10}{c.failed:>8,}"
-                         f"{c.useful_tokens:>12,}{rej:>9}{tk:>12}"
-                         f"{rt:>9}{et:>7}  {age:<10}{stt}")
+            shard_cols = (tag, rows_s, f"{st.rejected:,}", tok_s, rate_s, eta_s, _age(st.updated_at),
+                          state + slurm_note(st)) if j == 0 else ("",) * 8
+            t, rows_c, rej, tk, rt, et, age, stt = shard_cols
+            lines.append(f"{t:<18}{prompt:<14}{c.done:>10,}{c.failed:>8,}{c.useful_tokens:>12,} |{rows_c:>11}"
+                         f"{rej:>9}{tk:>12}{rt:>9}{et:>7}  {age:<10}{stt}")
     is_complete = complete == shards and not dupes and not damage
     eta_all = _duration(max(etas)) if etas and None not in etas else "?"
     totals = [st.totals for st in states.values()]
@@ -187,8 +185,8 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
                  f"stored parts) "
                  f"{tokens:,.0f}, useful {useful:,} ({useful / max(tokens, 1):.0%}) "
                  f"over {sum(t.attempts for t in totals):,} attempt(s), "
-                 f"{sum(t.generation_s for t in totals) / 60:,.1f} min generating; the last process of "
-                 f"each shard {this:,}; {rate:,.0f} tok/s now ({useful_rate:,.0f} useful); "
+                 f"{sum(t.generation_s for t in totals) / 60:,.1f} min generating; each shard's latest process "
+                 f"alone: {this:,} output tokens; {rate:,.0f} tok/s now ({useful_rate:,.0f} useful); "
                  f"ETA {eta_all if running else '-'}; "
                  f"run {'COMPLETE' if is_complete else 'not complete'}")
     return "\n".join(lines), is_complete
