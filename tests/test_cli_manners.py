@@ -35,6 +35,11 @@ def run_out(tmp_path_factory, tiny_model):
     return type("Run", (), {"out": out, "cfg": cfg, "proc": p, "tmp": tmp})
 
 
+def instant_out(run_out) -> list[str]:
+    """The instant run's output, accepted by mix/export as test filler (they refuse it by default)."""
+    return [str(run_out.out), "--allow-test-backend"]
+
+
 # ---- user mistakes end with `error: ...`, a status, and no traceback ------------------------------------------------
 def test_prompts_render_of_a_missing_file_or_too_small_a_context(tmp_path):
     missing = engine_main("prompts", "render", "faq", str(tmp_path / "nofile.txt"))
@@ -122,8 +127,9 @@ REFUSED = re.compile(r"^error: (\S+) is not empty; choose another --out or pass 
 def test_export_lighteval_refuses_a_non_empty_out_like_mix_and_export_nanotron(tmp_path, run_out):
     mix_in = write_jsonl(tmp_path / "orig.jsonl", sample_docs(40, start=100))
     answers = {}
-    for name, cmd in (("mix", ["mix", str(run_out.out), "--mix-in", str(mix_in)]),
-                      ("nanotron", ["export", "nanotron", str(run_out.out), "--mix-in", str(mix_in)]),
+    for name, cmd in (("mix", ["mix", str(run_out.out), "--mix-in", str(mix_in), "--allow-test-backend"]),
+                      ("nanotron", ["export", "nanotron", str(run_out.out), "--mix-in", str(mix_in),
+                                    "--allow-test-backend"]),
                       ("lighteval", ["export", "lighteval"])):
         out = tmp_path / name
         out.mkdir()
@@ -149,11 +155,11 @@ def test_export_lighteval_refuses_a_non_empty_out_like_mix_and_export_nanotron(t
 # ---- engine mix: the hint names its flag; a share far from the asked one is said ------------------------------------
 def test_mix_hint_names_text_column_flag(tmp_path, run_out):
     other = write_jsonl(tmp_path / "orig.jsonl", [{"id": f"o{i}", "content": "some words"} for i in range(5)])
-    p = engine_main("mix", str(run_out.out), "--mix-in", str(other), "--out", str(tmp_path / "mix"))
+    p = engine_main("mix", *instant_out(run_out), "--mix-in", str(other), "--out", str(tmp_path / "mix"))
     assert p.returncode == ExitCode.ERROR and "no field 'text'" in p.stderr and "set --text-column" in p.stderr
     assert "input.text_column" not in p.stderr
     no_traceback(p)
-    ok = engine_main("mix", str(run_out.out), "--mix-in", str(other), "--text-column", "content", "--out",
+    ok = engine_main("mix", *instant_out(run_out), "--mix-in", str(other), "--text-column", "content", "--out",
                     str(tmp_path / "mix"), "--ratio", "0.5", check=True)
     assert "mix written" in ok.stdout
 
@@ -161,13 +167,13 @@ def test_mix_hint_names_text_column_flag(tmp_path, run_out):
 def test_mix_warns_when_the_achieved_share_is_far_from_the_asked_one(tmp_path, run_out):
     # One long mix-in document: whole documents are mixed, so 60% synthetic cannot be reached.
     long = write_jsonl(tmp_path / "long.jsonl", [{"id": "big", "text": " ".join(["river sea bread"] * 3000)}])
-    far = engine_main("mix", str(run_out.out), "--mix-in", str(long), "--out", str(tmp_path / "far"), "--ratio", "0.6",
-                     check=True)
+    far = engine_main("mix", *instant_out(run_out), "--mix-in", str(long), "--out", str(tmp_path / "far"),
+                      "--ratio", "0.6", check=True)
     share = float(re.search(r"synthetic share ([\d.]+)% of tokens \(asked 60%\)", far.stdout).group(1))
     assert share < 55 and f"WARNING: the synthetic share is {share:.1f}% of tokens, asked 60%" in far.stderr
     # Many short mix-in documents: the share comes within a point or two, and nothing is said.
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "text": "river sea"} for i in range(400)])
-    near = engine_main("mix", str(run_out.out), "--mix-in", str(short), "--out", str(tmp_path / "near"),
+    near = engine_main("mix", *instant_out(run_out), "--mix-in", str(short), "--out", str(tmp_path / "near"),
                       "--ratio", "0.5", check=True)
     assert "WARNING" not in near.stderr, near.stdout + near.stderr
 

@@ -122,7 +122,7 @@ def run_output(tmp_path_factory, tiny_model):
 def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, run_output):
     out, docs, failed = run_output
     args = ["mix", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model), "--preset", "math",
-            "--shuffle-window", "16", "--part-rows", "50"]
+            "--shuffle-window", "16", "--part-rows", "50", "--allow-test-backend"]
     a = engine_cli(*args, "--out", str(tmp_path / "a"), check=True)
     math_failed = sum(pq.read_table(p, columns=["finish_reason"]).column(0).to_pylist().count("error")
                       for p in (out / "math").glob("*.parquet"))
@@ -155,7 +155,7 @@ def test_mix_cli_hits_the_token_ratio_deterministically(tmp_path, tiny_model, ru
     assert [r for f in parts for r in pq.read_table(f).to_pylist()] == pq.read_table(tmp_path / "c").to_pylist()
     assert (tmp_path / "a" / "notes.txt").read_text() == "mine"  # only the mix's own files are replaced
     bad = engine_cli("mix", str(out), "--mix-in", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "d"),
-                     "--tokenizer", str(tiny_model))
+                     "--tokenizer", str(tiny_model), "--allow-test-backend")
     assert bad.returncode == 1 and "nope.jsonl" in bad.stderr
 
 
@@ -166,7 +166,7 @@ def test_export_nanotron_writes_folders_config_and_refuses_a_plan_it_cannot_cove
                                                                                   tokenizer):
     out, docs, _ = run_output
     args = ["export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
-            "--out", str(tmp_path / "nt"), "--preset", "faq"]
+            "--out", str(tmp_path / "nt"), "--preset", "faq", "--allow-test-backend"]
     big = engine_cli(*args)  # the default ~21 B-token plan: nanotron would crash (IndexError) hours in
     assert big.returncode == 1 and "TOO SMALL" in big.stdout and "do not cover the plan" in big.stderr
     assert "--allow-repeat" in big.stderr
@@ -257,7 +257,7 @@ def test_the_pinned_nanotron_loads_the_export_and_trains_on_its_folders(tmp_path
 
     out, docs, _ = run_output
     engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
-               "--out", str(tmp_path / "nt"), "--preset", "faq", *SMALL_PLAN, check=True)
+               "--out", str(tmp_path / "nt"), "--preset", "faq", *SMALL_PLAN, "--allow-test-backend", check=True)
     moved = Path(shutil.move(tmp_path / "nt", tmp_path / "cluster" / "nt"))  # relocatable
     got = nanotron_check(moved, nanotron_src, "--past-end")
     assert got["config"] == ["Config", "Qwen2Config", "NanosetDatasetsArgs"]
@@ -269,7 +269,7 @@ def test_the_pinned_nanotron_loads_the_export_and_trains_on_its_folders(tmp_path
     assert got["past_end"].startswith("IndexError")  # why a plan larger than a folder is refused
     engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--tokenizer", str(tiny_model),
                "--out", str(tmp_path / "rep"), "--preset", "faq", "--allow-repeat", *SMALL_PLAN[:-2], "--grad-accum",
-               "400", check=True)  # 3 steps x 800 sequences of 17 tokens: more than the folders hold
+               "400", "--allow-test-backend", check=True)  # 3 steps x 800 sequences of 17 tokens: more than they hold
     rep = nanotron_check(tmp_path / "rep", nanotron_src, "--wrap")
     assert rep["old_loader"]["wraps"] and rep["samples_read"] == 3 * 800  # the full plan, repeating
 
@@ -279,7 +279,10 @@ def test_quality_gate_leaves_out_truncated_generations_unless_kept(tmp_path, tin
     cfg = write_config(tmp_path / "run.toml", tiny_model, [docs], tmp_path / "out", backend="instant",
                        instant={"completion_tokens": 64}, sampling={"max_new_tokens": 64, "temperature": 0.0})
     engine_cli("run", str(cfg), check=True)  # every row hits max_new_tokens: finish_reason length
-    base = ["--mix-in", str(docs), "--tokenizer", str(tiny_model)]
+    base = ["--mix-in", str(docs), "--tokenizer", str(tiny_model), "--allow-test-backend"]
+    refused = engine_cli("mix", str(tmp_path / "out"), *base[:-1], "--out", str(tmp_path / "m"))
+    assert refused.returncode == 1 and "made by the `instant` backend" in refused.stderr  # test filler: refused
+    assert not (tmp_path / "m").exists()
     gated = engine_cli("mix", str(tmp_path / "out"), *base, "--out", str(tmp_path / "m"))
     assert gated.returncode == 1 and "no usable generated rows" in gated.stderr
     kept = engine_cli("mix", str(tmp_path / "out"), *base, "--out", str(tmp_path / "m"), "--keep-truncated",
@@ -304,7 +307,7 @@ def test_quality_gate_leaves_out_truncated_generations_unless_kept(tmp_path, tin
 def test_the_exported_tokenizer_loads_in_transformers_4(tmp_path, tiny_model, run_output, tokenizer):
     out, docs, _ = run_output
     engine_cli("export", "nanotron", str(out), "--mix-in", str(docs), "--out", str(tmp_path / "nt"), *SMALL_PLAN,
-               check=True)  # the default tokenizer: the embedded SmolLM2's, as a base tokenizer
+               "--allow-test-backend", check=True)  # the default tokenizer: the embedded SmolLM2's, as a base tokenizer
     text = "Rewrite the document as a FAQ."
     p = subprocess.run([str(EVAL_PYTHON), "-c", f"""
 import json, transformers

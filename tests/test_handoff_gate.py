@@ -144,3 +144,27 @@ def test_specs_refuse_a_ratio_outside_0_1(run_dir, tmp_path):
             MixSpec(sources(run_dir), tmp_path / "m", ratio=ratio)
         with pytest.raises(SourceError, match="between 0 and 1"):
             NanotronExport(sources(run_dir), tmp_path / "nt", ratio=ratio)
+
+
+def test_a_damaged_part_is_named_by_mix(tmp_path, tiny_model, run_dir):
+    import shutil
+
+    from engine.errors import SourceError
+
+    out = tmp_path / "out"
+    shutil.copytree(run_dir[0], out)
+    part = next((out / "faq").glob("*.parquet"))
+    pq.write_table(pq.read_table(part), part, compression="zstd")  # as the engine writes its parts
+    meta = pq.ParquetFile(part).metadata.row_group(0)
+    gen = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "generation")
+    start = gen.dictionary_page_offset or gen.data_page_offset
+    data = bytearray(part.read_bytes())
+    middle = start + gen.total_compressed_size // 2  # inside the generation column's compressed values
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])  # flipped; the footer is intact
+    part.write_bytes(bytes(data))
+    spec = MixSpec(Sources(output_dir=out, mix_in=[str(run_dir[1])]), tmp_path / "m", ratio=0.2,
+                   tokenizer=str(tiny_model))
+    with pytest.raises(SourceError, match=part.name) as e:  # named, whichever reader meets the damage first
+        run_mix(spec, say=lambda m: None)
+    assert "damaged result part" in str(e.value), e.value  # met while reading its rows (the footer reads)
+    assert not (tmp_path / "m").exists()  # nothing visible: the mix is written aside, then renamed

@@ -158,7 +158,7 @@ def test_duplicate_ids_are_reported_by_status_card_and_mix(tmp_path, tiny_model)
     assert "DUPLICATES" in again.stderr and state(out)["prompts"]["faq"]["duplicates"] == 20
     assert "WARNING: faq stores 20 duplicate row(s)" in (out / "README.md").read_text()
     mix = engine_main("mix", str(out), "--mix-in", str(src), "--tokenizer", str(tiny_model), "--out",
-                     str(tmp_path / "mix"), "--keep-truncated")
+                     str(tmp_path / "mix"), "--keep-truncated", "--allow-test-backend")
     assert mix.returncode == 0, mix.stderr
     assert "20 x DUPLICATE id" in mix.stdout
     table = pq.read_table(tmp_path / "mix")

@@ -185,7 +185,8 @@ def test_a_mix_killed_mid_write_leaves_nothing_in_out_and_the_next_is_whole(tmp_
     mix_in = write_jsonl(tmp_path / "orig.jsonl", sample_docs(10_000, start=1000))
     out = tmp_path / "mix"
     args = [sys.executable, "-m", "engine.cli", "mix", str(complete_run), "--mix-in", str(mix_in), "--tokenizer",
-            str(tiny_model), "--ratio", "0.002", "--out", str(out), "--part-rows", "5", "--shuffle-window", "5"]
+            str(tiny_model), "--ratio", "0.002", "--out", str(out), "--part-rows", "5", "--shuffle-window", "5",
+            "--allow-test-backend"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stderr:  # its own line: the parts are being written now
@@ -199,7 +200,8 @@ def test_a_mix_killed_mid_write_leaves_nothing_in_out_and_the_next_is_whole(tmp_
     assert not out.exists() or not list(out.iterdir()), list(out.iterdir())  # nothing a glob could read
     assert list(work.glob("part-*.parquet"))  # it was killed mid-write, in the hidden folder
     again = engine_main("mix", str(complete_run), "--mix-in", str(mix_in), "--tokenizer", str(tiny_model),
-                        "--ratio", "0.002", "--out", str(out), "--part-rows", "2000", check=True)
+                        "--ratio", "0.002", "--out", str(out), "--part-rows", "2000", "--allow-test-backend",
+                        check=True)
     assert not work.exists()  # the killed mix's folder is removed
     summary = json.loads((out / "_mix.json").read_text())
     assert summary["run"]["complete"] is True
@@ -222,7 +224,7 @@ def test_hand_off_from_an_incomplete_run_is_refused_unless_allowed_and_then_says
     assert 0 < stored < 200
     assert engine_main("status", str(run), "--check").returncode == 1
     mix_in = write_jsonl(tmp_path / "orig.jsonl", sample_docs(100, start=1000))
-    base = ["--mix-in", str(mix_in), "--tokenizer", str(tiny_model), "--ratio", "0.5"]
+    base = ["--mix-in", str(mix_in), "--tokenizer", str(tiny_model), "--ratio", "0.5", "--allow-test-backend"]
     for cmd, out in ((["mix", str(run)], tmp_path / "mix"),
                      (["export", "nanotron", str(run), "--seq-len", "16", "--train-steps", "1", "--gpus", "1",
                        "--micro-batch-size", "1", "--grad-accum", "1"], tmp_path / "nt")):

@@ -320,7 +320,7 @@ def test_a_crashed_sglang_process_is_status_4_with_the_run_saved_then_resume(tmp
     assert code == 4, err[-3000:]
     assert "an SGLang process died" in err and "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary.complete is False and 0 < sum(summary.documents_stored.values()) < 60
+    assert summary["complete"] is False and 0 < sum(summary["documents_stored"].values()) < 60
     assert reap_session(w.proc.pid) == []
     p = engine_cli("run", str(cfg), env=double_env(tmp_path), check=True)
     assert "resuming" in p.stderr

@@ -22,7 +22,7 @@ def _sources(args):
 
     return Sources(output_dir=Path(args.output_dir).resolve(), mix_in=args.mix_in, prompts=_prompts_for_preset(args),
                    text_column=args.text_column, keep_truncated=args.keep_truncated,
-                   allow_incomplete=args.allow_incomplete)
+                   allow_incomplete=args.allow_incomplete, allow_test_backend=args.allow_test_backend)
 
 
 def cmd_mix(args) -> int:

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace what an earlier mix/export wrote in --out")
         p.add_argument("--allow-incomplete", action="store_true",
                        help="use the rows of a run that is not complete (refused by default; says what is missing)")
+        p.add_argument("--allow-test-backend", action="store_true",
+                       help="use the rows of a run made by the model-free `instant` backend (test filler, not "
+                            "language: refused by default)")
 
     from engine.handoff import PRESETS
     PRESET_HELP = {k: f"{v * 100:.0f}%% synthetic" for k, v in PRESETS.items()}

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.errors import SourceError
@@ -59,9 +60,7 @@ def generated_rows(output_dir: Path, prompts: list[str], skipped: Skipped,
         seen: set[int] = set()
         dupes = 0
         for part in sorted((output_dir / prompt).glob("*.parquet")):
-            f = pq.ParquetFile(part)
-            for batch in f.iter_batches(columns=COLUMNS, batch_size=4096):
-                d = batch.to_pydict()
+            for d in _batches(part):
                 for i, text, reason in zip(d["id"], d["generation"], d["finish_reason"]):
                     h = id_hash(i)
                     if h in seen:
@@ -77,3 +76,15 @@ def generated_rows(output_dir: Path, prompts: list[str], skipped: Skipped,
         if dupes:
             log.warning("DUPLICATES: %s/%s stores %d id(s) more than once (two runs wrote one shard at once); "
                         "only the first copy of each is used", output_dir, prompt, dupes)
+
+
+def _batches(part: Path) -> Iterator[dict]:
+    """The part's rows (id, generation, finish_reason) in batches; a part that does not read (bytes flipped, cut,
+    not Parquet) is a SourceError naming it, never a zstd or UTF-8 traceback."""
+    try:
+        for batch in pq.ParquetFile(part).iter_batches(columns=COLUMNS, batch_size=4096):
+            yield batch.to_pydict()
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ArrowInvalid, zstd, UnicodeDecodeError
+        raise SourceError(f"{part}: damaged result part ({type(exc).__name__}: {exc}); `engine status --check "
+                          f"--deep` names every damaged part, and the next `engine run` of the config regenerates "
+                          f"its rows once the file is deleted") from None
