@@ -175,7 +175,8 @@ def test_mix_warns_when_the_achieved_share_is_far_from_the_asked_one(tmp_path, r
     short = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "text": "river sea"} for i in range(400)])
     near = engine_main("mix", *instant_out(run_out), "--mix-in", str(short), "--out", str(tmp_path / "near"),
                       "--ratio", "0.5", check=True)
-    assert "WARNING" not in near.stderr, near.stdout + near.stderr
+    warnings = [line for line in near.stderr.splitlines() if "WARNING" in line and "--allow-test-backend" not in line]
+    assert not warnings, near.stdout + near.stderr
 
 
 # ---- outputs that do not pass for what they are not ----------------------------------------------------------------

@@ -143,7 +143,7 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
         '    state=$(scontrol show job "$task" 2>/dev/null | grep -o "JobState=[A-Z_]*")',
         '    case "$state $msg" in',
         '      *REQUEUE*|*PENDING*|*"pending execution"*) how="resumable: requeued by Slurm"; break;;',
-        '      *"try again"*) how="resumable: requeue failed: $msg"; sleep 5;;',
+        '      *"try again"*|" ") how="resumable: requeue failed: ${msg:-no answer}"; sleep 5;;  # busy: again',
         '      *) how="resumable: requeue failed: $msg"; break;;',
         "    esac",
         "  done;;",
