@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
 import pyarrow.parquet as pq
 
 from engine.errors import SourceError
+from engine.output import layout
 from engine.output.layout import shard_tag
 from engine.output.record import read_states
 
@@ -24,18 +24,13 @@ NOT_OURS = "give the output.dir of an `engine run`"
 
 
 def read_fingerprint(out: Path) -> dict:
-    """The run's fingerprint; a SourceError when `out` is not an engine output."""
-    path = out / "_run" / "fingerprint.json"
+    """The run's fingerprint (layout.read_fingerprint: a damaged one is named); a SourceError when `out` is not
+    an engine output."""
     if not out.is_dir():
         raise SourceError(f"{out}: not a directory ({NOT_OURS})")
-    if not path.is_file():
+    fp = layout.read_fingerprint(out)
+    if fp is None:
         raise SourceError(f"{out}: not an engine output (no _run/fingerprint.json; {NOT_OURS})")
-    try:
-        fp = orjson.loads(path.read_bytes())
-    except orjson.JSONDecodeError as exc:
-        raise SourceError(f"{path}: unreadable run fingerprint ({exc})") from None
-    if not isinstance(fp, dict):
-        raise SourceError(f"{path}: not a run fingerprint (a JSON {type(fp).__name__})")
     return fp
 
 
