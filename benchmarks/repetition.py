@@ -60,7 +60,8 @@ def documents(n: int, max_chars: int) -> list[dict]:
 
 def loop_span(ids: list[int], max_n: int = 32, count: int = 4) -> int:
     """Tokens of the loop `ids` end in (the issue's definition: an n-gram of up to `max_n` tokens repeated
-    >= `count` times to the end, followed back as far as it goes); 0 when none."""
+    >= `count` times to the end, followed back as far as it goes); 0 when none. With max_n = 160 and
+    count = 3: the paragraph-sized loops (a question and its answer, repeated)."""
     for n in range(1, max_n + 1):
         if n * count > len(ids):
             return 0
@@ -81,6 +82,56 @@ def first_stop(ids: list[int], rs) -> int:
         if loop_period(ids[:end], rs):
             return end
     return -1
+
+
+def parse_candidates(text: str):
+    """"8-32x4,8-128x3" -> RepetitionStop(8, 32, 4), RepetitionStop(8, 128, 3)."""
+    from engine.types import RepetitionStop
+
+    out = []
+    for item in filter(None, text.split(",")):
+        span, count = item.split("x")
+        lo, hi = span.split("-")
+        out.append(RepetitionStop(min_pattern=int(lo), max_pattern=int(hi), min_count=int(count)))
+    return out
+
+
+def paragraph_loop(ids: list[int]) -> int:
+    """Tokens of a paragraph-sized loop `ids` end in (an n-gram of up to 160 tokens, >= 3 copies, >= 64
+    tokens in all), else 0."""
+    span = loop_span(ids, max_n=160, count=3)
+    return span if span >= 64 else 0
+
+
+def weigh(rows: list[dict], candidates, tokenizer) -> list[dict]:
+    """Each candidate setting on the rows of a run without the stop: rows it would end, of them those the
+    model ended itself afterwards (what it costs), tokens it saves, and the loops it leaves (those ending a
+    row it does not stop: by the issue's definition, and paragraph-sized)."""
+    out = []
+    tokenised = [tokenizer(r["generation"] or "", add_special_tokens=False)["input_ids"] for r in rows]
+    for rs in candidates:
+        c = {"setting": f"{rs.min_pattern}-{rs.max_pattern} x{rs.min_count}", "would_stop": 0,
+             "model_ended": 0, "tokens_saved": 0, "loops_left": 0, "paragraph_loops_left": 0, "per_prompt": {},
+             "model_ended_rows": []}
+        for row, ids in zip(rows, tokenised):
+            q = c["per_prompt"].setdefault(row["prompt"], {"rows": 0, "would_stop": 0, "model_ended": 0})
+            q["rows"] += 1
+            if row["finish_reason"] == "error":
+                continue
+            at = first_stop(ids, rs)
+            if at >= 0:
+                c["would_stop"] += 1
+                q["would_stop"] += 1
+                c["tokens_saved"] += len(ids) - at
+                if row["finish_reason"] == "stop":
+                    c["model_ended"] += 1
+                    q["model_ended"] += 1
+                    c["model_ended_rows"].append((row["prompt"], tokenizer.decode(ids[max(0, at - 160):at])))
+            else:
+                c["loops_left"] += bool(loop_span(ids))
+                c["paragraph_loops_left"] += bool(paragraph_loop(ids))
+        out.append(c)
+    return out
 
 
 def run_one(cfg_dir: Path, docs: Path, backend: str, stop: bool, a) -> dict:
@@ -128,7 +179,7 @@ def analyse(r: dict, tokenizer) -> dict:
         rows += pq.read_table(part, columns=["prompt", "generation", "finish_reason", "completion_tokens"]).to_pylist()
     from engine.types import RepetitionStop
     rs = RepetitionStop()  # the defaults: where would they have stopped the rows of a run without the stop?
-    unmarked = unmarked_32 = 0
+    unmarked = unmarked_32 = paragraphs = 0
     would = []
     for row in rows:
         q = per_prompt.setdefault(row["prompt"], {"rows": 0, "repetition": 0, "length": 0, "unmarked_loops": 0,
@@ -136,6 +187,7 @@ def analyse(r: dict, tokenizer) -> dict:
         q["rows"] += 1
         q[row["finish_reason"]] = q.get(row["finish_reason"], 0) + 1
         ids = tokenizer(row["generation"] or "", add_special_tokens=False)["input_ids"]
+        paragraphs += row["finish_reason"] not in ("repetition", "error") and bool(paragraph_loop(ids))
         if row["finish_reason"] == "repetition":
             loops.append((row["prompt"], row["generation"][-300:], row["completion_tokens"], len(ids)))
         elif (span := loop_span(ids)) and row["finish_reason"] != "error":
@@ -147,7 +199,9 @@ def analyse(r: dict, tokenizer) -> dict:
             q["would_stop_finished"] += row["finish_reason"] == "stop"  # the model ended it after the loop
             would.append((row["prompt"], tokenizer.decode(ids[max(0, at - 120):at]), row["finish_reason"], at))
     n = len(rows) or 1
+    candidates = weigh(rows, r["candidates"], tokenizer) if not r["stop"] and r.get("candidates") else []
     return {"backend": r["backend"], "stop": r["stop"], "rows": len(rows), "generation_s": gen,
+            "candidates": candidates, "paragraph_loops": paragraphs,
             "startup_s": s["startup_s"], "output_tokens": raw, "useful_output_tokens": useful,
             "raw_tok_s": round(raw / gen, 1) if gen else 0.0, "useful_tok_s": round(useful / gen, 1) if gen else 0.0,
             "s_per_1k_useful": round(gen / useful * 1000, 1) if useful else None,
@@ -160,13 +214,13 @@ def analyse(r: dict, tokenizer) -> dict:
 def markdown(results: list[dict], cpu: str, load: str) -> str:
     lines = [f"CPU: {cpu}; {load}", "",
              "| backend | stop | rows | gen s | out tok | useful tok | raw tok/s | useful tok/s | s / 1k useful "
-             "| stopped | length | unmarked loops (any / >= 32 tok) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| stopped | length | unmarked loops (any / >= 32 tok) | unmarked paragraph loops |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for x in results:
         lines.append(f"| {x['backend']} | {'on' if x['stop'] else 'off'} | {x['rows']} | {x['generation_s']:.0f} | "
                      f"{x['output_tokens']:,} | {x['useful_output_tokens']:,} | {x['raw_tok_s']} | {x['useful_tok_s']} "
                      f"| {x['s_per_1k_useful']} | {x['stopped_share']:.1%} | {x['length_share']:.1%} | "
-                     f"{x['unmarked_loops']} / {x['unmarked_loops_32']} |")
+                     f"{x['unmarked_loops']} / {x['unmarked_loops_32']} | {x['paragraph_loops']} |")
     lines += ["", "| backend | stop | prompt | rows | stopped (repetition) | length | unmarked loops "
               "| stop off: rows the stop would have ended (of them finished by the model) |",
               "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -176,6 +230,18 @@ def markdown(results: list[dict], cpu: str, load: str) -> str:
                          f"{q['repetition']} | {q['length']} | {q['unmarked_loops']} | "
                          f"{q['would_stop'] if not x['stop'] else '-'}"
                          f"{'' if x['stop'] else ' (' + str(q['would_stop_finished']) + ')'} |")
+    if any(x.get("candidates") for x in results):
+        lines += ["", "Detector settings weighed on the rows of the runs without the stop (min-max pattern x copies):",
+                  "", "| backend | setting | rows it would end | of them ended by the model | tokens saved "
+                  "| loops left (issue's definition) | paragraph loops left | per prompt: would end (model ended) |",
+                  "|---|---|---:|---:|---:|---:|---:|---|"]
+        for x in results:
+            for c in x.get("candidates", []):
+                per = ", ".join(f"{p} {q['would_stop']} ({q['model_ended']})"
+                                for p, q in sorted(c["per_prompt"].items()))
+                lines.append(f"| {x['backend']} | {c['setting']} | {c['would_stop']} of {x['rows']} | "
+                             f"{c['model_ended']} | {c['tokens_saved']:,} | {c['loops_left']} | "
+                             f"{c['paragraph_loops_left']} | {per} |")
     return "\n".join(lines) + "\n"
 
 
@@ -190,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stops", default="on,off", help="the repetition stop settings to run (on, off or both)")
     ap.add_argument("--batch-size", type=int, default=16, help="torch.batch_size")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--candidates", default="8-32x4,8-128x3,12-128x3,16-128x3,16-128x4",
+                    help="detector settings weighed on the rows of the runs without the stop: min-max pattern x copies")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "repetition"))
     a = ap.parse_args(argv)
     from engine.machine import cpu_label
@@ -210,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     for backend in a.backends.split(","):
         for stop in [s == "on" for s in a.stops.split(",")]:
             print(f"{backend} stop={'on' if stop else 'off'} ...", file=sys.stderr, flush=True)
-            r = analyse(run_one(out, src, backend, stop, a), tokenizer)
+            r = analyse({**run_one(out, src, backend, stop, a), "candidates": parse_candidates(a.candidates)},
+                        tokenizer)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("loops", "per_prompt")}), file=sys.stderr,
                   flush=True)
@@ -225,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             for prompt, before, reason, at in x["would_stop"]:
                 fh.write(f"## stop off, {x['backend']} {prompt} ({reason}): would stop at token {at}, "
                          f"after\n\n```\n{before}\n```\n\n")
+            for c in x.get("candidates", []):
+                for prompt, before in c["model_ended_rows"]:
+                    fh.write(f"## setting {c['setting']}, {x['backend']} {prompt}: would end a row the model ended "
+                             f"itself, after\n\n```\n{before}\n```\n\n")
     print(table)
     return 0
 

@@ -52,9 +52,9 @@ class Completion:
 class RepetitionStop:
     """Stop a generation whose output ends in `min_count` back-to-back copies of one n-gram of
     `min_pattern`..`max_pattern` tokens (vLLM's RepetitionDetectionParams; the same test on every backend)."""
-    min_pattern: int = 8
-    max_pattern: int = 32
-    min_count: int = 4
+    min_pattern: int = 16
+    max_pattern: int = 128
+    min_count: int = 3
 
 
 @dataclass

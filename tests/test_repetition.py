@@ -21,7 +21,7 @@ from engine.backends.repetition import cut_loop, loop_period, tail_loops
 from engine.config.run_config import HTTPConfig, TorchConfig
 from engine.types import RepetitionStop, Request, SamplingParams
 
-RS = RepetitionStop()  # the shipped defaults: 8..32-token n-grams, 4 copies
+RS = RepetitionStop()  # the shipped defaults: 16..128-token n-grams, 3 copies
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +47,16 @@ TABLE = "| Planet | Moons | Rings | Gas | Day | Year | Mass | Radius |\n" \
             for i in range(12)) + "|------|------|------|------|------|------|------|------|\n"
 LIST = "".join(f"{i}. Step {i}: add {i} cups of water and stir.\n" for i in range(1, 31))
 QA = "".join(f"Q: What is the role of item {i}?\nA: Item {i} holds the data of part {i}.\n\n" for i in range(12))
+WIDE = "| " + " | ".join(f"c{i}" for i in range(16)) + " |\n|" + "---|" * 16 + "\n" + "".join(
+    "| " + " | ".join(str(i * j) for j in range(16)) + " |\n" for i in range(6))  # 16 columns
+BULLETS = "".join(f"- The {w} module reads the configuration file.\n" for w in
+                  ["os", "sys", "json", "re", "io", "csv", "abc", "ast", "zlib", "uuid"])  # lines alike but one word
 MATH = "".join(f"Step {i}: x_{i} = x_{i - 1} + {i} = {i * (i + 1) // 2}\n" for i in range(1, 20)) + \
        "$$ 1 + 1 + 1 + 1 + 1 + 1 = 6 $$\n"
 
 
-@pytest.mark.parametrize("text", [TABLE, LIST, QA, MATH], ids=["table", "numbered-list", "qa-pairs", "math"])
+@pytest.mark.parametrize("text", [TABLE, WIDE, LIST, BULLETS, QA, MATH],
+                         ids=["table", "table-16-columns", "numbered-list", "bullets-alike", "qa-pairs", "math"])
 def test_formats_that_repeat_by_design_never_stop(smol_tokenizer, text):
     ids = smol_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert first_stop(ids) == -1, smol_tokenizer.decode(ids[:first_stop(ids)])[-200:]
@@ -64,12 +69,39 @@ def test_a_real_loop_stops_and_keeps_the_text_up_to_it(smol_tokenizer, unit):
     one = smol_tokenizer(unit, add_special_tokens=False)["input_ids"]
     ids = head + one * 60
     at = first_stop(ids)
-    # found once 4 copies of an n-gram of >= 8 tokens (a multiple of a shorter unit) have been generated
-    assert 0 < at <= len(head) + 4 * len(one) * -(-RS.min_pattern // len(one))
+    # found once min_count copies of an n-gram of >= min_pattern tokens (a multiple of a shorter unit)
+    assert 0 < at <= len(head) + RS.min_count * len(one) * -(-RS.min_pattern // len(one))
     kept = cut_loop(ids[:at], RS)
     assert kept == head + one  # the text before the loop and the repeated unit once
     assert smol_tokenizer.decode(kept).startswith("Bees pollinate flowers")
     assert loop_period(kept, RS) == 0  # what is kept no longer ends in a loop
+
+
+PARAGRAPHS = [
+    # review item 8 (newcomer trial 2): a heading and a one-line answer repeated to max_new_tokens
+    "## What is the purpose of the package?\nThe package provides a simple way to read configuration files "
+    "written in the INI format.\n\n",
+    # two question/answer paragraphs alternating: a period of ~80 tokens, past the old 32-token bound
+    "Q: What does the document describe?\nA: It describes how to install the package with pip and how to run "
+    "its tests.\n\nQ: Who maintains the package?\nA: A small team of volunteers maintains it on GitHub and "
+    "answers issues.\n\n",
+]
+
+
+@pytest.mark.parametrize("para", PARAGRAPHS, ids=["heading-and-answer", "two-qa-pairs"])
+def test_a_paragraph_sized_loop_stops(smol_tokenizer, para):
+    """A loop whose unit is a whole paragraph (25 to 128 tokens) stops after min_count copies; under the old
+    defaults (up to 32-token units, 4 copies) the second one ran to max_new_tokens unmarked."""
+    head = smol_tokenizer("Bees pollinate flowers and make honey.", add_special_tokens=False)["input_ids"]
+    one = smol_tokenizer(para, add_special_tokens=False)["input_ids"]
+    ids = head + one * 12  # a model repeats the tokens it emitted (no re-tokenisation across copies)
+    assert 25 <= len(one) <= RS.max_pattern
+    at = first_stop(ids)
+    assert 0 < at <= len(head) + RS.min_count * len(one), (at, len(one))
+    assert cut_loop(ids[:at], RS) == head + one
+    assert bool(tail_loops([ids[:at]], RS)[0])
+    if len(one) > 32:
+        assert first_stop(ids, RepetitionStop(8, 32, 4)) == -1  # what the old bound missed
 
 
 def test_the_vectorised_check_agrees_with_the_per_row_one():
@@ -111,8 +143,9 @@ def test_torch_decode_loop_stops_a_looping_row_and_counts_every_generated_token(
     got = {c.key: c for done in b.generate(iter(reqs), threading.Event()) for c in done}
     assert got[0].finish_reason == "repetition"
     assert got[0].output_ids == [20 + i for i in range(10)] + [7, 8, 9]  # up to the loop, the unit once
-    # stopped within REPETITION_CHECK_EVERY steps of the first moment the tail held 4 copies of >= 8 tokens
-    assert 10 + 4 * 9 <= got[0].completion_tokens < 10 + 4 * 9 + tb.REPETITION_CHECK_EVERY + 1
+    # stopped within REPETITION_CHECK_EVERY steps of the first moment the tail held min_count copies of >= 16 tokens
+    span = RS.min_count * -(-RS.min_pattern // 3) * 3  # copies of the smallest multiple of the unit in range
+    assert 10 + span <= got[0].completion_tokens < 10 + span + tb.REPETITION_CHECK_EVERY + 1
     assert got[1].finish_reason == "length" and got[1].completion_tokens == 150
 
 
@@ -134,7 +167,7 @@ def test_vllm_sampling_params_carry_vllms_own_repetition_detection():
     assert (d.min_pattern_size, d.max_pattern_size, d.min_count) == (8, 32, 4)
     assert vllm_sampling(req, SamplingParams(0.7, 0.95, None)).repetition_detection is None
     # FINISHED_REPETITION comes back as finish_reason "repetition" (vllm/v1/engine/__init__.py)
-    ids = [1, 2, 3] + [4, 5, 6, 7, 8, 9, 10, 11] * 4
+    ids = [1, 2, 3] + [4, 5, 6, 7, 8, 9, 10, 11] * 8
     out = SimpleNamespace(outputs=[SimpleNamespace(token_ids=ids, finish_reason="repetition")],
                           prompt_token_ids=[1, 2, 3], num_cached_tokens=0)
     c = completion_from_output(req, out, 0.1, SamplingParams(0.7, 0.95, None, repetition_stop=RS))
@@ -185,16 +218,17 @@ def test_http_payloads_carry_the_stop():
     native = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "native"), s, 4, eos_ids=[2, 0])
     path, body = native._payload(Request(1, "faq", [5, 6], 0, 32))
     assert path == "/generate" and body["custom_logit_processor"] == repetition.repetition_processor()
-    assert body["sampling_params"]["custom_params"] == {"min_pattern": 8, "max_pattern": 32, "min_count": 4,
-                                                        "stop_id": 0}
+    assert body["sampling_params"]["custom_params"] == {"min_pattern": RS.min_pattern, "max_pattern": RS.max_pattern,
+                                                        "min_count": RS.min_count, "stop_id": 0}
     openai = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), s, 4, eos_ids=[2])
     path, body = openai._payload(Request(1, "faq", [5, 6], 0, 32))
-    assert body["repetition_detection"] == {"max_pattern_size": 32, "min_pattern_size": 8, "min_count": 4}
+    assert body["repetition_detection"] == {"max_pattern_size": RS.max_pattern, "min_pattern_size": RS.min_pattern,
+                                            "min_count": RS.min_count}
     assert body["return_token_ids"] is True and "custom_logit_processor" not in body
-    loop = [1, 2] + list(range(10, 19)) * 4
+    loop = [1, 2] + list(range(10, 19)) * 8
     c = openai._parse(Request(1, "faq", [5, 6], 0, 64), {"choices": [{"text": "x", "finish_reason": "repetition",
                                                                        "token_ids": loop}],
-                                                          "usage": {"prompt_tokens": 2, "completion_tokens": 38}})
+                                                          "usage": {"prompt_tokens": 2, "completion_tokens": 74}})
     assert c.finish_reason == "repetition" and c.output_ids == [1, 2, *range(10, 19)] and c.text is None
     off = HTTPBackend(HTTPConfig(["http://127.0.0.1:1"], "openai"), SamplingParams(0.7, 0.95, None), 4)
     assert "repetition_detection" not in off._payload(Request(1, "faq", [5, 6], 0, 32))[1]

@@ -18,12 +18,12 @@ from engine.types import RepetitionStop, SamplingParams
 def loop_period(ids: list[int], rs: RepetitionStop) -> int:
     """The smallest n-gram size in min_pattern..max_pattern whose `min_count` copies end `ids`, else 0
     (vLLM's check_sequence_repetition, v1/core/sched/utils.py: the same test on every backend)."""
+    size, count = len(ids), rs.min_count
     for n in range(rs.min_pattern, rs.max_pattern + 1):
-        span = n * rs.min_count
-        if span > len(ids):
+        if n * count > size:
             return 0
-        tail = ids[-span:]
-        if tail[n:] == tail[:-n]:
+        # compared from the end, as vLLM does: most sizes fail on the first token, without a copy
+        if all(ids[-k] == ids[-(n * m + k)] for k in range(1, n + 1) for m in range(1, count)):
             return n
     return 0
 

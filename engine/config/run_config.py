@@ -79,12 +79,13 @@ class SamplingConfig:
 class RepetitionConfig:
     # Stop a generation while it runs once its output ends in `min_count` back-to-back copies of one
     # n-gram of min_pattern..max_pattern tokens (a shorter period counts through its multiples: a
-    # 2-token loop stops after 4 x 8 = 32 tokens); the row is kept up to the loop, finish_reason
-    # "repetition". Defaults measured (README, Performance): no stop on table separators, lists, Q:/A:.
+    # 2-token loop stops after 3 x 16 = 48 tokens; a whole paragraph of up to 128 tokens is a unit too);
+    # the row is kept up to the loop, finish_reason "repetition". Defaults measured (README,
+    # Performance): no stop on table separators up to 16 columns, lists, Q:/A:.
     enabled: bool = True
-    min_pattern: int = 8
-    max_pattern: int = 32
-    min_count: int = 4
+    min_pattern: int = 16
+    max_pattern: int = 128
+    min_count: int = 3
 
 
 @dataclass
