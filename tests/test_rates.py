@@ -5,6 +5,7 @@ import io
 import json
 import re
 import sys
+import time
 
 from conftest import engine_cli, sample_docs, wait_for, write_config, write_jsonl
 
@@ -93,9 +94,16 @@ def test_summary_status_and_card_show_useful_tokens_per_prompt(tmp_path):
     cfg = write_config(tmp_path / "r.toml", "tiny-random", [src], out, prompts=("faq", "summary"),
                        instant={"completion_tokens": 600})
     cfg.write_text(cfg.read_text().replace("max_new_tokens = 16\n", ""))  # each prompt's own: 1024 and 512
+    began = time.monotonic()
     run = engine_cli("run", str(cfg))
+    measured = time.monotonic() - began  # the process's whole life, as its caller sees it
     assert run.returncode == 0, run.stderr
     s = json.loads((out / "summary.json").read_text())
+    # the figures match the clock: the summary's time, plus the interpreter and imports before the config was
+    # read (process start-up less the run's own start-up), is the process's life but for its exit
+    before_config = s["process_startup_s"] - s["startup_s"]
+    assert s["wall_seconds"] + before_config <= measured + 0.5, (s, measured)
+    assert measured - (s["wall_seconds"] + before_config) < 10.0, (s, measured)
     # faq: 600 of 1024 tokens, the model "ended" them (stop): useful; summary: cut at 512 (length): not useful
     assert s["per_prompt"]["faq"]["useful_output_tokens"] == 8 * 600
     assert s["per_prompt"]["summary"]["useful_output_tokens"] == 0
