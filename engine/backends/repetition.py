@@ -83,12 +83,12 @@ def _repetition_processor_call(self, logits, custom_param_list=None):
         req = (p or {}).get("__req__")
         if req is None:
             continue
-        ids, count = list(req.output_ids[-p["max_pattern"] * p["min_count"]:]), p["min_count"]
+        ids, count = req.output_ids, p["min_count"]
         for n in range(p["min_pattern"], p["max_pattern"] + 1):
             if n * count > len(ids):
                 break
-            tail = ids[-n * count:]
-            if tail[n:] == tail[:-n]:
+            # from the end, as vLLM's check: most sizes fail on the first token, nothing copied per step
+            if all(ids[-k] == ids[-(n * m + k)] for k in range(1, n + 1) for m in range(1, count)):
                 logits[i, :] = float("-inf")
                 logits[i, p["stop_id"]] = 0.0
                 break
