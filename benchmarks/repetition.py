@@ -137,15 +137,7 @@ def weigh(rows: list[dict], candidates, tokenizer) -> list[dict]:
 def run_one(cfg_dir: Path, docs: Path, backend: str, stop: bool, a) -> dict:
     out = cfg_dir / f"out-{backend}-{'on' if stop else 'off'}"
     cfg = cfg_dir / f"{backend}-{'on' if stop else 'off'}.toml"
-    cfg.write_text(f"""backend = "{backend}"
-prompts = {json.dumps(a.prompts.split(","))}
-[input]
-paths = ["{docs}"]
-[output]
-dir = "{out}"
-[model]
-name = "embedded"
-[sampling]
+    write_config(cfg, backend, a.prompts.split(","), docs, out, f"""[sampling]
 max_new_tokens = {a.max_new_tokens}
 temperature = {a.temperature}
 top_p = 0.95
@@ -157,14 +149,33 @@ batch_size = {a.batch_size}
 [report]
 enabled = false
 """)
+    summary, wall = engine_run(cfg, out, f"{backend} stop={stop}", a.timeout)
+    return {"backend": backend, "stop": stop, "wall_s": round(wall, 1), "out": str(out), "summary": summary}
+
+
+def write_config(cfg: Path, backend: str, prompts: list[str], docs: Path, out: Path, rest: str) -> None:
+    """A run config of the embedded model over `docs` into `out`; `rest`: its other sections, as TOML."""
+    cfg.write_text(f"""backend = "{backend}"
+prompts = {json.dumps(prompts)}
+[input]
+paths = ["{docs}"]
+[output]
+dir = "{out}"
+[model]
+name = "embedded"
+""" + rest)
+
+
+def engine_run(cfg: Path, out: Path, what: str, timeout: float) -> tuple[dict, float]:
+    """`engine run CFG --overwrite` in its own process: its summary.json and the wall time; a failure stops the
+    benchmark, naming `what` and the end of its stderr."""
     t = time.perf_counter()
     proc = subprocess.run([str(ROOT / ".venv/bin/engine"), "run", str(cfg), "--overwrite"], capture_output=True,
-                          text=True, timeout=a.timeout)
+                          text=True, timeout=timeout)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
-        raise SystemExit(f"{backend} stop={stop}: engine run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    return {"backend": backend, "stop": stop, "wall_s": round(wall, 1), "out": str(out), "summary": summary}
+        raise SystemExit(f"{what}: engine run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "summary.json").read_text()), wall
 
 
 def analyse(r: dict, tokenizer) -> dict:

@@ -33,13 +33,17 @@ def process_started() -> float | None:
 
 @dataclass
 class Tally:
-    """Rows, their completion tokens, and the completion tokens of those that pass the quality gate."""
+    """Rows, their completion tokens, the completion tokens of those that pass the quality gate, and their prompt
+    tokens, of which `cached_tokens` the backend served from its prefix cache (its own count)."""
     rows: int = 0
     tokens: int = 0
     useful_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
     def __add__(self, other: Tally) -> Tally:
-        return Tally(self.rows + other.rows, self.tokens + other.tokens, self.useful_tokens + other.useful_tokens)
+        return Tally(self.rows + other.rows, self.tokens + other.tokens, self.useful_tokens + other.useful_tokens,
+                     self.prompt_tokens + other.prompt_tokens, self.cached_tokens + other.cached_tokens)
 
 
 def add_tallies(into: dict[str, Tally], more: dict[str, Tally]) -> None:

@@ -21,6 +21,7 @@ import orjson
 
 from engine.backends import context_reserve
 from engine.config.run_config import RunConfig
+from engine.fingerprint import run_fingerprint
 from engine.input.reader import Reader
 from engine.model.locate import EMBEDDED, EMBEDDED_NAME, TINY, TINY_NAME
 from engine.model.setup import ModelSetup
@@ -90,6 +91,8 @@ class Plan:
     resumes: bool  # output.dir holds results of this configuration (a run would resume them)
     prompts: list[PromptPlan] = field(default_factory=list)
     throughputs: list[Throughput] = field(default_factory=list)
+    layout: str = "document_last"
+    computed_at_best: int = 0  # prompt tokens left to compute when every shared prefix is computed once
 
     @property
     def requests(self) -> int:
@@ -105,7 +108,7 @@ def make_plan(cfg: RunConfig, bench: list[str] = (), throughput: float | None = 
     """Check everything a run checks before start-up, then count, render and estimate; nothing is written.
     `overwrite` / `extend_input`: as `engine run` would be given them (the resume check follows them)."""
     preflight(cfg)
-    prompts = load_prompts(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, cfg.render.layout)
     i, s = cfg.input, cfg.shard
     reader = Reader(i.paths, i.text_column, i.id_column, i.batch_rows, i.max_doc_chars, s.index, s.count)
     reader.preflight()
@@ -128,17 +131,23 @@ def make_plan(cfg: RunConfig, bench: list[str] = (), throughput: float | None = 
     encoded = renderer.encode_documents([d.text for d in docs])
     plan = Plan(setup.model_name, cfg.backend, cfg.output.dir, shard_tag(s.index, s.count), s.count,
                 whole.total_rows or 0, rows, len(docs), exact, resumes)
+    plan.layout = cfg.render.layout
+    shared: set[tuple] = set()  # the distinct shared prefixes: one per prompt, or one per document (document_first)
     for p in prompts:
         r = renderer.rendered[p.name]
         lengths, cut = [], 0
-        for d, ids in zip(docs, encoded):
+        for i, (d, ids) in enumerate(zip(docs, encoded)):
             full, truncated = renderer.request_ids(p.name, d.text, ids)
             lengths.append(len(full))
             cut += truncated
+            plen = renderer.prefix_len(p.name, full)
+            plan.computed_at_best += len(full) - plen
+            shared.add((i, plen) if plan.layout == "document_first" else (p.name, plen))
         sample = _shorten(setup.tokenizer.decode(renderer.request_ids(p.name, docs[0].text, encoded[0])[0])) \
             if docs else "(no document in this shard)"
         plan.prompts.append(PromptPlan(p.name, r.max_new_tokens, round(sum(lengths) * scale),
                                        rows * r.max_new_tokens, cut, sample))
+    plan.computed_at_best = round((plan.computed_at_best + sum(n for _, n in shared)) * scale)
     plan.throughputs = figures(setup.model_name, cfg.model.name, bench, throughput)
     return plan
 
@@ -152,9 +161,8 @@ def _check_resume(cfg: RunConfig, prompts, setup, renderer, reader, extend_input
     if old is None:
         return False
     from engine.output.layout import check_fingerprint
-    from engine.run import Run
 
-    new = Run(cfg)._fingerprint(prompts, setup, renderer, reader)  # the one definition of what results depend on
+    new = run_fingerprint(cfg, prompts, setup, renderer, reader)  # the one definition of what results depend on
     if extend_input or old.get("input", {}).get("files") is None:  # files that joined / an earlier version's
         # output: the run records the input then; here only the rest is compared (nothing is written)
         new = {**new, "input": {k: v for k, v in new["input"].items() if k != "files"}}
@@ -239,6 +247,10 @@ def render_plan(plan: Plan) -> str:
     total_out = plan.output_tokens_max
     out.append(f"  tokens     prompt ~{sum(p.prompt_tokens for p in plan.prompts):,}, output at most {total_out:,} "
                "(every request generating max_new_tokens; rows that stop earlier generate fewer)")
+    shares = ("the chat header and the document: one prefill per document" if plan.layout == "document_first"
+              else "the chat header and the instruction: each document prefilled once per prompt")
+    out.append(f"  layout     {plan.layout} (render.layout; the prompts share {shares}); prompt tokens to compute "
+               f"at best ~{plan.computed_at_best:,}, the rest served from the prefix cache")
     if plan.throughputs and total_out:
         out.append("  time       at most, at each figure's output tok/s per GPU (measured at its own settings; "
                    "yours differ):")

@@ -48,7 +48,7 @@ def preflight(cfg: RunConfig) -> None:
     check_backend_installed(cfg.backend)
     check_device(cfg)
     check_model(cfg)
-    load_prompts(cfg.prompts)  # a PromptError (status 2) names the file
+    load_prompts(cfg.prompts, cfg.render.layout)  # a PromptError (status 2) names the file
     check_output(cfg.output.dir)
 
 

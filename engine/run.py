@@ -40,8 +40,9 @@ from engine.errors import (
     TooManyErrors,
     WriterError,
 )
+from engine.fingerprint import run_fingerprint
 from engine.gate import useful_notes
-from engine.input.identity import check_read, input_record
+from engine.input.identity import check_read
 from engine.input.reader import Reader
 from engine.metrics import Clock, Counters, process_started
 from engine.model.setup import ModelSetup
@@ -128,7 +129,7 @@ class Run:
     # ---- assembly, in data-path order ----------------------------------------------------------
     def assemble(self) -> Pipeline:
         cfg = self.cfg
-        prompts = load_prompts(cfg.prompts)
+        prompts = load_prompts(cfg.prompts, cfg.render.layout)
         reader = self._reader()  # before the model loads: an input mistake is reported at once
         preflight(cfg)  # backend installed, device, model, prompts, output.dir: 2 (or 1) before the model loads
         setup = self.setup or ModelSetup.load(cfg)
@@ -142,7 +143,7 @@ class Run:
         streams = [p.name for p in prompts] + [layout.REJECTED]
         self.place = OutputPlace.claim(cfg.output, streams, tag, self.overwrite)  # the shard's lease, then the dir
         out = self.place.dir
-        fingerprint = self._fingerprint(prompts, setup, renderer, reader)
+        fingerprint = run_fingerprint(cfg, prompts, setup, renderer, reader)
         self.input_files = fingerprint["input"]["files"]  # signed again at the end (finish: _input_unchanged)
         resumed = layout.check_fingerprint(out, fingerprint, self.overwrite, self.extend_input)
         self.place.first_upload()  # a store's, now: a missing bucket or bad credentials stop the run here
@@ -177,20 +178,6 @@ class Run:
         log.info("input checked: %d file(s), %s rows for this shard", len(reader.files),
                  f"{reader.total_rows:,}" if reader.total_rows is not None else "?")
         return reader
-
-    def _fingerprint(self, prompts: list[Prompt], setup: ModelSetup, renderer: Renderer, reader: Reader) -> dict:
-        """What the stored results depend on: resuming into an output made otherwise is refused."""
-        cfg, s = self.cfg, setup.sampling
-        return {
-            "model": setup.model_name, "backend_family": "instant" if traits(cfg.backend).model_free else "model",
-            "prompts": {p.name: p.fingerprint for p in prompts},
-            "sampling": {"temperature": s.temperature, "top_p": s.top_p, "seed": cfg.sampling.seed, **s.extra(),
-                         **({"ignore_eos": True} if cfg.sampling.ignore_eos else {}),
-                         "max_new_tokens": {n: r.max_new_tokens for n, r in renderer.rendered.items()}},
-            "context": setup.context, "shard_count": cfg.shard.count, "system_prompt": cfg.model.system_prompt,
-            "input": {"text_column": cfg.input.text_column, "id_column": cfg.input.id_column,
-                      "files": input_record(reader.files)},
-        }
 
     # ---- the loop ------------------------------------------------------------------------------
     def loop(self, p: Pipeline) -> tuple[int, BaseException | None]:

@@ -31,7 +31,7 @@ class Request:
     key: int  # the request's handle: the collector's in-flight map (collect.py) finds its document by it
     prompt: str  # prompt name
     input_ids: list[int]
-    prefix_len: int  # leading tokens shared by every request of this prompt
+    prefix_len: int  # leading tokens shared with other requests: of this prompt, or (document_first) of this document
     max_new_tokens: int
 
 

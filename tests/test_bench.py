@@ -286,7 +286,8 @@ def test_shipped_vllm_and_engine_sweeps_are_valid_against_the_pinned_releases():
     sw = load_sweep(REPO / "runs/bench/h100_18models_vllm.toml")
     assert sw.run["backend"] == "vllm" and {m.label for m in sw.models} == \
         {m.label for m in load_sweep(REPO / "runs/bench/h100_18models.toml").models}
-    for name, engines in (("engines.toml", {"sglang", "vllm"}), ("engines_cpu.toml", {"torch", "vllm"})):
+    for name, engines in (("engines.toml", {"sglang", "vllm"}), ("engines_cpu.toml", {"torch", "vllm"}),
+                          ("layouts_cpu.toml", {"torch", "vllm"})):
         proc = bench(f"runs/bench/{name}", "--dry-run")
         assert proc.returncode == 0, proc.stderr
         sw = load_sweep(REPO / "runs/bench" / name)
@@ -295,6 +296,10 @@ def test_shipped_vllm_and_engine_sweeps_are_valid_against_the_pinned_releases():
             for c in sw.expand(sw.models[0], tier, {}):
                 backends.add(sw.run_data(c.settings, {})["backend"])
         assert backends == engines
+    sw = load_sweep(REPO / "runs/bench/layouts_cpu.toml")  # both layouts on both backends
+    runs = [sw.run_data(c.settings, {}) for t in sw.tiers for c in sw.expand(sw.models[0], t, {})] + [sw.run]
+    assert {(r["backend"], r.get("render", {}).get("layout", "document_last")) for r in runs} == \
+        {(b, lay) for b in ("torch", "vllm") for lay in ("document_last", "document_first")}
 
 
 def test_classify_outcomes():
@@ -346,3 +351,26 @@ def test_shipped_cpu_sweep_end_to_end(tmp_path):
         assert len(list(csv.DictReader(f))) == 10
     for name in ("throughput.png", "pareto_size.png"):
         assert (results / name).stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_prefill_sharing_benchmark_runs_end_to_end(tmp_path):
+    """`python -m benchmarks.prefill_sharing` (instant backend, 2 documents, 8 for the order figures): both
+    layouts in both passes, the order figures of both layouts, results.json and table.md written; a second
+    invocation that measures the order alone (--passes "") keeps the first one's runs."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    cmd = [sys.executable, "-m", "benchmarks.prefill_sharing", "--docs", "2", "--max-new-tokens", "8",
+           "--order-docs", "8", "--lookahead", "16", "--backends", "instant", "--out", "out"]
+    for extra in ([], ["--passes", ""]):
+        p = subprocess.run(cmd + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+    res = orjson.loads((tmp_path / "out" / "results.json").read_bytes())
+    layouts = ("document_last", "document_first")
+    assert {(o["layout"], o["order"]) for o in res["order"]} == {
+        (lay, order) for lay in layouts for order in ("arrival (no buckets)", "length_buckets")}
+    assert sorted((r["backend"], r["layout"], r["pass"]) for r in res["runs"]) == sorted(
+        [("instant", lay, pas) for lay in layouts for pas in ("fixed length", "natural endings")])
+    first = [o for o in res["order"] if o["layout"] == "document_first" and o["order"] == "length_buckets"][0]
+    assert first["documents_split_across_batches"] == 0  # batches of 16 = 4 documents x 4 prompts, kept whole
+    assert all(r["output_tokens"] == 2 * 4 * 8 for r in res["runs"] if r["pass"] == "fixed length")
+    assert "## Quality signals" in (tmp_path / "out" / "table.md").read_text()

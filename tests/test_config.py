@@ -43,6 +43,8 @@ def test_overrides_are_typed_and_relative_to_cwd(tmp_path, monkeypatch):
     ('[input]\npaths=["a"]\n[sampling]\ntemperature = "hot"\n', [], "sampling.temperature"),
     ('input = 3\n', [], "config key 'input' is a section"),
     ('prompts = []\n[input]\npaths=["a"]\n', [], "prompts"),
+    ('[input]\npaths=["a"]\n', ["render.layout=doc_first"],
+     "config key 'render.layout': 'doc_first' is not a layout; use \"document_last\" or \"document_first\""),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, text, override, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):

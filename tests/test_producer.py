@@ -85,6 +85,25 @@ def test_length_buckets_order_each_window(renderer, tmp_path):
                                                             for q in ("faq", "math")]
 
 
+def test_document_first_sends_a_documents_prompts_together_and_buckets_the_documents(tiny_model, tmp_path):
+    """render.layout = "document_first": inside each window the documents are ordered by length and each
+    document's prompts follow each other, every one with the whole header + document as its shared prefix."""
+    from transformers import AutoTokenizer
+
+    prompts = load_prompts(["faq", "math"], "document_first")
+    renderer = Renderer(AutoTokenizer.from_pretrained(tiny_model), prompts, 1024, 16)
+    path = write_jsonl(tmp_path / "in.jsonl", sample_docs(12))
+    out, _, _ = produce(renderer, path, lookahead=8)
+    for w in (out[i:i + 8] for i in range(0, len(out), 8)):
+        assert [p.doc.id for p in w[0::2]] == [p.doc.id for p in w[1::2]]  # a document's two prompts, adjacent
+        lengths = [p.request.prefix_len for p in w[0::2]]
+        assert lengths == sorted(lengths)
+    for a, b in zip(out[0::2], out[1::2]):
+        assert a.request.input_ids[:a.request.prefix_len] == b.request.input_ids[:b.request.prefix_len]
+        suffix = renderer.rendered[a.request.prompt].suffix_ids
+        assert a.request.prefix_len == len(a.request.input_ids) - len(suffix)
+
+
 def test_an_input_error_is_raised_in_the_consumer(renderer, tmp_path, monkeypatch):
     path = write_jsonl(tmp_path / "in.jsonl", sample_docs(3))
 

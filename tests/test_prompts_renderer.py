@@ -52,6 +52,29 @@ def test_user_prompt_files_are_validated(tmp_path):
         load_prompts(["faq", "faq"])
 
 
+def test_document_first_forms_are_validated(tmp_path):
+    """render.layout = "document_first" reads <folder>/document_first/<stem>.toml: missing, misnamed or with the
+    document anywhere but first, it is an error naming the prompt and the file."""
+    own = tmp_path / "mine.toml"
+    own.write_text('name = "mine"\norigin = "me"\nintent = "test"\nmax_new_tokens = 50\n'
+                   'template = """Summarise:\n{document}"""\n')
+    with pytest.raises(PromptError, match=r"prompt 'mine' has no document-first form .*document_first/mine.toml"):
+        load_prompts([str(own)], "document_first")
+    (tmp_path / "document_first").mkdir()
+    form = tmp_path / "document_first" / "mine.toml"
+    for text, needle in [('name = "other"\ntemplate = "{document} x"\n', "name"),
+                         ('name = "mine"\ntemplate = "Read: {document} x"\n', "starts with {document}"),
+                         ('name = "mine"\ntemplate = "{document}   "\n', "no instruction after"),
+                         ('name = "mine"\nintent = "x"\ntemplate = "{document} x"\n', "unknown key")]:
+        form.write_text(text)
+        with pytest.raises(PromptError, match=needle):
+            load_prompts([str(own)], "document_first")
+    form.write_text('name = "mine"\ntemplate = """{document}\n\nSummarise the document above."""\n')
+    p = load_prompts([str(own)], "document_first")[0]
+    assert p.instruction.strip() == "Summarise the document above." and p.max_new_tokens == 50
+    assert load_prompts([str(own)])[0].template.startswith("Summarise")  # document_last: the file's own
+
+
 def test_truncation_is_token_exact_at_a_line_or_word_boundary(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     r = Renderer(tok, [load_prompt("faq")], context=1000, max_new_tokens=100)

@@ -71,7 +71,7 @@ def test_part_sink_sums_completion_tokens_per_finish_reason_and_recovers_them(tm
         return PartSink(PartSpec(tmp_path, "faq", "s00000-of-00001", schema, "id", 1000, 1 << 20, 3,
                                  "finish_reason", "generation"))
     rows = [{"id": f"d{i}", "prompt": "faq", "model": "m", "generation": "x", "finish_reason": r,
-             "prompt_tokens": 1, "completion_tokens": t, "cached_tokens": 0, "truncated": False, "error": None,
+             "prompt_tokens": 10 + i, "completion_tokens": t, "cached_tokens": i, "truncated": False, "error": None,
              "doc_ref": f"f:{i}", "text": "t"} for i, (r, t) in enumerate([("stop", 5), ("repetition", 7),
                                                                             ("stop", 3), ("length", 9)])]
     a = sink()
@@ -80,7 +80,8 @@ def test_part_sink_sums_completion_tokens_per_finish_reason_and_recovers_them(tm
     a.commit()
     a.add(pa.RecordBatch.from_pylist(rows[2:], schema=schema))
     a.flush(sync=True)  # journaled, not committed: a crash now
-    want = {"stop": Tally(2, 8, 8), "repetition": Tally(1, 7, 0), "length": Tally(1, 9, 0)}
+    # rows, completion tokens, useful ones, prompt tokens and the backend's cached share of them
+    want = {"stop": Tally(2, 8, 8, 22, 2), "repetition": Tally(1, 7, 0, 11, 1), "length": Tally(1, 9, 0, 13, 3)}
     assert a.tally == want
     b = sink()
     _, replay = b.recover()

@@ -31,13 +31,16 @@ def check_exactly_once(out: Path, expected_ids: set[str], prompts=PROMPTS) -> di
     return tables
 
 
-def slow_config(tmp_path, tiny_model, n_docs=1500):
+LAYOUTS = ("document_last", "document_first")
+
+
+def slow_config(tmp_path, tiny_model, n_docs=1500, layout="document_last"):
     """A run paced by the instant backend's simulated latency, with small row groups and parts."""
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(n_docs))
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "run.toml", tiny_model, [src], out, prompts=PROMPTS,
                        output={"row_group_rows": 40, "file_max_mb": 1, "flush_seconds": 0.2},
-                       instant={"completion_tokens": 8, "delay_ms": 1.5})
+                       instant={"completion_tokens": 8, "delay_ms": 1.5}, render={"layout": layout})
     return cfg, out, {d["id"] for d in sample_docs(n_docs)}
 
 
@@ -47,9 +50,10 @@ def start(cfg: Path, *extra: str) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_kill_9_at_random_moments_then_resume(tmp_path, tiny_model):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_kill_9_at_random_moments_then_resume(tmp_path, tiny_model, layout):
     trials = int(os.environ.get("ENGINE_STRESS_TRIALS", "5"))
-    cfg, out, ids = slow_config(tmp_path, tiny_model)
+    cfg, out, ids = slow_config(tmp_path, tiny_model, layout=layout)
     rng = random.Random(int(os.environ.get("ENGINE_STRESS_SEED", "0")))
     killed = 0
     for _ in range(trials):
@@ -101,15 +105,18 @@ def test_resume_refused_after_config_change_and_overwrite(tmp_path, tiny_model):
     own.write_text((REPO / "prompts" / "faq.toml").read_text().replace("frequently asked", "often asked"))
     p = engine_main("run", str(cfg), "--set", f"prompts=['{own}']")
     assert p.returncode != 0 and "prompts" in p.stderr
+    p = engine_main("run", str(cfg), "--set", "render.layout=document_first")
+    assert p.returncode == 2 and "render.layout: was 'document_last', now 'document_first'" in p.stderr
     p = engine_main("run", str(cfg), "--set", "sampling.temperature=0.9", "--overwrite", check=True)
     assert "generated  10 requests" in p.stdout
     assert pq.read_table(out / "faq").num_rows == 10
 
 
-def test_shards_share_one_output_dir(tmp_path, tiny_model):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_shards_share_one_output_dir(tmp_path, tiny_model, layout):
     srcs = [write_parquet(tmp_path / f"in{i}.parquet", sample_docs(15, start=15 * i)) for i in range(2)]
     out = tmp_path / "out"
-    cfg = write_config(tmp_path / "r.toml", tiny_model, srcs, out, prompts=PROMPTS)
+    cfg = write_config(tmp_path / "r.toml", tiny_model, srcs, out, prompts=PROMPTS, render={"layout": layout})
     procs = [start(cfg, "--shard", f"{i}/3") for i in range(3)]
     for p in procs:
         _, err = p.communicate(timeout=300)

@@ -255,6 +255,34 @@ def test_in_process_backend_end_to_end(tmp_path, tiny_model, fake_sglang):
     assert summary.process.prefix_cache_hit_rate > 0.3  # every request of a prompt shares its prefix
 
 
+def test_document_first_order_gives_sglangs_cache_each_document_once(tmp_path, tiny_model, fake_sglang):
+    """render.layout = "document_first": a document's four prompts are sent back to back, so the server's prefix
+    cache (the double: the longest prefix shared with recent requests, as SGLang's radix cache reports it in
+    meta_info.cached_tokens) serves the document to three of them; summary and stored rows carry its counts."""
+    from transformers import AutoTokenizer
+
+    docs = [{"id": f"d{i}", "text": f"Page {i}. " + f"The river {i} flows past the old mill and the square. " * 20}
+            for i in range(24)]  # ~260 tokens: longer than a prompt's instruction, which document_last shares
+    src = write_jsonl(tmp_path / "in.jsonl", docs)
+    out = tmp_path / "out"
+    prompts = ("faq", "math", "table", "tutorial")
+    cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], out, backend="sglang", prompts=prompts,
+                                   scheduler={"max_in_flight": 8}, render={"layout": "document_first"}))
+    code, summary = Run(cfg).execute()
+    assert code == 0
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    cached: dict[str, int] = {}
+    for prompt in prompts:
+        for r in pq.read_table(out / prompt).to_pylist():
+            cached[r["id"]] = cached.get(r["id"], 0) + r["cached_tokens"]
+    for d in docs:
+        doc_tokens = len(tok(d["text"], add_special_tokens=False).input_ids)
+        assert cached[d["id"]] >= 3 * doc_tokens, d["id"]
+    per = summary.process.per_prompt
+    assert sum(q.cached_prompt_tokens for q in per.values()) == summary.process.cached_tokens == sum(cached.values())
+    assert all(q.computed_prompt_tokens == q.prompt_tokens - q.cached_prompt_tokens for q in per.values())
+
+
 def test_ignore_eos_reaches_sglang(tmp_path, tiny_model, fake_sglang):
     src = write_jsonl(tmp_path / "in.jsonl", sample_docs(10))
     cfg = load_config(write_config(tmp_path / "r.toml", tiny_model, [src], tmp_path / "out", backend="sglang",

@@ -52,7 +52,77 @@ def test_matches_generate_token_for_token(tiny_model, batch_size, prefix_cache, 
     for k, c in got.items():
         assert c.output_ids == ref[k], f"request {k}"
         assert c.finish_reason == "length" and c.completion_tokens == len(ref[k])
-        assert c.cached_tokens == (12 if prefix_cache else 0)
+    # the prefix is computed once (for its first request) and served from the cache to the 6 others
+    assert sorted(c.cached_tokens for c in got.values()) == ([0] + [12] * 6 if prefix_cache else [0] * 7)
+
+
+def document_first_requests(tok, docs, suffixes):
+    """Requests laid out as render.layout = "document_first" renders them: header + document (shared by every
+    prompt of the document: prefix_len covers it) + the prompt's instruction, document-major."""
+    header = list(range(5, 11))
+    reqs = []
+    for text in docs:
+        doc = tok(text, add_special_tokens=False).input_ids
+        for p, suffix in enumerate(suffixes):
+            reqs.append(Request(len(reqs), f"p{p}", header + doc + suffix, len(header) + len(doc), 6 + p))
+    return reqs
+
+
+@pytest.mark.parametrize("batch_size,prefill_tokens", [(4, 4096), (3, 60), (8, 4096)])
+def test_document_prefixes_are_computed_once_and_match_generate(tiny_model, batch_size, prefill_tokens):
+    """Several documents x 3 prompts: each document's prefix (of its own length) is computed once and copied
+    into the rows of its prompts, whatever the batch splits; the tokens are generate's."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    docs = ["the cat sat on a mat " * (1 + d % 3) + f"water {d}" for d in range(5)]
+    reqs = document_first_requests(tok, docs, [[40, 41, 42], [43, 44], [45, 46, 47, 48]])
+    ref = reference(tiny_model, reqs)
+    got = run_backend(tiny_model, reqs, batch_size=batch_size, prefill_tokens=prefill_tokens)
+    assert {k: c.output_ids for k, c in got.items()} == ref
+    for d in range(len(docs)):
+        mine = [got[r.key].cached_tokens for r in reqs[3 * d: 3 * d + 3]]
+        assert sorted(mine) == [0, reqs[3 * d].prefix_len, reqs[3 * d].prefix_len], (d, mine)
+
+
+def test_prefix_cache_keeps_within_its_memory(tiny_model):
+    """A budget too small for any prefix: nothing is kept, every prefix is computed where it is needed, and
+    the output is unchanged."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = document_first_requests(tok, ["one two three " * 4, "four five six " * 5], [[40, 41], [42]])
+    ref = reference(tiny_model, reqs)
+    got = run_backend(tiny_model, reqs, batch_size=2, prefix_cache_mb=0)
+    assert {k: c.output_ids for k, c in got.items()} == ref
+    from engine.backends.torch_kv import PrefixCache
+    cache = PrefixCache(1)
+    kv = lambda n: [(torch.zeros(1, 2, n, 64), torch.zeros(1, 2, n, 64))]  # noqa: E731 - 1 KiB a token
+    cache.put((1,), kv(600))
+    cache.put((2,), kv(300))
+    assert cache.get((1,)) is not None  # (1,) is now the most recently used
+    cache.put((3,), kv(300))  # over 1 MiB: the least recently used, (2,), goes
+    assert [k for k in cache.entries] == [(1,), (3,)] and cache.bytes == 900 * 1024
+    cache.put((4,), kv(1100))  # larger than the whole budget: not kept
+    assert cache.get((4,)) is None and cache.bytes == 900 * 1024
+
+
+def test_a_cache_of_one_document_still_serves_every_row_of_an_admission(tiny_model):
+    """A cache that holds one document's prefix; batches of 3, 2 prompts a document, rows ending together:
+    the second admission (B1, C0, C1) finds B cached, then computes C's, which drops B from the cache; B1 still
+    gets B's KV, and the tokens are generate's."""
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    reqs = document_first_requests(tok, ["one two three " * 6, "four five six " * 6, "seven eight " * 9],
+                                   [[40, 41], [42]])
+    for r in reqs:
+        r.max_new_tokens = 5
+    ref = reference(tiny_model, reqs)
+    b = TorchBackend(str(tiny_model), SamplingParams(0.0, 1.0, 0), eos_ids=set(), pad_id=0,
+                     settings=TorchConfig(batch_size=3), dtype="float32")
+    b.start()
+    cfg = b.model.config
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    b._prefix_kv.budget = per_token * max(r.prefix_len for r in reqs)  # room for one document
+    got = {c.key: c for done in b.generate(iter(reqs), threading.Event()) for c in done}
+    b.close()
+    assert {k: c.output_ids for k, c in got.items()} == ref
+    assert len(b._prefix_kv.entries) == 0  # closed
 
 
 def test_a_seeded_row_samples_the_same_tokens_whatever_its_batch(tiny_model):

@@ -7,7 +7,16 @@ import signal
 import pyarrow.parquet as pq
 import pytest
 from conftest import Watched, engine_cli, reap_session, stored_rows, wait_for, write_config
-from vllm_helpers import START_TIMEOUT, embedded_model_dir, engine_core, need_vllm, real_docs, start_engine
+from vllm_helpers import (
+    DOCUMENT_FIRST_ENGINE_ARGS,
+    START_TIMEOUT,
+    cached_per_document,
+    embedded_model_dir,
+    engine_core,
+    need_vllm,
+    real_docs,
+    start_engine,
+)
 
 from engine.config.engine_args import vllm_engine_arg_names
 from engine.config.run_config import load_config
@@ -121,6 +130,32 @@ def test_vllm_run_signals_engine_death_kill_9_then_exactly_once(tmp_path):
     assert "prefix-cache hit 0.0%" not in stdout
     status = engine_cli("status", str(out), "--check")
     assert status.returncode == 0, status.stdout
+
+
+def test_document_first_prefills_each_document_once_in_vllms_cache(tmp_path):
+    """render.layout = "document_first", four prompts: a document's prompts are sent back to back, so vLLM's own
+    prefix cache (its num_cached_tokens, stored per row) serves the document's prefix to three of them: cached
+    prompt tokens per document >= 3 x the document's tokens; the summary sums the same counts."""
+    import json
+
+    need_vllm()
+    embedded_model_dir()
+    src, ids = real_docs(tmp_path / "in.jsonl", limit=8)
+    out = tmp_path / "out"
+    prompts = ("faq", "math", "table", "tutorial")
+    cfg = write_config(tmp_path / "r.toml", "embedded", [src], out, backend="vllm", prompts=prompts,
+                       sampling={"max_new_tokens": 4}, render={"layout": "document_first"},
+                       vllm={"engine_args": {"max_model_len": 2048, "enforce_eager": True,
+                                             **DOCUMENT_FIRST_ENGINE_ARGS}})
+    p = engine_cli("run", str(cfg), timeout=START_TIMEOUT + 600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    per_doc = cached_per_document(out, prompts, src)
+    assert [d for d, *_ in per_doc] == ids
+    for doc_id, doc_tokens, cached in per_doc:
+        assert cached >= 3 * doc_tokens, (doc_id, doc_tokens, cached)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cached_tokens"] == sum(c for *_, c in per_doc)
+    assert summary["computed_prompt_tokens"] == summary["input_tokens"] - summary["cached_tokens"]
 
 
 @pytest.mark.parametrize("marker", ["starting the vllm backend", "Loading weights took"])

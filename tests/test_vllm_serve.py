@@ -5,7 +5,15 @@ error rows) then restarted and resumed exactly once."""
 import pyarrow.parquet as pq
 import pytest
 from conftest import engine_cli, reap_session, stored_rows, wait_for, write_config
-from vllm_helpers import START_TIMEOUT, VLLMServer, embedded_model_dir, need_vllm, real_docs, start_engine
+from vllm_helpers import (
+    START_TIMEOUT,
+    VLLMServer,
+    cached_per_document,
+    embedded_model_dir,
+    need_vllm,
+    real_docs,
+    start_engine,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
@@ -40,6 +48,23 @@ def test_run_against_vllm_serve_uses_its_model_and_reports_cached_tokens(tmp_pat
     assert sum(r["cached_tokens"] > 0 for r in rows) > len(rows) // 2  # --enable-prompt-tokens-details
     # No per-request seed was sent (sampling.seed unset): the CPU engine is still alive.
     assert engine_cli("run", str(cfg), "--set", f'output.dir="{tmp_path / "again"}"', timeout=900).returncode == 0
+
+
+def test_document_first_prefills_each_document_once_in_the_servers_cache(tmp_path, server):
+    """render.layout = "document_first", four prompts, against `vllm serve` (blocks of 32: vllm_helpers): the
+    server's own cached-token counts (usage.prompt_tokens_details) give each document >= 3 x its tokens."""
+    src, ids = real_docs(tmp_path / "in.jsonl", limit=6)
+    prompts = ("faq", "math", "table", "tutorial")
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", "embedded", [src], out, backend="http", prompts=prompts,
+                       sampling={"max_new_tokens": 4}, render={"layout": "document_first"},
+                       http={"urls": [server.url], "api": "openai"})
+    p = engine_cli("run", str(cfg), timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    per_doc = cached_per_document(out, prompts, src)
+    assert [d for d, *_ in per_doc] == ids
+    for doc_id, doc_tokens, cached in per_doc:
+        assert cached >= 3 * doc_tokens, (doc_id, doc_tokens, cached)
 
 
 def test_wrong_model_or_api_is_a_config_error_before_any_row(tmp_path, server):

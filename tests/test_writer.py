@@ -25,7 +25,7 @@ SCHEMA = result_schema(None)
 def rows(ids, reason="stop", text="an answer", tokens=4) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist([
         {"id": i, "prompt": "faq", "model": "m", "generation": text, "finish_reason": reason, "prompt_tokens": 2,
-         "completion_tokens": tokens, "cached_tokens": 0, "truncated": False, "error": None, "doc_ref": f"f:{i}",
+         "completion_tokens": tokens, "cached_tokens": 1, "truncated": False, "error": None, "doc_ref": f"f:{i}",
          "text": "src"} for i in ids], schema=SCHEMA)
 
 
@@ -53,8 +53,9 @@ def test_the_writer_reports_what_it_stored_and_commits_at_close(tmp_path):
     w.close()
     seen += w.drain()
     written = [r for r in seen if isinstance(r, Written)]
-    assert [(r.stream, r.tally) for r in written] == [("faq", {"stop": Tally(2, 8, 8)}), (REJECTED, {}),
-                                                      ("faq", {"length": Tally(1, 4, 0)})]
+    # rows, completion tokens, useful ones, prompt tokens, of which cached by the backend
+    assert [(r.stream, r.tally) for r in written] == [("faq", {"stop": Tally(2, 8, 8, 4, 2)}), (REJECTED, {}),
+                                                      ("faq", {"length": Tally(1, 4, 0, 2, 1)})]
     final = seen[-1]
     assert isinstance(final, Flushed) and final.final and final.stored.stored() == 3
     assert final.stored.rejected_rows() == 1

@@ -9,8 +9,9 @@ rows keep burning compute and the batch cannot take new work. This loop
 - keeps each row's KV cache left-padded to a common length, with its own position ids, so rows of
   different lengths and ages share one forward pass; buffers have room for the remaining tokens,
   so a decode step writes in place;
-- reuses the KV cache of each prompt's shared prefix (chat header + instruction) across every
-  request of that prompt (prefix caching): only the document and the suffix are prefilled;
+- reuses the KV cache of shared prefixes (PrefixCache): each prompt's chat header + instruction across
+  every request of that prompt, or, with render.layout = "document_first", a document's chat header +
+  text across every prompt of that document; only the rest of each prompt is prefilled;
 - prefills in groups of at most `prefill_tokens` (rows x length): attention grows with the square
   of the length;
 - on CPU keeps the cache in float32 while the weights may be bfloat16 (see cpu_attention.py).
@@ -26,10 +27,11 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from engine.backends.repetition import loop_cut, loop_period, tail_loops
 from engine.backends.seeds import request_seed
+from engine.backends.torch_kv import KVLayer, PrefixCache
 from engine.backends.torch_sampling import sample
 from engine.config.run_config import RunConfig, TorchConfig
 from engine.machine import cpu_has_bf16
@@ -42,42 +44,11 @@ log = logging.getLogger(__name__)
 REPETITION_CHECK_EVERY = 4
 
 
-class _Layer(DynamicLayer):
-    """One layer's KV cache in a buffer with spare capacity [rows, heads, capacity, dim]: a decode step
-    writes its token in place instead of copying the whole cache (DynamicLayer concatenates)."""
-
-    def __init__(self, kbuf: torch.Tensor, vbuf: torch.Tensor, length: int):
-        super().__init__()
-        self.kbuf, self.vbuf, self.n = kbuf, vbuf, length
-        self.device, self.is_initialized = kbuf.device, True
-        self._view()
-
-    def _view(self) -> None:
-        self.keys, self.values = self.kbuf[:, :, : self.n], self.vbuf[:, :, : self.n]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        m = key_states.shape[-2]
-        if self.n + m > self.kbuf.shape[2]:
-            cap = max(self.n + m, int(self.kbuf.shape[2] * 1.5) + 16)
-            self.kbuf, self.vbuf = _resized(self.kbuf, self.n, cap), _resized(self.vbuf, self.n, cap)
-        self.kbuf[:, :, self.n: self.n + m] = key_states
-        self.vbuf[:, :, self.n: self.n + m] = value_states
-        self.n += m
-        self._view()
-        return self.keys, self.values
-
-
-def _resized(buf: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
-    out = buf.new_zeros((*buf.shape[:2], capacity, buf.shape[3]))
-    out[:, :, :used] = buf[:, :, :used]
-    return out
-
-
 @dataclass
 class _Rows:
     """The rows being decoded. Each row's cache is left-padded to the common length T. A finished row
     stays (dead) until the next compaction, so that its removal costs no copy of the whole cache."""
-    layers: list[_Layer]
+    layers: list[KVLayer]
     mask: torch.Tensor  # [rows, T] 1 where the cache column is a real token of that row
     pos: torch.Tensor  # [rows] position id of each row's next token
     last: torch.Tensor  # [rows] last sampled token (the next step's input)
@@ -136,7 +107,7 @@ def _compact(parts: list[_Rows]) -> _Rows | None:
             kbuf[rows, :, t - w: t] = layer.keys.index_select(0, t_idx)[:, :, first:]
             vbuf[rows, :, t - w: t] = layer.values.index_select(0, t_idx)[:, :, first:]
             row += len(idx)
-        layers.append(_Layer(kbuf, vbuf, t))
+        layers.append(KVLayer(kbuf, vbuf, t))
     pick = lambda p, idx, xs: [xs[i] for i in idx]  # noqa: E731
     return _Rows(
         layers, torch.cat([_pad_left(m, t) for *_, m, _ in kept]),
@@ -163,7 +134,7 @@ class TorchBackend:
     dtype: str = "auto"
     name: str = "torch"
     model: object = None
-    _prefix_kv: dict = field(default_factory=dict)  # prompt name -> per-layer (keys, values) of its prefix
+    _prefix_kv: PrefixCache = None  # shared prefix tokens -> per-layer (keys, values); made in start()
     _steps: int = 0
     _row_generators: dict = field(default_factory=dict)  # request key -> its generator (sampling.seed set)
 
@@ -204,6 +175,7 @@ class TorchBackend:
         # On CPU the cache is float32 whatever the weights (see cpu_attention.py); on GPUs, the model's dtype.
         self.cache_dtype = torch.float32 if self.device == "cpu" else dtype
         self.generator = torch.Generator(device=self.device).manual_seed(self.sampling.seed or 0)
+        self._prefix_kv = PrefixCache(self.settings.prefix_cache_mb)
 
     def _generators(self, reqs: list[Request], alive: list[bool] | None = None):
         """The batch's generator; with `sampling.seed` set, each live row's own, seeded from the seed and
@@ -218,63 +190,111 @@ class TorchBackend:
 
     def close(self) -> None:
         self.model = None
-        self._prefix_kv.clear()
+        if self._prefix_kv is not None:
+            self._prefix_kv.clear()
 
     # ---- model calls -----------------------------------------------------------------------------
-    def _forward(self, input_ids, mask, position_ids, layers: list[_Layer]) -> torch.Tensor:
+    def _forward(self, input_ids, mask, position_ids, layers: list[KVLayer]) -> torch.Tensor:
         cache = DynamicCache(config=self.model.config)
         cache.layers = list(layers)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                          **{self._cache_kw: cache}, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _empty_layers(self, rows: int, capacity: int) -> list[_Layer]:
+    def _empty_layers(self, rows: int, capacity: int) -> list[KVLayer]:
         cfg = self.model.config
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         dtype = self.cache_dtype
-        return [_Layer(torch.zeros((rows, heads, capacity, dim), dtype=dtype, device=self.device),
+        return [KVLayer(torch.zeros((rows, heads, capacity, dim), dtype=dtype, device=self.device),
                        torch.zeros((rows, heads, capacity, dim), dtype=dtype, device=self.device), 0)
                 for _ in range(cfg.num_hidden_layers)]
 
-    def _prefix(self, req: Request) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """KV of the prompt's shared prefix, computed once per prompt."""
-        if req.prompt not in self._prefix_kv:
-            plen = req.prefix_len
-            layers = self._empty_layers(1, plen)
-            ids = torch.tensor([req.input_ids[:plen]], device=self.device)
-            self._forward(ids, torch.ones_like(ids), torch.arange(plen, device=self.device)[None], layers)
-            self._prefix_kv[req.prompt] = [(layer.keys, layer.values) for layer in layers]
-        return self._prefix_kv[req.prompt]
+    @torch.inference_mode()
+    def _prefixes(self, reqs: list[Request]) -> tuple[dict[tuple, list], set[tuple]]:
+        """KV of the shared prefixes of `reqs`, keyed like the cache: those the cache lacks are computed in batched
+        forward passes (at most `prefill_tokens` rows x length each) and cached. Returns every one of them (held
+        here, so that one dropped from a small cache by a newer one is still at hand) and the keys computed now."""
+        out: dict[tuple, list] = {}
+        missing: dict[tuple, None] = {}
+        for r in reqs:
+            key = _prefix_key(r)
+            if key and key not in out and key not in missing:
+                hit = self._prefix_kv.get(key)
+                if hit is None:
+                    missing[key] = None
+                else:
+                    out[key] = hit
+        todo = sorted(missing, key=len)
+        while todo:
+            group = [todo.pop(0)]
+            while todo and (len(group) + 1) * len(todo[0]) <= self.settings.prefill_tokens:
+                group.append(todo.pop(0))
+            width, dev = len(group[-1]), self.device
+            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long, device=dev)
+            mask = torch.zeros((len(group), width), dtype=torch.long, device=dev)
+            pos = torch.ones((len(group), width), dtype=torch.long, device=dev)
+            for i, key in enumerate(group):
+                ids[i, width - len(key):] = torch.tensor(key, device=dev)
+                mask[i, width - len(key):] = 1
+                pos[i, width - len(key):] = torch.arange(len(key), device=dev)
+            layers = self._empty_layers(len(group), width)
+            self._forward(ids, mask, pos, layers)
+            for i, key in enumerate(group):
+                kv = [(layer.keys[i:i + 1, :, width - len(key):].clone(),
+                       layer.values[i:i + 1, :, width - len(key):].clone()) for layer in layers]
+                out[key] = kv
+                self._prefix_kv.put(key, kv)
+        return out, set(missing)
 
     @torch.inference_mode()
-    def _prefill(self, group: list[Request]) -> _Rows:
-        """Prefill requests of one prompt: [prefix][padding][rest of prompt], rest right-aligned."""
+    def _prefill(self, group: list[Request], prefixes: dict[tuple, list], unpaid: set[tuple]) -> _Rows:
+        """Prefill requests: [padding][shared prefix][padding][rest of prompt], each part right-aligned; the
+        prefix's KV is copied from `prefixes` (a prompt's header + instruction, or a document's header + text:
+        _prefixes), so only the rest is computed. `unpaid`: prefixes computed for this admission whose first
+        user is still to come (it counts the prefix as computed, the others as cached)."""
         dev, n = self.device, len(group)
-        use_prefix = self.settings.prefix_cache and group[0].prefix_len > 0
-        plen = group[0].prefix_len if use_prefix else 0
-        rests = [r.input_ids[plen:] for r in group]
+        keys = [_prefix_key(r) if self.settings.prefix_cache else () for r in group]
+        plens = [len(k) for k in keys]
+        width_p = max(plens)
+        rests = [r.input_ids[p:] for r, p in zip(group, plens)]
         width = max(map(len, rests))
         ids = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((n, plen + width), dtype=torch.long, device=dev)
+        mask = torch.zeros((n, width_p + width), dtype=torch.long, device=dev)
         pos = torch.ones((n, width), dtype=torch.long, device=dev)
-        mask[:, :plen] = 1
-        for i, rest in enumerate(rests):
+        for i, (rest, plen) in enumerate(zip(rests, plens)):
             ids[i, width - len(rest):] = torch.tensor(rest, device=dev)
-            mask[i, plen + width - len(rest):] = 1
+            mask[i, width_p - plen:width_p] = 1
+            mask[i, width_p + width - len(rest):] = 1
             pos[i, width - len(rest):] = torch.arange(plen, plen + len(rest), device=dev)
-        layers = self._empty_layers(n, plen + width + max(r.max_new_tokens for r in group) + 1)
-        if use_prefix:
-            for layer, (k, v) in zip(layers, self._prefix(group[0])):
-                layer.kbuf[:, :, :plen] = k
-                layer.vbuf[:, :, :plen] = v
-                layer.n = plen
+        layers = self._empty_layers(n, width_p + width + max(r.max_new_tokens for r in group) + 1)
+        cached = []
+        if width_p:
+            rows_of: dict[tuple, list[int]] = {}
+            for i, key in enumerate(keys):
+                rows_of.setdefault(key, []).append(i)
+            for key, rows in rows_of.items():
+                if not key:
+                    continue
+                kv = prefixes[key]
+                idx = torch.tensor(rows, dtype=torch.long, device=dev)
+                for layer, (k, v) in zip(layers, kv):
+                    layer.kbuf[idx, :, width_p - len(key):width_p] = k
+                    layer.vbuf[idx, :, width_p - len(key):width_p] = v
+            for layer in layers:
+                layer.n = width_p
                 layer._view()
+        for key, plen in zip(keys, plens):  # a fresh prefix is computed for its first user, cached for the rest
+            if key in unpaid:
+                unpaid.discard(key)
+                cached.append(0)
+            else:
+                cached.append(plen)
         logits = self._forward(ids, mask, pos, layers)
         first = sample(logits, self.sampling, self._generators(group), [r.input_ids for r in group])
         now = time.perf_counter()
         return _Rows(layers, mask, pos[:, -1] + 1, first, list(group), [[int(t)] for t in first],
-                     [now] * n, [plen] * n)
+                     [now] * n, cached)
 
     @torch.inference_mode()
     def _step(self, rows: _Rows) -> _Rows:
@@ -329,8 +349,9 @@ class TorchBackend:
                 new = list(islice(requests, batch_size - live))
                 exhausted = len(new) < batch_size - live
                 parts, done = [], []
+                prefixes, unpaid = self._prefixes(new) if self.settings.prefix_cache else ({}, set())
                 for group in _prefill_groups(new, self.settings.prefill_tokens):
-                    part = self._prefill(group)
+                    part = self._prefill(group, prefixes, unpaid)
                     done.extend(self._finish(part))
                     parts.append(part)
                 rows = _compact(([rows] if rows else []) + parts)  # one copy: admit new, drop dead
@@ -353,21 +374,23 @@ class TorchBackend:
 BACKEND = TorchBackend  # what make_backend builds from this module (engine/config/backends.py names it)
 
 
+def _prefix_key(r: Request) -> tuple:
+    """The request's shared prefix (at least one token is left to compute: the next token's logits)."""
+    return tuple(r.input_ids[:min(r.prefix_len, len(r.input_ids) - 1)])
+
+
 def _prefill_groups(reqs: list[Request], budget: int) -> list[list[Request]]:
-    """Requests of one prompt each, split so that rows x longest prompt stays within `budget` tokens:
+    """Requests in order of (shared prefix, length), split so that rows x longest prompt stays within `budget` tokens:
     prefill attention grows with the square of the length, and a padded 32 x 2,000-token forward
-    pass costs far more on CPU than sixteen 2 x 2,000 ones (measured: 4x slower end to end)."""
-    by_prompt: dict[str, list[Request]] = {}
-    for r in reqs:
-        by_prompt.setdefault(r.prompt, []).append(r)
-    groups = []
-    for same in by_prompt.values():
-        same.sort(key=lambda r: len(r.input_ids))
-        group: list[Request] = []
-        for r in same:
-            if group and (len(group) + 1) * len(r.input_ids) > budget:
-                groups.append(group)
-                group = []
-            group.append(r)
+    pass costs far more on CPU than sixteen 2 x 2,000 ones (measured: 4x slower end to end). Rows of
+    one prompt or one document (document_first) are adjacent, so a group shares few prefixes."""
+    groups: list[list[Request]] = []
+    group: list[Request] = []
+    for r in sorted(reqs, key=lambda r: (r.prefix_len, len(r.input_ids))):
+        if group and (len(group) + 1) * len(r.input_ids) > budget:
+            groups.append(group)
+            group = []
+        group.append(r)
+    if group:
         groups.append(group)
     return groups

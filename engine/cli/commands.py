@@ -61,7 +61,8 @@ def print_summary(s: RunSummary) -> None:
            if q.process_startup_s is not None else ""),
         f"  generated  {q.requests_generated:,} requests ({q.requests_per_s:.2f} req/s over generation); "
         f"skipped (done before or rejected) {q.requests_skipped:,}",
-        f"  tokens     input {q.input_tokens:,}  output {q.output_tokens:,} "
+        f"  tokens     input {q.input_tokens:,} (cached {q.cached_tokens:,}, computed {q.computed_prompt_tokens:,})"
+        f"  output {q.output_tokens:,} "
         f"({q.output_tokens_per_s:,.1f} tok/s)  "
         f"useful {q.useful_output_tokens:,} ({q.useful_output_tokens_per_s:,.1f} tok/s, "
         f"{q.useful_share:.0%})  prefix-cache hit {q.prefix_cache_hit_rate:.1%}",
@@ -71,7 +72,9 @@ def print_summary(s: RunSummary) -> None:
     for prompt, r in q.per_prompt.items():
         lines.append(f"  {prompt:<10} output {r.output_tokens:,} ({r.output_tokens_per_s:,.1f} tok/s)  useful "
                      f"{r.useful_output_tokens:,} ({r.useful_output_tokens_per_s:,.1f} tok/s)  "
-                     + ", ".join(f"{k} {v:,}" for k, v in sorted(r.finish_reasons.items())))
+                     + ", ".join(f"{k} {v:,}" for k, v in sorted(r.finish_reasons.items()))
+                     + f"  prompt tokens {r.prompt_tokens:,} (cached {r.cached_prompt_tokens:,}, computed "
+                       f"{r.computed_prompt_tokens:,})")
     t = s.shard_totals
     lines.append(f"  shard      every attempt ({t.attempts:,}): rows {t.rows:,}, output tokens "
                  f"{t.output_tokens:,} (from the stored rows), {t.wall_s:,.1f} s wall, "
@@ -200,7 +203,7 @@ def cmd_prompts(args) -> int:
         return ExitCode.OK
     if not args.name:
         raise ConfigError(f"'engine prompts {args.action}' needs a prompt name or file")
-    p = P.load_prompt(args.name)
+    p = P.load_prompts([args.name], args.layout)[0]
     if args.action == "show":
         print(f"name: {p.name}\norigin: {p.origin}\nintent: {p.intent}\nmax_new_tokens: {p.max_new_tokens}\n"
               f"file: {p.path}\n\n{p.template}\n\nnotes: {p.notes}")
@@ -222,6 +225,8 @@ def cmd_prompts(args) -> int:
     ids, truncated = r.request_ids(p.name, doc, r.encode_documents([doc])[0])
     print(tok.decode(ids))
     rp = r.rendered[p.name]
-    print(f"--- {len(ids)} prompt tokens (shared prefix {len(rp.prefix_ids)}, suffix {len(rp.suffix_ids)}); "
+    shared = "chat header + document" if p.layout == P.DOCUMENT_FIRST else "chat header + instruction"
+    print(f"--- {len(ids)} prompt tokens (shared prefix: {shared}, {r.prefix_len(p.name, ids)}; "
+          f"suffix {len(rp.suffix_ids)}); "
           f"document {'truncated' if truncated else 'whole'}; max_new_tokens {rp.max_new_tokens}", file=sys.stderr)
     return ExitCode.OK

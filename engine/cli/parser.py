@@ -229,5 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", nargs="?", help="document text file (render)")
     pr.add_argument("--model", default="embedded", help="model whose chat template and tokenizer to use")
     pr.add_argument("--context", type=int, default=8192)
+    pr.add_argument("--layout", choices=["document_last", "document_first"], default="document_last",
+                    help="render.layout: show / render the prompt's form for that layout")
     pr.set_defaults(fn=cmd_prompts)
     return ap

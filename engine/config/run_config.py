@@ -22,6 +22,9 @@ from engine.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+LAYOUTS = ("document_last", "document_first")  # render.layout
+
+
 @dataclass
 class InputConfig:
     paths: list[str] = field(default_factory=list)  # files or globs (see _absolute_paths)
@@ -97,10 +100,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class RenderConfig:
+    # document_last: chat header + instruction + document (the field's templates; the default).
+    # document_first: chat header + document + instruction (prompts/document_first/): the tokens up to
+    # the end of the document are the same for every prompt of that document, so one KV prefix serves
+    # them all (README, "One prefill per document"). Part of the run's identity.
+    layout: str = "document_last"
+
+
+@dataclass
 class TorchConfig:
     batch_size: int = 16  # sequences decoded together
     refill_fraction: float = 0.5  # admit new requests once this share of the batch has finished
-    prefix_cache: bool = True  # reuse the KV cache of each prompt's shared prefix
+    prefix_cache: bool = True  # reuse the KV cache of shared prefixes (a prompt's header, a document's)
+    prefix_cache_mb: int = 1024  # memory for cached prefix KV (least recently used dropped first)
     prefill_tokens: int = 4096  # rows x prompt length per prefill forward pass
     threads: int = 0  # torch intra-op threads; 0: one per core not busy with other work at start (CPU)
 
@@ -175,6 +188,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     torch: TorchConfig = field(default_factory=TorchConfig)
@@ -297,6 +311,7 @@ def validate(cfg: RunConfig) -> None:
         ("torch.refill_fraction", 0 < cfg.torch.refill_fraction <= 1),
         ("torch.threads", cfg.torch.threads >= 0),
         ("torch.prefill_tokens", cfg.torch.prefill_tokens >= 1),
+        ("torch.prefix_cache_mb", cfg.torch.prefix_cache_mb >= 0),
         ("instant.completion_tokens", cfg.instant.completion_tokens >= 0),
         ("instant.delay_ms", cfg.instant.delay_ms >= 0),
         ("instant.fail_rate", 0 <= cfg.instant.fail_rate <= 1),
@@ -329,6 +344,9 @@ def validate(cfg: RunConfig) -> None:
         problem = check_vllm_engine_args(cfg.vllm.engine_args)
         if problem:
             raise ConfigError(f"config key 'vllm.engine_args': {problem}")
+    if cfg.render.layout not in LAYOUTS:
+        raise ConfigError(f"config key 'render.layout': {cfg.render.layout!r} is not a layout; use "
+                          + " or ".join(f'"{x}"' for x in LAYOUTS))
     for key, ok in checks:
         if not ok:
             section, name = key.split(".")

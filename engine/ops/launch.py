@@ -161,7 +161,7 @@ def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[RunConfig, P
         raise ConfigError(f"--shards {shards}: need at least 1")
     cfg = load_config(config, overrides)
     check_backend_installed(cfg.backend)  # the tasks run this same Python (engine_command: sys.executable)
-    load_prompts(cfg.prompts)
+    load_prompts(cfg.prompts, cfg.render.layout)
     check_output(cfg.output.dir)
     out = Path(cfg.output.dir)
     check_shard_count(out, shards)

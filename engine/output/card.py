@@ -40,6 +40,9 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
     done, failed, ptok, useful, dupes = ({p: sum(getattr(f, k) for f in figures[p]) for p in prompts}
                                          for k in ("done", "failed", "output_tokens", "useful_tokens", "duplicates"))
     loops = {p: sum(f.finish_reasons.get("repetition", 0) for f in figures[p]) for p in prompts}
+    prompt_in, cached_in = ({p: sum(getattr(f, k) for f in figures[p]) for p in prompts}
+                            for k in ("prompt_tokens", "cached_prompt_tokens"))
+    layout = fp.get("render", {}).get("layout", "document_last")
     tokens = sum(st.output_tokens for st in states)  # each shard's total over every attempt
     attempts = sum(st.totals.attempts for st in states)
     gen_h = sum(st.totals.generation_s for st in states) / 3600
@@ -78,6 +81,12 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
               f"- model: {model}; context {fp.get('context')}; system prompt: "
               f"{fp.get('system_prompt') or '(the chat template default)'}",
               "- sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items() if k != "max_new_tokens"),
+              f"- layout: `{layout}` ("
+              + ("the document, then the instruction: every prompt of a document shares its prefix" if
+                 layout == "document_first" else "the instruction, then the document, as the field's templates")
+              + "); prompt tokens per prompt (the backends' own prefix-cache counts): "
+              + "; ".join(f"{p} {prompt_in[p]:,} (cached {cached_in[p]:,}, computed {prompt_in[p] - cached_in[p]:,})"
+                          for p in prompts),
               f"- input columns: text `{fp.get('input', {}).get('text_column')}`, id "
               f"`{fp.get('input', {}).get('id_column')}`; shards: {shards}",
               "- every row has `finish_reason` (stop / length / repetition / error): filter `length` (cut at max "

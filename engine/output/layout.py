@@ -88,6 +88,7 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
     if old is None:
         _write_fingerprint(path, fingerprint)
         return False
+    old.setdefault("render", {"layout": "document_last"})  # outputs of versions before render.layout
     old_files = old.get("input", {}).get("files")
     new_files = fingerprint.get("input", {}).get("files")
     diffs = _diff(_without_files(old), _without_files(fingerprint))

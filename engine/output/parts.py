@@ -102,6 +102,8 @@ class PartSink:
         self.duplicates = 0  # committed rows whose key another committed row of this shard has (found by recover)
         self.tally: dict[str, Tally] = {}  # per value of `count_column` (finish reasons), this shard
         self.token_column = "completion_tokens" if spec.schema.get_field_index("completion_tokens") >= 0 else None
+        # prompt tokens and the backend's cached share of them, summed where the stream has them (results)
+        self.prompt_columns = [c for c in ("prompt_tokens", "cached_tokens") if spec.schema.get_field_index(c) >= 0]
         self.text_column = spec.text_column
 
     def counts(self) -> StreamCounts:
@@ -140,6 +142,7 @@ class PartSink:
         for p in parts.values():
             cols = [self.key_column] + ([self.count_column] if self.count_column else [])
             cols += [c for c in (self.token_column, self.text_column) if c and self.count_column]
+            cols += self.prompt_columns if self.count_column else []
             try:
                 table = pq.read_table(p, columns=cols)
             except (pa.ArrowException, OSError) as exc:
@@ -273,11 +276,15 @@ class PartSink:
         tokens = rows.column(self.token_column) if self.token_column else pa.array([0] * n, pa.int32())
         useful = pc.if_else(useful_mask(values, rows.column(self.text_column)), tokens, 0) \
             if self.text_column else pa.array([0] * n, pa.int64())
-        sums = pa.table({"v": values, "t": tokens, "u": useful}).group_by("v").aggregate(
-            [("t", "count", pc.CountOptions(mode="all")), ("t", "sum"), ("u", "sum")])
+        zeros = pa.array([0] * n, pa.int32())
+        prompt = [rows.column(c) if c in self.prompt_columns else zeros for c in ("prompt_tokens", "cached_tokens")]
+        sums = pa.table({"v": values, "t": tokens, "u": useful, "p": prompt[0], "c": prompt[1]}).group_by(
+            "v").aggregate([("t", "count", pc.CountOptions(mode="all")), ("t", "sum"), ("u", "sum"), ("p", "sum"),
+                            ("c", "sum")])
         out: dict[str, Tally] = {}
-        for v, rows_n, t, u in zip(*(sums.column(c).to_pylist() for c in ("v", "t_count", "t_sum", "u_sum"))):
-            out[v] = Tally(int(rows_n), int(t or 0), int(u or 0))
+        for v, rows_n, t, u, pt, ct in zip(*(sums.column(c).to_pylist()
+                                             for c in ("v", "t_count", "t_sum", "u_sum", "p_sum", "c_sum"))):
+            out[v] = Tally(int(rows_n), int(t or 0), int(u or 0), int(pt or 0), int(ct or 0))
         add_tallies(self.tally, out)
         return out
 

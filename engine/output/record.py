@@ -56,13 +56,21 @@ class PromptFigures:
     output_tokens: int = 0  # completion tokens of every stored row
     useful_tokens: int = 0  # completion tokens of the rows that pass the quality gate (engine/gate.py)
     duplicates: int = 0  # rows whose id another stored row of the shard has
+    # prompt tokens of the stored rows, of which the backend served `cached_prompt_tokens` from its prefix cache
+    # (its own counter: vLLM num_cached_tokens, SGLang meta_info, `vllm serve` prompt_tokens_details, torch's
+    # PrefixCache); the rest it computed
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
 
     @classmethod
     def of(cls, tally: dict[str, Tally], duplicates: int = 0) -> PromptFigures:
+        prompt, cached = sum(t.prompt_tokens for t in tally.values()), sum(t.cached_tokens for t in tally.values())
         return cls(done=sum(t.rows for t in tally.values()), failed=tally["error"].rows if "error" in tally else 0,
                    finish_reasons={r: t.rows for r, t in tally.items()},
                    output_tokens=sum(t.tokens for t in tally.values()),
-                   useful_tokens=sum(t.useful_tokens for t in tally.values()), duplicates=duplicates)
+                   useful_tokens=sum(t.useful_tokens for t in tally.values()), duplicates=duplicates,
+                   prompt_tokens=prompt, cached_prompt_tokens=cached, computed_prompt_tokens=prompt - cached)
 
 
 @dataclass
@@ -278,6 +286,9 @@ class PromptRates:
     useful_output_tokens: int
     output_tokens_per_s: float
     useful_output_tokens_per_s: float
+    prompt_tokens: int = 0  # of these rows; the backend served `cached_prompt_tokens` of them from its cache
+    cached_prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
 
 
 @dataclass
@@ -299,6 +310,7 @@ class ProcessReport:
     useful_output_tokens: int = 0
     useful_share: float = 0.0
     cached_tokens: int = 0
+    computed_prompt_tokens: int = 0  # input_tokens - cached_tokens: what the backend prefilled
     prefix_cache_hit_rate: float = 0.0
     wall_seconds: float = 0.0
     startup_s: float = 0.0
@@ -318,8 +330,10 @@ class ProcessReport:
         per_prompt = {}
         for prompt, by in sorted(c.stored.items()):
             tokens, good = sum(t.tokens for t in by.values()), sum(t.useful_tokens for t in by.values())
+            ptoks, cached = sum(t.prompt_tokens for t in by.values()), sum(t.cached_tokens for t in by.values())
             per_prompt[prompt] = PromptRates(sum(t.rows for t in by.values()), {r: t.rows for r, t in by.items()},
-                                             tokens, good, _rate(tokens, gen), _rate(good, gen))
+                                             tokens, good, _rate(tokens, gen), _rate(good, gen), ptoks, cached,
+                                             ptoks - cached)
         return cls(
             requests_generated=c.requests_done, requests_skipped=c.requests_skipped, failed_this_process=c.failed,
             retries=c.retries, rejected_rows=c.rejected, truncated=c.truncated, input_truncated=c.truncated,
@@ -327,7 +341,7 @@ class ProcessReport:
             finish_reasons=reasons, input_tokens=c.prompt_tokens, output_tokens=c.completion_tokens,
             useful_output_tokens=useful,
             useful_share=round(useful / c.completion_tokens, 4) if c.completion_tokens else 0.0,
-            cached_tokens=c.cached_tokens,
+            cached_tokens=c.cached_tokens, computed_prompt_tokens=c.prompt_tokens - c.cached_tokens,
             prefix_cache_hit_rate=round(c.cached_tokens / c.prompt_tokens, 4) if c.prompt_tokens else 0.0,
             wall_seconds=_r(clock.elapsed, 2), startup_s=_r(clock.startup_s, 2),
             process_startup_s=_r(proc, 2) if proc is not None else None, generation_s=_r(gen, 2),

@@ -176,6 +176,7 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
     useful_rate = sum(st.rates.useful_output_tokens_per_s for st in states.values() if shard_state(out, st)[1])
     lines += [f"WARNING DUPLICATES: {d}; `engine mix` / `export` use the first copy of each" for d in dupes]
     lines += [f"ERROR DAMAGED: {d}" for d in damage]
+    lines.append(prompt_tokens_line(states.values(), fp.get("render", {}).get("layout", "document_last")))
     requeued = sum(shard_state(out, st)[0].startswith("requeued") for st in states.values())
     lines.append(EXPLAINED)  # the totals line stays last (scripts read it)
     lines.append(f"{complete}/{shards} shards complete, {running} running, {stopped} stopped"
@@ -190,3 +191,18 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
                  f"ETA {eta_all if running else '-'}; "
                  f"run {'COMPLETE' if is_complete else 'not complete'}")
     return "\n".join(lines), is_complete
+
+
+def prompt_tokens_line(states, layout: str) -> str:
+    """Prompt tokens of the stored rows per prompt and in all (every shard and attempt), and how many the backends
+    served from their prefix caches (their own counts) or computed."""
+    per: dict[str, list[int]] = {}
+    for st in states:
+        for prompt, c in st.prompts.items():
+            acc = per.setdefault(prompt, [0, 0])
+            acc[0] += c.prompt_tokens
+            acc[1] += c.cached_prompt_tokens
+    total, cached = sum(a for a, _ in per.values()), sum(b for _, b in per.values())
+    each = "; ".join(f"{p} {a:,} (cached {b:,}, computed {a - b:,})" for p, (a, b) in per.items())
+    return (f"prompt tokens ({layout}; the backends' own cache counts): {each or '-'}; all {total:,}, cached "
+            f"{cached:,} ({cached / max(total, 1):.0%}), computed {total - cached:,}")

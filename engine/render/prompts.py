@@ -1,9 +1,15 @@
-"""Prompt files: one TOML file per rewriting strategy in prompts/ (or any path a user gives)."""
+"""Prompt files: one TOML file per rewriting strategy in prompts/ (or any path a user gives).
+
+Layouts (render.layout): `document_last` reads each file's `template` (instruction, then the document);
+`document_first` reads the prompt's document-first form from its own file beside it,
+`<folder>/document_first/<stem>.toml` (keys `name`, `template`, optional `notes`), whose template starts
+with the document and ends with the instruction ("Rewrite the document above as ...").
+"""
 from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from engine.errors import PromptError
@@ -12,6 +18,7 @@ from engine.types import ENGINE_DIRS
 PLACEHOLDER = "{document}"
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 REQUIRED = ("name", "origin", "intent", "template", "max_new_tokens")
+DOCUMENT_LAST, DOCUMENT_FIRST = "document_last", "document_first"
 
 
 @dataclass(frozen=True)
@@ -24,21 +31,30 @@ class Prompt:
     notes: str = ""
     recommended: bool = False
     path: str = ""
+    layout: str = DOCUMENT_LAST  # document_first: `template` is the file's document-first form (module doc)
 
     @property
     def instruction(self) -> str:
-        """Everything before the document placeholder: the part every request of this prompt shares."""
-        return self.template[: self.template.index(PLACEHOLDER)]
+        """The instruction: the template without the document (before it, or after it in document_first)."""
+        before, after = self.template.split(PLACEHOLDER)
+        return after if self.layout == DOCUMENT_FIRST else before
 
     @property
     def fingerprint(self) -> str:
         return hashlib.sha256(self.template.encode()).hexdigest()[:16]
 
 
-def validate_template(template: str, where: str) -> None:
+def validate_template(template: str, where: str, layout: str = DOCUMENT_LAST) -> None:
     count = template.count(PLACEHOLDER)
     if count != 1:
         raise PromptError(f"{where}: the template must hold the placeholder {PLACEHOLDER} exactly once (found {count})")
+    if layout == DOCUMENT_FIRST:
+        if not template.startswith(PLACEHOLDER):
+            raise PromptError(f"{where}: a document-first template starts with {PLACEHOLDER} (the document, then "
+                              "the instruction), so that every prompt of a document shares its prefix")
+        if not template[len(PLACEHOLDER):].strip():
+            raise PromptError(f"{where}: the template has no instruction after {PLACEHOLDER}")
+        return
     if template[template.index(PLACEHOLDER) + len(PLACEHOLDER):].strip():
         raise PromptError(f"{where}: the placeholder {PLACEHOLDER} must come last (instruction first, document last)")
     if not template[: template.index(PLACEHOLDER)].strip():
@@ -70,6 +86,35 @@ def load_prompt_file(path: Path) -> Prompt:
     )
 
 
+def document_first_path(base: Path) -> Path:
+    return base.parent / DOCUMENT_FIRST / base.name
+
+
+def document_first(prompt: Prompt) -> Prompt:
+    """The prompt's document-first form, from its own file (module doc); a prompt without one is an error
+    that names it and the file expected."""
+    path = document_first_path(Path(prompt.path))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"prompt {prompt.name!r} has no document-first form (render.layout = "
+                          f"\"document_first\"): write {path} (keys name, template, optional notes; the template "
+                          f"starts with {PLACEHOLDER}), or use render.layout = \"document_last\"") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PromptError(f"{path}: not valid TOML: {exc}") from None
+    if "template" not in data or data.get("name") != prompt.name:
+        raise PromptError(f"{path}: a document-first form needs the keys name (= {prompt.name!r}, its prompt's) "
+                          "and template")
+    unknown = set(data) - {"name", "template", "notes"}
+    if unknown:
+        raise PromptError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (a document-first form has "
+                          "name, template, notes; the rest comes from the prompt's own file)")
+    template = str(data["template"]).rstrip()
+    validate_template(template, str(path), DOCUMENT_FIRST)
+    return replace(prompt, template=template, layout=DOCUMENT_FIRST, path=str(path),
+                   notes=str(data.get("notes", prompt.notes)).strip())
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in PROMPTS_DIR.glob("*.toml"))
 
@@ -86,8 +131,10 @@ def load_prompt(name_or_path: str) -> Prompt:
     return load_prompt_file(candidate)
 
 
-def load_prompts(names: list[str]) -> list[Prompt]:
+def load_prompts(names: list[str], layout: str = DOCUMENT_LAST) -> list[Prompt]:
     prompts = [load_prompt(n) for n in names]
+    if layout == DOCUMENT_FIRST:
+        prompts = [document_first(p) for p in prompts]
     seen: set[str] = set()
     for p in prompts:
         if p.name in ENGINE_DIRS or p.name.startswith("_") or "/" in p.name:

@@ -5,13 +5,19 @@ before it (chat header + system prompt + instruction) is the prefix every reques
 shares token for token, which is what prefix caching reuses; the part after it is the end of the user
 turn and the assistant header. A request is `prefix + document tokens + suffix`, so documents are
 tokenised once each (in batches, by the Rust tokenizer) and never re-rendered as text.
+
+render.layout = "document_first" (prompts.py): the prefix is the chat header alone (the same for every
+prompt), the suffix the instruction + the end of the turn, so a request is `header + document + suffix` and
+the requests of one document share `header + document` token for token: one KV prefix serves all its
+prompts (`prefix_len` covers the document). The document budget is then the smallest of the prompts', so a
+long document is cut at the same token for every prompt.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from engine.errors import RenderError
-from engine.render.prompts import PLACEHOLDER, Prompt
+from engine.render.prompts import DOCUMENT_FIRST, DOCUMENT_LAST, PLACEHOLDER, Prompt
 
 SENTINEL = "\u2063DOCUMENT\u2063"  # invisible separator characters: never in a chat template
 CHARS_PER_TOKEN_CAP = 16  # documents are cut to budget * this many characters before tokenising
@@ -45,6 +51,9 @@ class Renderer:
         self.tokenizer = tokenizer
         self.fast = tokenizer.backend_tokenizer  # the Rust tokenizer: batch encode without Python overhead
         self.context = context
+        self.layout = prompts[0].layout if prompts else DOCUMENT_LAST
+        if any(p.layout != self.layout for p in prompts):
+            raise RenderError("the prompts of one run must share one layout (render.layout)")
         self.rendered: dict[str, RenderedPrompt] = {}
         for prompt in prompts:
             text = chat_text(tokenizer, prompt.template.replace(PLACEHOLDER, SENTINEL), system_prompt)
@@ -59,6 +68,14 @@ class Renderer:
                                   f"after {new} new tokens and {len(prefix) + len(suffix)} template tokens"
                                   + (f" ({reserve} kept free for the backend)" if reserve else ""))
             self.rendered[prompt.name] = RenderedPrompt(prompt, tuple(prefix), tuple(suffix), new, budget)
+        if self.layout == DOCUMENT_FIRST and self.rendered:
+            headers = {r.prefix_ids for r in self.rendered.values()}
+            if len(headers) != 1:  # the chat template put prompt-dependent text before the document
+                raise RenderError("document_first: the chat template renders a different header before the "
+                                  "document for different prompts, so they cannot share its prefix")
+            shared = min(r.doc_budget for r in self.rendered.values())  # one cut for every prompt
+            self.rendered = {n: RenderedPrompt(r.prompt, r.prefix_ids, r.suffix_ids, r.max_new_tokens, shared)
+                             for n, r in self.rendered.items()}
 
     def _ids(self, text: str) -> list[int]:
         return self.fast.encode(text, add_special_tokens=False).ids
@@ -94,3 +111,9 @@ class Renderer:
         if truncated:
             doc_ids = self.truncate(text, doc_ids, r.doc_budget) if len(doc_ids) > r.doc_budget else doc_ids
         return [*r.prefix_ids, *doc_ids, *r.suffix_ids], truncated
+
+    def prefix_len(self, name: str, ids: list[int]) -> int:
+        """Leading tokens of the request `ids` that other requests share: the prompt's header and instruction
+        (document_last), or the chat header and the whole document (document_first)."""
+        r = self.rendered[name]
+        return len(ids) - len(r.suffix_ids) if self.layout == DOCUMENT_FIRST else len(r.prefix_ids)

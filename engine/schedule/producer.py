@@ -2,6 +2,7 @@
 
     reader batches -> drop duplicate ids and rejected rows -> skip what is done -> tokenise each
     document once -> render a request per (document, prompt) -> length-bucket a look-ahead window
+    (document-major in render.layout = "document_first": a document's prompts back to back)
     -> a bounded queue of Pending (request + its document) that the collector admits in flight as the
     backend pulls (collect.py, through schedule/retry.py's RetryFeed)
 
@@ -21,6 +22,7 @@ from engine.config.run_config import SchedulerConfig
 from engine.ids import DoneSet, SeenIds, id_hash
 from engine.input.reader import Reader
 from engine.metrics import Counters
+from engine.render.prompts import DOCUMENT_FIRST
 from engine.render.renderer import Renderer
 from engine.schedule.buckets import length_buckets
 from engine.types import REJECTED, Doc, Rejection, Request
@@ -51,6 +53,7 @@ class Producer:
         self.reader, self.renderer, self.prompts, self.done = reader, renderer, list(renderer.rendered), done
         self.reject, self.counters, self.stop = reject, counters, stop
         self.lookahead, self.buckets = scheduler.lookahead, scheduler.length_buckets
+        self.document_major = renderer.layout == DOCUMENT_FIRST  # a document's prompts share its prefix
         self.queue: queue.Queue = queue.Queue(maxsize=scheduler.prefetch_batches)
         self.keys = itertools.count()
         self.thread = threading.Thread(target=self._run, name="engine-producer", daemon=True)
@@ -76,11 +79,11 @@ class Producer:
                     return
                 window.extend(self._requests(batch, seen))
                 if len(window) >= self.lookahead:
-                    if not self._put(length_buckets(window, self.buckets, _request)):
+                    if not self._put(length_buckets(window, self.buckets, _request, self.document_major)):
                         return
                     window = []
             if window:
-                self._put(length_buckets(window, self.buckets, _request))
+                self._put(length_buckets(window, self.buckets, _request, self.document_major))
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._put(exc)
         finally:
@@ -127,7 +130,8 @@ class Producer:
                 ids, truncated = self.renderer.request_ids(p, doc.text, doc_ids)
                 key = next(self.keys)
                 r = self.renderer.rendered[p]
-                out.append(Pending(doc, truncated, Request(key, p, ids, len(r.prefix_ids), r.max_new_tokens)))
+                out.append(Pending(doc, truncated, Request(key, p, ids, self.renderer.prefix_len(p, ids),
+                                                           r.max_new_tokens)))
         return out
 
     def __iter__(self) -> Iterator[Pending]:
