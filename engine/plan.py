@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from engine.backends import context_reserve
-from engine.config.run_config import RunConfig
+from engine.config.run_config import DOCUMENT_FIRST, DOCUMENT_LAST, RunConfig
 from engine.fingerprint import run_fingerprint
 from engine.input.reader import Reader
 from engine.model.locate import EMBEDDED, EMBEDDED_NAME, TINY, TINY_NAME
@@ -91,7 +91,7 @@ class Plan:
     resumes: bool  # output.dir holds results of this configuration (a run would resume them)
     prompts: list[PromptPlan] = field(default_factory=list)
     throughputs: list[Throughput] = field(default_factory=list)
-    layout: str = "document_last"
+    layout: str = DOCUMENT_LAST
     computed_at_best: int = 0  # prompt tokens left to compute when every shared prefix is computed once
 
     @property
@@ -142,7 +142,7 @@ def make_plan(cfg: RunConfig, bench: list[str] = (), throughput: float | None = 
             cut += truncated
             plen = renderer.prefix_len(p.name, full)
             plan.computed_at_best += len(full) - plen
-            shared.add((i, plen) if plan.layout == "document_first" else (p.name, plen))
+            shared.add((i, plen) if plan.layout == DOCUMENT_FIRST else (p.name, plen))
         sample = _shorten(setup.tokenizer.decode(renderer.request_ids(p.name, docs[0].text, encoded[0])[0])) \
             if docs else "(no document in this shard)"
         plan.prompts.append(PromptPlan(p.name, r.max_new_tokens, round(sum(lengths) * scale),
@@ -247,7 +247,7 @@ def render_plan(plan: Plan) -> str:
     total_out = plan.output_tokens_max
     out.append(f"  tokens     prompt ~{sum(p.prompt_tokens for p in plan.prompts):,}, output at most {total_out:,} "
                "(every request generating max_new_tokens; rows that stop earlier generate fewer)")
-    shares = ("the chat header and the document: one prefill per document" if plan.layout == "document_first"
+    shares = ("the chat header and the document: one prefill per document" if plan.layout == DOCUMENT_FIRST
               else "the chat header and the instruction: each document prefilled once per prompt")
     out.append(f"  layout     {plan.layout} (render.layout; the prompts share {shares}); prompt tokens to compute "
                f"at best ~{plan.computed_at_best:,}, the rest served from the prefix cache")

@@ -72,7 +72,8 @@ def test_prompts_render_through_the_embedded_model():
 def test_every_prompt_has_a_document_first_form():
     """render.layout = "document_first": each shipped prompt's own file, the same name, the document first and
     the instruction after it, referring to the document above."""
-    from engine.render.prompts import DOCUMENT_FIRST, load_prompts
+    from engine.config.run_config import DOCUMENT_FIRST
+    from engine.render.prompts import load_prompts
 
     for name in available():
         p = load_prompts([name], DOCUMENT_FIRST)[0]
@@ -87,8 +88,9 @@ def test_every_prompt_has_a_document_first_form():
 def test_document_first_chats_of_a_document_share_a_prefix_covering_it(template):
     """The rendered chats of every prompt of one document share a token prefix that covers the whole document
     (the real tokenizer; the production families' templates too), and prefix_len says so."""
+    from engine.config.run_config import DOCUMENT_FIRST
     from engine.model.locate import resolve_model
-    from engine.render.prompts import DOCUMENT_FIRST, load_prompts
+    from engine.render.prompts import load_prompts
 
     model_dir = resolve_model("embedded")[0]
     tok = _with_template(model_dir, template) if template else AutoTokenizer.from_pretrained(model_dir)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engine.config.run_config import DOCUMENT_FIRST
 from engine.errors import ConfigError, ExitCode
 
 if TYPE_CHECKING:
@@ -225,7 +226,7 @@ def cmd_prompts(args) -> int:
     ids, truncated = r.request_ids(p.name, doc, r.encode_documents([doc])[0])
     print(tok.decode(ids))
     rp = r.rendered[p.name]
-    shared = "chat header + document" if p.layout == P.DOCUMENT_FIRST else "chat header + instruction"
+    shared = "chat header + document" if p.layout == DOCUMENT_FIRST else "chat header + instruction"
     print(f"--- {len(ids)} prompt tokens (shared prefix: {shared}, {r.prefix_len(p.name, ids)}; "
           f"suffix {len(rp.suffix_ids)}); "
           f"document {'truncated' if truncated else 'whole'}; max_new_tokens {rp.max_new_tokens}", file=sys.stderr)

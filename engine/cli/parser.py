@@ -6,6 +6,7 @@ import copy
 
 from engine.cli.commands import cmd_bench, cmd_inspect, cmd_launch, cmd_prompts, cmd_report, cmd_run, cmd_status
 from engine.cli.handoff import cmd_compare, cmd_export, cmd_mix
+from engine.config.run_config import DOCUMENT_LAST, LAYOUTS
 from engine.errors import RESUMABLE, ExitCode
 
 _RESUMABLE = [str(int(c)) for c in RESUMABLE]
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", nargs="?", help="document text file (render)")
     pr.add_argument("--model", default="embedded", help="model whose chat template and tokenizer to use")
     pr.add_argument("--context", type=int, default=8192)
-    pr.add_argument("--layout", choices=["document_last", "document_first"], default="document_last",
+    pr.add_argument("--layout", choices=LAYOUTS, default=DOCUMENT_LAST,
                     help="render.layout: show / render the prompt's form for that layout")
     pr.set_defaults(fn=cmd_prompts)
     return ap

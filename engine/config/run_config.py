@@ -22,7 +22,8 @@ from engine.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-LAYOUTS = ("document_last", "document_first")  # render.layout
+DOCUMENT_LAST, DOCUMENT_FIRST = "document_last", "document_first"  # render.layout: their one home
+LAYOUTS = (DOCUMENT_LAST, DOCUMENT_FIRST)
 
 
 @dataclass
@@ -105,7 +106,7 @@ class RenderConfig:
     # document_first: chat header + document + instruction (prompts/document_first/): the tokens up to
     # the end of the document are the same for every prompt of that document, so one KV prefix serves
     # them all (README, "One prefill per document"). Part of the run's identity.
-    layout: str = "document_last"
+    layout: str = DOCUMENT_LAST
 
 
 @dataclass

@@ -13,8 +13,9 @@ import orjson
 import yaml
 
 from engine.atomic import write_atomic
+from engine.config.run_config import DOCUMENT_FIRST
 from engine.gate import EXPLAINED
-from engine.output.layout import REJECTED
+from engine.output.layout import REJECTED, fingerprint_layout
 from engine.output.record import ShardState, read_states
 
 CARD = "README.md"
@@ -42,7 +43,7 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
     loops = {p: sum(f.finish_reasons.get("repetition", 0) for f in figures[p]) for p in prompts}
     prompt_in, cached_in = ({p: sum(getattr(f, k) for f in figures[p]) for p in prompts}
                             for k in ("prompt_tokens", "cached_prompt_tokens"))
-    layout = fp.get("render", {}).get("layout", "document_last")
+    layout = fingerprint_layout(fp)
     tokens = sum(st.output_tokens for st in states)  # each shard's total over every attempt
     attempts = sum(st.totals.attempts for st in states)
     gen_h = sum(st.totals.generation_s for st in states) / 3600
@@ -83,7 +84,7 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
               "- sampling: " + ", ".join(f"{k} {v}" for k, v in sampling.items() if k != "max_new_tokens"),
               f"- layout: `{layout}` ("
               + ("the document, then the instruction: every prompt of a document shares its prefix" if
-                 layout == "document_first" else "the instruction, then the document, as the field's templates")
+                 layout == DOCUMENT_FIRST else "the instruction, then the document, as the field's templates")
               + "); prompt tokens per prompt (the backends' own prefix-cache counts): "
               + "; ".join(f"{p} {prompt_in[p]:,} (cached {cached_in[p]:,}, computed {prompt_in[p] - cached_in[p]:,})"
                           for p in prompts),

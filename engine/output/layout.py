@@ -21,6 +21,7 @@ import orjson
 import pyarrow as pa
 
 from engine.atomic import temp_name, write_atomic
+from engine.config.run_config import DOCUMENT_LAST
 from engine.errors import DamagedOutput, ResumeError, WriterError
 from engine.input.identity import compare as input_changes
 from engine.output.record import SlurmAttempt
@@ -75,6 +76,11 @@ def writable_dir(out: Path) -> Path:
     return out
 
 
+def fingerprint_layout(fp: dict) -> str:
+    """The run's render.layout; outputs of versions before render.layout were document_last."""
+    return fp.get("render", {}).get("layout", DOCUMENT_LAST)
+
+
 def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_input: bool = False) -> bool:
     """Refuse to mix results of different configs or inputs in one directory; True when resuming.
 
@@ -88,7 +94,7 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
     if old is None:
         _write_fingerprint(path, fingerprint)
         return False
-    old.setdefault("render", {"layout": "document_last"})  # outputs of versions before render.layout
+    old.setdefault("render", {"layout": fingerprint_layout(old)})
     old_files = old.get("input", {}).get("files")
     new_files = fingerprint.get("input", {}).get("files")
     diffs = _diff(_without_files(old), _without_files(fingerprint))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.errors import RESUMABLE, ConfigError, ExitCode
 from engine.gate import EXPLAINED
-from engine.output.layout import REJECTED, read_fingerprint, shard_tag
+from engine.output.layout import REJECTED, fingerprint_layout, read_fingerprint, shard_tag
 from engine.output.lease import read_lease, stale_reason
 from engine.output.manifest import check_stream
 from engine.output.record import ShardState, read_states
@@ -176,7 +176,7 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
     useful_rate = sum(st.rates.useful_output_tokens_per_s for st in states.values() if shard_state(out, st)[1])
     lines += [f"WARNING DUPLICATES: {d}; `engine mix` / `export` use the first copy of each" for d in dupes]
     lines += [f"ERROR DAMAGED: {d}" for d in damage]
-    lines.append(prompt_tokens_line(states.values(), fp.get("render", {}).get("layout", "document_last")))
+    lines.append(prompt_tokens_line(states.values(), fingerprint_layout(fp)))
     requeued = sum(shard_state(out, st)[0].startswith("requeued") for st in states.values())
     lines.append(EXPLAINED)  # the totals line stays last (scripts read it)
     lines.append(f"{complete}/{shards} shards complete, {running} running, {stopped} stopped"

@@ -12,13 +12,13 @@ import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from engine.config.run_config import DOCUMENT_FIRST, DOCUMENT_LAST
 from engine.errors import PromptError
 from engine.types import ENGINE_DIRS
 
 PLACEHOLDER = "{document}"
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "prompts"
 REQUIRED = ("name", "origin", "intent", "template", "max_new_tokens")
-DOCUMENT_LAST, DOCUMENT_FIRST = "document_last", "document_first"
 
 
 @dataclass(frozen=True)

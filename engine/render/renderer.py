@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.config.run_config import DOCUMENT_FIRST, DOCUMENT_LAST
 from engine.errors import RenderError
-from engine.render.prompts import DOCUMENT_FIRST, DOCUMENT_LAST, PLACEHOLDER, Prompt
+from engine.render.prompts import PLACEHOLDER, Prompt
 
 SENTINEL = "\u2063DOCUMENT\u2063"  # invisible separator characters: never in a chat template
 CHARS_PER_TOKEN_CAP = 16  # documents are cut to budget * this many characters before tokenising

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config.run_config import SchedulerConfig
+from engine.config.run_config import DOCUMENT_FIRST, SchedulerConfig
 from engine.ids import DoneSet, SeenIds, id_hash
 from engine.input.reader import Reader
 from engine.metrics import Counters
-from engine.render.prompts import DOCUMENT_FIRST
 from engine.render.renderer import Renderer
 from engine.schedule.buckets import length_buckets
 from engine.types import REJECTED, Doc, Rejection, Request
