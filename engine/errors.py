@@ -155,6 +155,22 @@ class LeaseHeld(EngineError, RuntimeError):
             "output.lease_wait_seconds to wait for it; a lease whose holder died is taken over by the next run.")
 
 
+class UnitTakenOver(LeaseHeld):
+    """A worker's unit was taken over by another worker while this one was frozen or cut off (its heartbeat
+    stalled past output.lease_timeout_seconds): its commit was refused and nothing it wrote is in the output."""
+    hint = ("The unit is finished by the worker that holds it now. Raise output.lease_timeout_seconds if workers "
+            "stall that long without being dead.")
+
+
+class UnitsFailed(EngineError, RuntimeError):
+    """Every unit of a run is committed or failed, and some failed: their workers died there MAX_FAILURES times.
+    Not resumable as it is: a worker would die there again."""
+    exit_code = ExitCode.ERROR
+    hint = ("Look at the failed units' rows (their documents are what the workers died on: a memory blow-up, a "
+            "crash of the engine), fix the cause, then delete their lease records (the files named above) and run "
+            "again: the units are claimed afresh.")
+
+
 class RunFailed(EngineError, RuntimeError):
     """A run that stopped with an error after its output was set up; carries the run's summary (printed
     before the message) and the status its cause maps to."""

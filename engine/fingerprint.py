@@ -14,7 +14,10 @@ from engine.render.renderer import Renderer
 def run_fingerprint(cfg: RunConfig, prompts: list[Prompt], setup: ModelSetup, renderer: Renderer,
                     reader: Reader) -> dict:
     s = setup.sampling
-    return {
+    units = {"units": {"rows": cfg.input.unit_rows, "count": reader.unit_count(cfg.input.unit_rows),
+                       "input_rows": sum(f.rows or 0 for f in reader.files)}} \
+        if cfg.input.unit_rows > 0 else {}  # workers claiming units (engine/worker.py); absent for static shards
+    return {**units,
         "model": setup.model_name, "backend_family": "instant" if traits(cfg.backend).model_free else "model",
         "prompts": {p.name: p.fingerprint for p in prompts},
         "render": {"layout": cfg.render.layout},

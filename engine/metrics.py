@@ -81,6 +81,15 @@ class Counters:
     def add_stored(self, prompt: str, by_reason: dict[str, Tally]) -> None:
         add_tallies(self.stored.setdefault(prompt, {}), by_reason)
 
+    def absorb(self, other: Counters) -> None:
+        """Add another run's counters to these (a worker's process over the units it ran)."""
+        for name in ("requests_done", "requests_skipped", "failed", "retries", "prompt_tokens", "completion_tokens",
+                     "cached_tokens", "truncated", "rejected"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.last_error = other.last_error or self.last_error
+        for prompt, by in other.stored.items():
+            self.add_stored(prompt, by)
+
     @property
     def useful_tokens(self) -> int:
         return sum(t.useful_tokens for by in list(self.stored.values()) for t in list(by.values()))

@@ -93,6 +93,8 @@ class Plan:
     throughputs: list[Throughput] = field(default_factory=list)
     layout: str = DOCUMENT_LAST
     computed_at_best: int = 0  # prompt tokens left to compute when every shared prefix is computed once
+    unit_rows: int = 0  # input.unit_rows: workers claim units of this many rows (0: none)
+    units: int = 0
 
     @property
     def requests(self) -> int:
@@ -132,6 +134,8 @@ def make_plan(cfg: RunConfig, bench: list[str] = (), throughput: float | None = 
     plan = Plan(setup.model_name, cfg.backend, cfg.output.dir, shard_tag(s.index, s.count), s.count,
                 whole.total_rows or 0, rows, len(docs), exact, resumes)
     plan.layout = cfg.render.layout
+    if i.unit_rows > 0:
+        plan.unit_rows, plan.units = i.unit_rows, whole.unit_count(i.unit_rows)
     shared: set[tuple] = set()  # the distinct shared prefixes: one per prompt, or one per document (document_first)
     for p in prompts:
         r = renderer.rendered[p.name]
@@ -239,6 +243,10 @@ def render_plan(plan: Plan) -> str:
                                                       if plan.shard_count > 1 else ""),
            f"  requests   {plan.requests:,} ({plan.rows:,} rows x {len(plan.prompts)} prompt(s); rows rejected "
            "or already stored generate none)"]
+    if plan.unit_rows:
+        out.append(f"  units      {plan.units:,} of {plan.unit_rows:,} rows (input.unit_rows): every `engine run` of "
+                   f"this config is a worker that claims them; start one per GPU, or `engine launch slurm|ray "
+                   f"CONFIG --workers N`")
     how = "every document" if plan.exact else f"the first {plan.sampled:,} documents, scaled to {plan.rows:,}"
     for p in plan.prompts:
         out.append(f"  {p.name:<10} prompt tokens ~{p.prompt_tokens:,} (from {how}; {p.truncated:,} of "

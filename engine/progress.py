@@ -19,9 +19,11 @@ WINDOW_S = 60.0  # the progress line's recent rate covers this many seconds
 
 
 class Progress:
-    def __init__(self, counters: Counters, clock: Clock, log_every: float = 30.0):
-        self.counters, self.clock, self.log_every = counters, clock, log_every
-        self.tty = sys.stderr.isatty()
+    def __init__(self, counters: Counters, clock: Clock, log_every: float = 30.0, quiet: bool = False):
+        """`quiet`: no bar and no line (a worker's unit: the worker reports its own progress, engine/worker.py)."""
+        self.counters, self.clock, self.log_every = counters, clock, log_every if not quiet else float("inf")
+        self.tty = sys.stderr.isatty() and not quiet
+        self.quiet = quiet
         self.bar = tqdm(total=counters.total_requests, unit="req", dynamic_ncols=True, file=sys.stderr,
                         mininterval=1.0, disable=not self.tty, smoothing=0.05)
         self.samples: deque = deque([(clock.started, 0, 0)])  # (time, requests done, output tokens)
@@ -32,7 +34,7 @@ class Progress:
 
     def start(self) -> None:
         """Off a terminal: print the line every `log_every` seconds, completions or not."""
-        if self.tty or self._timer is not None:
+        if self.tty or self.quiet or self._timer is not None:
             return
 
         def tick() -> None:

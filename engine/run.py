@@ -60,6 +60,7 @@ from engine.output.record import (
     write_summary,
 )
 from engine.output.sinks import ShardSinks, Stored
+from engine.output.units import UnitWork
 from engine.output.writer import AsyncWriter, Flushed, Written
 from engine.preflight import preflight
 from engine.progress import Progress
@@ -98,8 +99,10 @@ class Run:
     `settle_signals` (`engine run`): once finished, SIGTERM/SIGINT are ignored (signals.settle), not restored."""
 
     def __init__(self, cfg: RunConfig, overwrite: bool = False, setup: ModelSetup | None = None, backend=None,
-                 retry_errors: bool = False, extend_input: bool = False, settle_signals: bool = False):
+                 retry_errors: bool = False, extend_input: bool = False, settle_signals: bool = False,
+                 unit: UnitWork | None = None):
         self.cfg, self.overwrite, self.retry_errors = cfg, overwrite, retry_errors
+        self.unit = unit  # a unit claimed by a worker (engine/worker.py): its reader, directory and fingerprint
         self.settle_signals = settle_signals
         self.extend_input = extend_input  # --extend-input: files that joined the input are accepted (layout.py)
         self.setup, self.shared_backend = setup, backend
@@ -130,20 +133,29 @@ class Run:
     def assemble(self) -> Pipeline:
         cfg = self.cfg
         prompts = load_prompts(cfg.prompts, cfg.render.layout)
-        reader = self._reader()  # before the model loads: an input mistake is reported at once
-        preflight(cfg)  # backend installed, device, model, prompts, output.dir: 2 (or 1) before the model loads
+        unit = self.unit
+        if unit is None:
+            reader = self._reader()  # before the model loads: an input mistake is reported at once
+            preflight(cfg)  # backend installed, device, model, prompts, output.dir: 2 (or 1) before the model loads
+        else:  # the worker checked both before its first unit
+            reader = unit.reader
         setup = self.setup or ModelSetup.load(cfg)
-        log.info("model %s: tokenizer and config loaded (context %d)", setup.model_name, setup.context)
+        if unit is None:
+            log.info("model %s: tokenizer and config loaded (context %d)", setup.model_name, setup.context)
         renderer = Renderer(setup.tokenizer, prompts, setup.context, cfg.sampling.max_new_tokens,
                             cfg.model.system_prompt, reserve=context_reserve(cfg.backend))
         # Made (not started) before the output directory is touched: a backend that refuses this
         # configuration (e.g. sampling.seed on vLLM's CPU engine) leaves no fingerprint behind.
         backend = self.shared_backend or make_backend(cfg, setup)
-        tag = layout.shard_tag(cfg.shard.index, cfg.shard.count)
+        tag = layout.shard_tag(cfg.shard.index, cfg.shard.count) if unit is None else unit.tag
         streams = [p.name for p in prompts] + [layout.REJECTED]
-        self.place = OutputPlace.claim(cfg.output, streams, tag, self.overwrite)  # the shard's lease, then the dir
+        if unit is None:
+            self.place = OutputPlace.claim(cfg.output, streams, tag, self.overwrite)  # the shard's lease, then the dir
+            fingerprint = run_fingerprint(cfg, prompts, setup, renderer, reader)
+        else:  # the worker holds the unit's lease; its directory is private until the unit is committed
+            self.place = OutputPlace(cfg.output, unit.dir, cards=False)
+            fingerprint = unit.fingerprint
         out = self.place.dir
-        fingerprint = run_fingerprint(cfg, prompts, setup, renderer, reader)
         self.input_files = fingerprint["input"]["files"]  # signed again at the end (finish: _input_unchanged)
         resumed = layout.check_fingerprint(out, fingerprint, self.overwrite, self.extend_input)
         self.place.first_upload()  # a store's, now: a missing bucket or bad credentials stop the run here
@@ -160,7 +172,7 @@ class Run:
         # a run that set itself up counts its process's start too (imports, model, input)
         clock = Clock(process_started=process_started() if self.setup is None and self.shared_backend is None
                       else None)
-        progress = Progress(counters, clock, cfg.output.progress_seconds)
+        progress = Progress(counters, clock, cfg.output.progress_seconds, quiet=unit is not None)
         row_model = f"instant:{setup.model_name}" if traits(cfg.backend).model_free else setup.model_name
         builders = {p.name: RowBuilder(p.name, row_model, setup.tokenizer, sinks.schema, sinks.renames)
                     for p in prompts}
@@ -318,7 +330,7 @@ class Run:
                 if isinstance(error, WriterError):  # e.g. the full disk that stopped the writer: its error names where
                     raise error from None
                 raise
-            if complete and self.cfg.report.enabled and self._report(p, summary):
+            if complete and self.cfg.report.enabled and self.unit is None and self._report(p, summary):
                 # summary.json again, so that its time covers the report and it carries the report's warnings
                 summary.process = ProcessReport.of(p.counters, p.clock)
                 write_summary(p.out, summary, self.cfg.shard.count)

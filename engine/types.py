@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 REJECTED = "rejected"  # the output stream of skipped input rows (beside one stream per prompt)
 # Folders of an output directory that are not prompts (so no prompt may be named so: render/prompts.py)
-ENGINE_DIRS = ("_run", "_state", "_journal", "_manifest", REJECTED, "report")
+ENGINE_DIRS = ("_run", "_state", "_journal", "_manifest", "_units", REJECTED, "report")
 
 
 @dataclass(slots=True)

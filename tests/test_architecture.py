@@ -21,7 +21,7 @@ LAYERS = [
     ("backend", ["engine.backends"]),
     ("collector", ["engine.collect"]),
     ("writer", ["engine.output"]),
-    ("run", ["engine.run", "engine.preflight", "engine.fingerprint"]),
+    ("run", ["engine.run", "engine.worker", "engine.preflight", "engine.fingerprint"]),
     ("tools", ["engine.ops", "engine.handoff", "engine.bench", "engine.plan"]),
     ("cli", ["engine.cli"]),
 ]

@@ -1,11 +1,13 @@
 """Scale-out: Slurm job-array scripts (checked, and their task body run locally) and Ray shards. `engine launch
 ray` is a process of its own (Ray starts and kills shard processes); the other commands run in this process
 (`engine_main`)."""
+import importlib.util
 import json
 import os
 import subprocess
 import threading
 
+import orjson
 import pytest
 from conftest import engine_cli, engine_main, sample_docs, wait_for, write_config, write_jsonl
 from test_recovery import check_exactly_once
@@ -269,3 +271,72 @@ def test_sglang_defaults_to_one_replica_per_gpu_for_small_models(tiny_model, mon
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     monkeypatch.setattr("engine.model.size.estimate_params", lambda d: 10**6)
     assert default_parallelism({}, tiny_model) == {}
+
+
+def test_workers_launch_dry_runs_and_refusals(tmp_path, tiny_model):
+    """--workers: the array runs `engine run CONFIG` (no --shard) with the unit size passed on; an output made by
+    static shards is refused by --workers and one made by workers by --shards; a complete one launches nothing."""
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(8))], out,
+                       report={"enabled": False})
+    p = engine_main("launch", "slurm", str(cfg), "--workers", "3", "--gpus-per-shard", "0", "--dry-run", check=True)
+    assert "#SBATCH --array=0-2\n" in p.stdout
+    body = [ln for ln in p.stdout.splitlines() if "engine.cli run" in ln]
+    assert body and "--shard" not in body[0] and "input.unit_rows=2000" in body[0], body
+    assert "=== start $attempt" in p.stdout and 'attempt="worker ${SLURM_ARRAY_TASK_ID:-?}/3' in p.stdout
+    if importlib.util.find_spec("ray") is not None:
+        r = engine_main("launch", "ray", str(cfg), "--workers", "2", "--dry-run", check=True)
+        assert "Would run 2 of 2 workers on Ray" in r.stdout and "--shard" not in r.stdout, r.stdout
+    engine_main("run", str(cfg), check=True)  # a static output
+    refused = engine_main("launch", "slurm", str(cfg), "--workers", "3", "--dry-run")
+    assert refused.returncode == 2 and "was made by static shards" in refused.stderr, refused.stderr
+    units = tmp_path / "units"
+    cfg2 = write_config(tmp_path / "u.toml", tiny_model, [write_jsonl(tmp_path / "in2.jsonl", sample_docs(8))], units,
+                        input={"unit_rows": 3}, report={"enabled": False})
+    engine_main("run", str(cfg2), check=True)  # a worker: 3 units, all committed
+    static = engine_main("launch", "slurm", str(cfg2), "--shards", "2", "--dry-run")
+    assert static.returncode == 2 and "is being made by workers" in static.stderr, static.stderr
+    other = engine_main("launch", "slurm", str(cfg2), "--workers", "2", "--set", "input.unit_rows=4", "--dry-run")
+    assert other.returncode == 2 and "input.unit_rows = 3, not 4" in other.stderr, other.stderr
+    done = engine_main("launch", "slurm", str(cfg2), "--workers", "2", "--dry-run", check=True)
+    assert "all 3 units" in done.stdout and "nothing to launch" in done.stdout
+
+
+def test_ray_runs_workers_and_a_killed_one_rejoins_exactly_once(tmp_path, tiny_model, ray_available):
+    import psutil
+
+    out = tmp_path / "out"
+    n = 900
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(n))], out,
+                       prompts=PROMPTS, instant={"delay_ms": 4.0}, input={"unit_rows": 50},
+                       output={"flush_seconds": 0.2, "lease_heartbeat_seconds": 0.5, "lease_timeout_seconds": 3.0})
+    killed: list = []
+
+    def kill_one():  # kill -9 one worker once it holds a unit (its readiness: a lease record with its pid)
+        def holder():
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                cmd = " ".join(proc.info["cmdline"] or [])
+                if f"run {cfg}" in cmd and "engine.cli" in cmd and "launch" not in cmd:
+                    for p in (out / "_lease").glob("u*.json") if (out / "_lease").is_dir() else []:
+                        try:
+                            rec = orjson.loads(p.read_bytes())
+                        except (OSError, ValueError):
+                            continue
+                        if rec.get("pid") == proc.pid and not rec.get("committed"):
+                            return proc
+            return None
+        try:
+            proc = wait_for(holder, "a worker holding a unit", 600)
+        except AssertionError:
+            return
+        proc.kill()
+        killed.append(proc.pid)
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    p = engine_cli("launch", "ray", str(cfg), "--workers", "2", "--max-retries", "3", timeout=900)
+    killer.join()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert killed, "no worker was killed: the test did not exercise a takeover"
+    check_exactly_once(out, {d["id"] for d in sample_docs(n)}, PROMPTS)
+    status = engine_main("status", str(out), "--check")
+    assert status.returncode == 0 and "18/18 units committed" in status.stdout, status.stdout

@@ -93,7 +93,7 @@ def diagnosed(slurm, job: str, out: Path):
         raise AssertionError(f"{exc}\nsqueue: {jobs}\n{logs}\n{slurm.logs()}") from None
 
 
-def check_attempts(slurm, out: Path, job: str, shard: int, interrupted: int) -> list[dict]:
+def check_attempts(slurm, out: Path, job: str, shard: int, interrupted: int, what: str = "shard") -> list[dict]:
     """The task was interrupted `interrupted` times (at least), was requeued after each and ended COMPLETED;
     each attempt appended its own start and end lines to both logs; no traceback anywhere."""
     runs = [a for a in slurm.attempts(job) if a.get("ArrayTaskId") == str(shard)]
@@ -107,8 +107,8 @@ def check_attempts(slurm, out: Path, job: str, shard: int, interrupted: int) -> 
     for ext in ("err", "out"):
         text = task_log(out, job, shard, ext)
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
-        starts = re.findall(r"^=== start shard .*SLURM_RESTART_COUNT=(\d+)", text, re.M)
-        ends = re.findall(r"^=== end shard .*SLURM_RESTART_COUNT=(\d+).*: exit (\d+)(.*)$", text, re.M)
+        starts = re.findall(rf"^=== start {what} .*SLURM_RESTART_COUNT=(\d+)", text, re.M)
+        ends = re.findall(rf"^=== end {what} .*SLURM_RESTART_COUNT=(\d+).*: exit (\d+)(.*)$", text, re.M)
         assert len(starts) == len(ends) == len(runs), (ext, starts, ends, runs)
         assert [int(s) for s in starts] == list(range(len(runs))), starts  # every attempt's lines kept
         assert ends[-1][1] == "0", ends
@@ -184,7 +184,39 @@ def time_limit(slurm, tmp_path, tiny_model) -> dict:
     return {"job": job, "out": out, "ids": ids}
 
 
-SCENARIOS = {"array": array_of_four, "time_limit": time_limit, "scancel_b": scancel_batch,
+def workers_with_a_requeue(slurm, tmp_path, tiny_model) -> dict:
+    """`engine launch slurm --workers 3`: an array of workers claiming 24 units; one worker is requeued
+    (`scontrol requeue`) while it holds a unit and units are still free: it commits what it finished, exits 3,
+    is requeued and joins the run again; the run completes exactly once."""
+    os.chmod(tmp_path, 0o755)
+    out = tmp_path / "out"
+    n = 600
+    cfg = write_config(tmp_path / "r.toml", tiny_model, [write_jsonl(tmp_path / "in.jsonl", sample_docs(n))],
+                       out, prompts=PROMPTS, instant={"delay_ms": 60.0, "completion_tokens": 8},
+                       input={"unit_rows": 25},
+                       output={"flush_seconds": 0.2, "lease_heartbeat_seconds": 0.5, "lease_timeout_seconds": 5.0})
+    p = engine_cli("launch", "slurm", str(cfg), "--workers", "3", "--gpus-per-shard", "0", "--cpus-per-shard", "1",
+                   "--time", "30", "--signal-seconds", "60", "--submit", env=slurm.env, check=True)
+    job = re.findall(r"^job_id=(\d+)$", p.stdout, re.M)[0]
+
+    def holder():  # a RUNNING worker that holds a unit, while at least 6 units are still free
+        committed = len(list((out / "_state").glob("u*.json"))) if (out / "_state").is_dir() else 0
+        if committed > 24 - 6:
+            raise AssertionError(f"the run got too far ({committed} units committed) before a worker held a unit")
+        for task, state in slurm.squeue(job).items():
+            if state == "RUNNING" and re.search(r"unit u\d+-of-00024 .*claimed", task_log(out, job,
+                                                                                        int(task.split("_")[1]))):
+                return task
+        return None
+    with diagnosed(slurm, job, out):
+        task = wait_for(holder, "a worker holding a unit", 300)
+    slurm.cmd("scontrol", "requeue", task)
+    wait_job_gone(slurm, job, out)
+    return {"job": job, "out": out, "ids": {d["id"] for d in sample_docs(n)}, "task": task, "cfg": cfg}
+
+
+SCENARIOS = {"workers": workers_with_a_requeue,
+             "array": array_of_four, "time_limit": time_limit, "scancel_b": scancel_batch,
              "scancel_b_sibling": scancel_batch_sibling_pending,
              "requeue": slurm_signals("scontrol", "requeue"),  # slurmstepd signals every process of the job
              "scancel_f": slurm_signals("scancel", "-f", "-s", "TERM")}  # the shell and the engine both get SIGTERM
@@ -226,6 +258,22 @@ def test_an_array_of_four_shards_completes_exactly_once(slurm, scenarios):
         assert len(runs) == 1, runs  # each task ran once
     check_complete(r["out"], r["ids"])
     again = engine_cli("launch", "slurm", str(r["cfg"]), "--shards", "4", "--gpus-per-shard", "0", "--submit",
+                       env=slurm.env, check=True)
+    assert "nothing to launch" in again.stdout and "job_id=" not in again.stdout
+
+
+def test_an_array_of_workers_with_a_requeue_completes_exactly_once(slurm, scenarios):
+    r = result(scenarios, "workers")
+    requeued = int(r["task"].split("_")[1])
+    runs = check_attempts(slurm, r["out"], r["job"], requeued, interrupted=1, what="worker")
+    assert "=== end worker" in task_log(r["out"], r["job"], requeued) and "exit 3 (resumable: requeued" in \
+        task_log(r["out"], r["job"], requeued), runs
+    for other in {0, 1, 2} - {requeued}:
+        check_attempts(slurm, r["out"], r["job"], other, interrupted=0, what="worker")
+    check_complete(r["out"], r["ids"])
+    status = engine_cli("status", str(r["out"])).stdout
+    assert "24/24 units committed" in status and "run COMPLETE" in status, status
+    again = engine_cli("launch", "slurm", str(r["cfg"]), "--workers", "3", "--gpus-per-shard", "0", "--submit",
                        env=slurm.env, check=True)
     assert "nothing to launch" in again.stdout and "job_id=" not in again.stdout
 

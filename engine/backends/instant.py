@@ -6,6 +6,7 @@ writer decodes and stores realistic text. Nothing here measures or imitates a mo
 """
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -33,7 +34,9 @@ class InstantBackend:
     @classmethod
     def from_config(cls, cfg: RunConfig, setup: ModelSetup) -> InstantBackend:
         i = cfg.instant  # no model runs: of the setup only the tokenized requests matter
-        return cls(i.completion_tokens, i.delay_ms, i.fail_rate, i.die_after, cfg.sampling.seed or 0)
+        slow = i.slow_array_task >= 0 and os.environ.get("SLURM_ARRAY_TASK_ID") == str(i.slow_array_task)
+        return cls(i.completion_tokens, i.delay_ms * (i.slow_factor if slow else 1.0), i.fail_rate, i.die_after,
+                   cfg.sampling.seed or 0)
 
     def start(self) -> None:
         pass

@@ -22,15 +22,31 @@ def cmd_run(args) -> int:
     from engine.run import Run
 
     overrides = list(args.set or [])
-    if args.shard:
-        overrides += [f"shard.index={args.shard[0]}", f"shard.count={args.shard[1]}"]
+    if args.shard:  # a static shard: no units, whatever the config says
+        overrides += [f"shard.index={args.shard[0]}", f"shard.count={args.shard[1]}", "input.unit_rows=0"]
     cfg = load_config(args.config, overrides)
+    if cfg.input.unit_rows > 0 and cfg.shard.count > 1:
+        raise ConfigError("input.unit_rows > 0 (workers claiming units) and shard.count > 1 (static shards): choose "
+                          "one (--shard sets input.unit_rows = 0)")
     if args.dry_run:
         from engine.plan import make_plan, render_plan
 
         plan = make_plan(cfg, args.bench or [], args.throughput, args.overwrite, args.extend_input)
         print_out(render_plan(plan))
         return ExitCode.OK
+    if cfg.input.unit_rows > 0:  # a worker: claims units until none is left (engine/worker.py)
+        from engine.worker import Worker
+
+        for flag, name in ((args.retry_errors, "--retry-errors"), (args.extend_input, "--extend-input")):
+            if flag:
+                raise ConfigError(f"{name} is not available to workers (input.unit_rows > 0) yet; run it with "
+                                  f"--shard 0/1 on an output made that way")
+        code, summary = Worker(cfg, overwrite=args.overwrite).execute()
+        print_summary(summary)
+        if code == ExitCode.INTERRUPTED:
+            print("interrupted: every committed unit is saved, and the unit in hand resumes from its journal; run "
+                  "the same command again (or start another worker) to go on.", file=sys.stderr)
+        return code
     # settle_signals: once the state and summary are written a signal changes nothing (signals.settle)
     code, summary = Run(cfg, overwrite=args.overwrite, retry_errors=args.retry_errors,
                         extend_input=args.extend_input, settle_signals=True).execute()
@@ -47,8 +63,11 @@ def print_summary(s: RunSummary) -> None:
     q = s.process  # this process's figures; s.shard_totals: the shard's over every attempt
     stored = ", ".join(f"{k} {v:,}" for k, v in s.documents_stored.items())
     rows = s.input_rows
+    where = f"shard {s.shard}" if s.units is None else \
+        f"{s.shard}: committed {s.units['by_this_worker']:,} unit(s); {s.units['committed']:,} of " \
+        f"{s.units['count']:,} units committed in all"
     lines = [
-        f"{'complete' if s.complete else 'incomplete'}: {s.output_dir}  (shard {s.shard}, model {s.model}, "
+        f"{'complete' if s.complete else 'incomplete'}: {s.output_dir}  ({where}, model {s.model}, "
         f"backend {s.backend})",
         f"  documents  input rows {rows if rows is not None else '?'}; stored per prompt: {stored}; "
         f"rejected rows {q.rejected_rows:,}; failed {s.failed:,}"
@@ -77,7 +96,8 @@ def print_summary(s: RunSummary) -> None:
                      + f"  prompt tokens {r.prompt_tokens:,} (cached {r.cached_prompt_tokens:,}, computed "
                        f"{r.computed_prompt_tokens:,})")
     t = s.shard_totals
-    lines.append(f"  shard      every attempt ({t.attempts:,}): rows {t.rows:,}, output tokens "
+    lines.append(f"  {'shard' if s.units is None else 'run':<10} every {'' if s.units is None else 'unit and '}"
+                 f"attempt ({t.attempts:,}): rows {t.rows:,}, output tokens "
                  f"{t.output_tokens:,} (from the stored rows), {t.wall_s:,.1f} s wall, "
                  f"{t.generation_s:,.1f} s generating")
     for w in s.input_warnings:
@@ -155,9 +175,11 @@ def cmd_launch(args) -> int:
                             partition=args.partition, account=args.account, qos=args.qos, time=args.time,
                             signal_seconds=args.signal_seconds, job_name=args.job_name,
                             extra=tuple(args.sbatch or ()))
-        return launch_slurm(Path(args.config), args.shards, opts, list(args.set or []), args.submit, args.dry_run)
-    return launch_ray(Path(args.config), args.shards, args.address, args.gpus_per_shard, args.cpus_per_shard,
-                      args.max_retries, list(args.set or []), dry_run=args.dry_run)
+        return launch_slurm(Path(args.config), args.workers or args.shards, opts, list(args.set or []), args.submit,
+                            args.dry_run, workers=args.workers is not None)
+    return launch_ray(Path(args.config), args.workers or args.shards, args.address, args.gpus_per_shard,
+                      args.cpus_per_shard, args.max_retries, list(args.set or []), dry_run=args.dry_run,
+                      workers=args.workers is not None)
 
 
 def cmd_bench(args) -> int:

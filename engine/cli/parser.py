@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     la = sub.add_parser("launch", help="run the shards of a config on Slurm (job array) or Ray")
     la.add_argument("scheduler", choices=["slurm", "ray"])
     la.add_argument("config")
-    la.add_argument("--shards", type=int, required=True, help="number of shards (tasks)")
+    count = la.add_mutually_exclusive_group(required=True)
+    count.add_argument("--shards", type=int, help="number of static shards (tasks), each 1/N of the input for good")
+    count.add_argument("--workers", type=int, help="number of workers (tasks) claiming units of input.unit_rows rows "
+                       "until none is left (README, \"Elastic scale-out\")")
     la.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every shard")
     la.add_argument("--gpus-per-shard", type=float, default=None,
                     help="GPUs per task (slurm: a whole number, default 1, 0 for a partition without GPUs; "

@@ -16,6 +16,7 @@ Policy for bad input (see README, "Bad input"):
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import logging
 import os
@@ -30,6 +31,7 @@ import zstandard
 
 from engine.errors import InputChanged, InputError, StoreError
 from engine.input.identity import check_labels, label_for
+from engine.input.json_columns import JsonCoercer, castable, json_schema
 from engine.stores import filesystem, is_remote, open_input, retrying
 from engine.types import Doc, Rejection
 
@@ -186,6 +188,33 @@ class Reader:
         self.schema: pa.Schema | None = None  # passthrough columns (text and id excluded)
         self.warnings: list[str] = []
         self.rows_read = 0  # this shard's rows `batches()` has read so far (documents + rejected rows)
+        self.window: dict[str, tuple[int, int]] | None = None  # a unit's rows: file label -> [first, end) (units())
+        self.unit_rows = 0  # of a unit reader: the rows of its range
+
+    # ---- units (input.unit_rows) -------------------------------------------------------------------
+    def unit_count(self, unit_rows: int) -> int:
+        """How many units of `unit_rows` contiguous rows the whole input makes (after preflight: rows known)."""
+        total = sum(f.rows or 0 for f in self.files)
+        return max(1, -(-total // unit_rows))
+
+    def unit(self, index: int, unit_rows: int) -> Reader:
+        """A reader of unit `index`: rows [index x unit_rows, (index + 1) x unit_rows) of the whole input, the
+        files in their order (by label) and each file's rows in order. It depends only on the input and
+        `unit_rows`, never on which process reads it or how many do. Needs preflight on every file
+        (shard.count = 1): the row counts place the unit."""
+        lo, hi = index * unit_rows, (index + 1) * unit_rows
+        unit = copy.copy(self)
+        unit.window, unit.my_files, unit.rows_read, unit.warnings = {}, [], 0, []
+        start = 0
+        for f in self.files:
+            rows = f.rows or 0
+            a, b = max(lo, start), min(hi, start + rows)
+            if a < b:
+                unit.my_files.append(f)
+                unit.window[f.label] = (a - start, b - start)
+            start += rows
+        unit.unit_rows = max(0, min(hi, start) - lo)
+        return unit
 
     # ---- preflight -------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -232,7 +261,7 @@ class Reader:
         for fl in schema:
             if fl.name in self.schema.names:
                 target = self.schema.field(fl.name).type
-                if fl.type != target and not _castable(fl.type, target):
+                if fl.type != target and not castable(fl.type, target):
                     raise InputError(f"{f.path}: column {fl.name!r} has type {fl.type}, but earlier files have "
                                      f"{target}; make the schemas agree or drop the column")
 
@@ -250,7 +279,7 @@ class Reader:
                         parsed += 1
                         with_text += self.text_column in obj
                         if parsed == 1:
-                            self._merge_schema(f, _json_schema(obj, self.text_column, self.id_column))
+                            self._merge_schema(f, json_schema(obj, self.text_column, self.id_column))
         except zstandard.ZstdError as exc:
             raise InputError(f"{f.path}: zstd stream is truncated or corrupt after line {rows}: {exc}") from None
         if rows and not parsed:
@@ -263,7 +292,9 @@ class Reader:
 
     @property
     def total_rows(self) -> int | None:
-        """Rows of this shard, when every file's row count is known."""
+        """Rows of this shard (or unit), when every file's row count is known."""
+        if self.window is not None:
+            return self.unit_rows
         if any(f.rows is None for f in self.my_files):
             return None
         total = sum(f.rows for f in self.my_files)  # type: ignore[misc]
@@ -281,9 +312,14 @@ class Reader:
             if f.empty:
                 continue
             rows = self._parquet_rows(f) if f.kind == "parquet" else self._jsonl_rows(f)
+            first, end = self.window[f.label] if self.window is not None else (0, None)
             batch = DocBatch()
             try:
                 for row, obj_or_rej in rows:
+                    if row < first:
+                        continue
+                    if end is not None and row >= end:
+                        break
                     if not self.split_files and row % self.shard_count != self.shard_index:
                         continue
                     batch.rows_seen += 1
@@ -330,9 +366,19 @@ class Reader:
     def _parquet_file_rows(self, f: InputFile, pf: pq.ParquetFile) -> Iterator[tuple[int, dict | Rejection]]:
         names = [self.text_column] + ([self.id_column] if self.id_column in pf.schema_arrow.names else [])
         keep = [n for n in (self.schema.names if self.schema else []) if n in pf.schema_arrow.names]
-        row = 0
+        row, groups = 0, None
+        if self.window is not None:  # a unit: only the row groups that hold its rows are read
+            first, end = self.window[f.label]
+            groups, start = [], 0
+            for g in range(pf.metadata.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                if start + n > first and start < end:
+                    if not groups:
+                        row = start
+                    groups.append(g)
+                start += n
         try:
-            for rb in pf.iter_batches(batch_size=self.batch_rows, columns=names + keep):
+            for rb in pf.iter_batches(batch_size=self.batch_rows, columns=names + keep, row_groups=groups):
                 for fl in self.schema or []:
                     if fl.name not in rb.schema.names:
                         rb = rb.append_column(fl, pa.nulls(rb.num_rows, fl.type))
@@ -346,8 +392,11 @@ class Reader:
             raise InputError(f"{f.path}: unreadable data after row {row}: {exc}") from None
 
     def _jsonl_rows(self, f: InputFile) -> Iterator[tuple[int, dict | Rejection]]:
-        coerce = _JsonCoercer(self.schema, f.path, self._warn)
+        coerce = JsonCoercer(self.schema, f.path, self._warn)
+        first = self.window[f.label][0] if self.window is not None else 0
         for row, line in enumerate(_open_lines(f)):
+            if row < first:  # before a unit's rows: not parsed
+                continue
             ref = f"{f.label}:{row}"
             if not line.strip():
                 yield row, Rejection(ref, None, "blank line")
@@ -361,52 +410,3 @@ class Reader:
                 yield row, Rejection(ref, None, f"line {row + 1} is a JSON {type(obj).__name__}, not an object")
                 continue
             yield row, coerce(obj, self.text_column, self.id_column)
-
-
-def _castable(src: pa.DataType, dst: pa.DataType) -> bool:
-    try:
-        pa.array([], type=src).cast(dst)
-        return True
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return False
-
-
-def _json_type(value) -> pa.DataType:
-    if isinstance(value, bool):
-        return pa.bool_()
-    if isinstance(value, int):
-        return pa.int64()
-    if isinstance(value, float):
-        return pa.float64()
-    return pa.string()  # strings, and objects/arrays kept as JSON text
-
-
-def _json_schema(obj: dict, text_column: str, id_column: str) -> pa.Schema:
-    return pa.schema([(k, _json_type(v)) for k, v in obj.items() if k not in (text_column, id_column)])
-
-
-class _JsonCoercer:
-    """Fit a JSON object's passthrough values to the output schema, losing nothing silently."""
-
-    def __init__(self, schema: pa.Schema | None, path: Path, warn):
-        self.fields = {fl.name: fl.type for fl in schema} if schema else {}
-        self.path, self.warn = path, warn
-        self.warned: set[str] = set()
-
-    def __call__(self, obj: dict, text_column: str, id_column: str) -> dict:
-        out = {text_column: obj.get(text_column), id_column: obj.get(id_column)}
-        for name, tp in self.fields.items():
-            v = obj.get(name)
-            if v is not None and _json_type(v) != tp:
-                if tp == pa.float64() and isinstance(v, int) and not isinstance(v, bool):
-                    v = float(v)
-                elif tp == pa.string():
-                    v = orjson.dumps(v).decode()
-                else:
-                    if name not in self.warned:
-                        self.warned.add(name)
-                        self.warn(f"{self.path}: column {name!r} holds a {type(v).__name__} where earlier rows hold "
-                                  f"{tp}; such values are stored as null in that column")
-                    v = None
-            out[name] = v
-        return out

@@ -30,13 +30,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config.run_config import RunConfig, load_config
+from engine.config.run_config import DEFAULT_UNIT_ROWS, RunConfig, load_config
 from engine.errors import RESUMABLE, ConfigError, ExitCode, ResumeError, ShardFailed, ShardInterrupted
-from engine.output.layout import shard_tag
+from engine.output.layout import read_fingerprint, shard_tag
+from engine.output.readiness import run_progress
 from engine.output.record import load_summary, read_states
 from engine.preflight import check_backend_installed, check_output, check_shard_count
 from engine.render.prompts import load_prompts
 from engine.signals import SIGNALS, Interrupted, signal_on_parent_death
+from engine.stores import is_remote
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +60,9 @@ def _ranges(ids: list[int]) -> str:
     return ",".join(out)
 
 
-def engine_command(config: Path, shard: str, overrides: list[str]) -> list[str]:
-    cmd = [sys.executable, "-m", "engine.cli", "run", str(config), "--shard", shard]
+def engine_command(config: Path, shard: str | None, overrides: list[str]) -> list[str]:
+    """`engine run CONFIG --shard i/N` (a static shard), or without --shard (`shard` None: a worker claiming units)."""
+    cmd = [sys.executable, "-m", "engine.cli", "run", str(config), *(["--shard", shard] if shard else [])]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
@@ -93,7 +96,8 @@ class SlurmOptions:
 
 
 def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: SlurmOptions,
-                 overrides: list[str]) -> str:
+                 overrides: list[str], workers: bool = False) -> str:
+    """The job array's script: task i runs shard i/N, or (`workers`) worker i of N, which claims units."""
     array = _ranges(ids) + (f"%{opts.max_concurrent}" if opts.max_concurrent else "")
     lines = ["#!/bin/bash", f"#SBATCH --job-name={opts.job_name}", f"#SBATCH --array={array}",
              f"#SBATCH --output={logs}/%A_%a.out", f"#SBATCH --error={logs}/%A_%a.err",
@@ -105,12 +109,14 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
         if getattr(opts, key):
             lines.append(f"#SBATCH --{key}={getattr(opts, key)}")
     lines += [f"#SBATCH {e}" for e in opts.extra]
-    cmd = " ".join(shlex.quote(c) for c in engine_command(config, "__SHARD__", overrides))
+    cmd = " ".join(shlex.quote(c) for c in engine_command(config, None if workers else "__SHARD__", overrides))
     cmd = cmd.replace("__SHARD__", f'"${{SLURM_ARRAY_TASK_ID}}/{shards}"')
+    what = "worker" if workers else "shard"
+    joins = " (it claims units until none is left; a requeued one joins again)" if workers else ""
     resumable = " ".join(str(int(c)) for c in RESUMABLE)
     lines += [
         "",
-        "# One shard of the run; every attempt appends to the task's logs (--open-mode=append) between a",
+        f"# One {what} of the run{joins}; every attempt appends to the task's logs (--open-mode=append) between a",
         "# '=== start' and an '=== end' line. Slurm sends SIGTERM before the time limit (--signal B:TERM),",
         "# and to every process of the job on `scontrol requeue`, preemption or `scancel -f`: the first one",
         "# is passed on to the engine (a repeat is the same request), which commits what is finished and",
@@ -119,7 +125,7 @@ def slurm_script(config: Path, shards: int, ids: list[int], logs: Path, opts: Sl
         "set -u",
         f"cd {shlex.quote(str(Path.cwd()))}",
         'task="${SLURM_ARRAY_JOB_ID:-0}_${SLURM_ARRAY_TASK_ID:-0}"',
-        f'attempt="shard ${{SLURM_ARRAY_TASK_ID:-?}}/{shards}: job ${{SLURM_JOB_ID:-?}} (array task $task), '
+        f'attempt="{what} ${{SLURM_ARRAY_TASK_ID:-?}}/{shards}: job ${{SLURM_JOB_ID:-?}} (array task $task), '
         'SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, host ${SLURMD_NODENAME:-$(hostname)}"',
         "note() { echo \"$1\"; echo \"$1\" >&2; }",
         "note \"=== start $attempt, at $(date '+%Y-%m-%d %H:%M:%S')\"",
@@ -164,6 +170,10 @@ def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[RunConfig, P
     load_prompts(cfg.prompts, cfg.render.layout)
     check_output(cfg.output.dir)
     out = Path(cfg.output.dir)
+    units = (read_fingerprint(out) or {}).get("units") if not is_remote(cfg.output.dir) else None
+    if units:
+        raise ConfigError(f"{out} is being made by workers claiming units of input.unit_rows = {units['rows']} rows: "
+                          f"launch workers (--workers N), not static shards")
     check_shard_count(out, shards)
     ids = pending_shards(out, shards)
     if not ids:
@@ -171,25 +181,58 @@ def _plan(config: Path, shards: int, overrides: list[str]) -> tuple[RunConfig, P
     return cfg, out, ids
 
 
+def _plan_workers(config: Path, workers: int, overrides: list[str]) -> tuple[RunConfig, Path, list[int], list[str]]:
+    """The checks of a launch of `workers` workers claiming units (input.unit_rows; DEFAULT_UNIT_ROWS when the
+    config has none: it is passed to every task); then the config, output, task ids and the tasks' overrides."""
+    if workers < 1:
+        raise ConfigError(f"--workers {workers}: need at least 1")
+    cfg = load_config(config, overrides)
+    if cfg.input.unit_rows == 0:
+        overrides = [*overrides, f"input.unit_rows={DEFAULT_UNIT_ROWS}"]
+        cfg = load_config(config, overrides)
+        log.info("input.unit_rows is not set: the workers claim units of %d rows (pass --set input.unit_rows=N to "
+                 "choose)", DEFAULT_UNIT_ROWS)
+    check_backend_installed(cfg.backend)
+    load_prompts(cfg.prompts, cfg.render.layout)
+    check_output(cfg.output.dir)
+    out = Path(cfg.output.dir)
+    fp = read_fingerprint(out) if not is_remote(cfg.output.dir) else None  # a store's: each worker checks it
+    if fp is not None and not fp.get("units") and fp.get("prompts"):
+        raise ConfigError(f"{out} was made by static shards (shard count {fp.get('shard_count', 1)}): launch them "
+                          f"with --shards {fp.get('shard_count', 1)}, or write the workers' run to another output.dir")
+    if fp is not None and fp.get("units") and fp["units"]["rows"] != cfg.input.unit_rows:
+        raise ConfigError(f"{out} was made with input.unit_rows = {fp['units']['rows']}, not {cfg.input.unit_rows}: "
+                          f"launch with --set input.unit_rows={fp['units']['rows']}")
+    if fp is not None and fp.get("units") and run_progress(out, fp).is_complete:
+        print(f"all {fp['units']['count']} units of {out} are complete; nothing to launch")
+        return cfg, out, [], overrides
+    return cfg, out, list(range(workers)), overrides
+
+
 def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[str], submit: bool,
-                 dry_run: bool) -> int:
-    _, out, ids = _plan(config, shards, overrides)
+                 dry_run: bool, workers: bool = False) -> int:
+    """Submit N static shards, or (`workers`) N workers claiming units; `shards` is N either way."""
+    if workers:
+        _, out, ids, overrides = _plan_workers(config, shards, overrides)
+    else:
+        _, out, ids = _plan(config, shards, overrides)
     check_time_limit(out, opts)
     if not ids:
         return ExitCode.OK
     logs = out / "_logs"
-    script = slurm_script(config.resolve(), shards, ids, logs, opts, overrides)
+    script = slurm_script(config.resolve(), shards, ids, logs, opts, overrides, workers)
+    what = "workers" if workers else "shards"
     if dry_run:
         print(script, end="")
-        log.info("dry run: every check passed; %d of %d shards would run (%d GPU, %d CPU each); nothing was "
+        log.info("dry run: every check passed; %d of %d %s would run (%d GPU, %d CPU each); nothing was "
                  "written or submitted (without --dry-run the script goes to %s, and --submit runs sbatch on it)",
-                 len(ids), shards, opts.gpus_per_shard, opts.cpus_per_shard, out / "_run")
+                 len(ids), shards, what, opts.gpus_per_shard, opts.cpus_per_shard, out / "_run")
         return ExitCode.OK
     logs.mkdir(parents=True, exist_ok=True)
     path = out / "_run" / f"slurm-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
-    print(f"{len(ids)} of {shards} shards to run; script: {path}")
+    print(f"{len(ids)} of {shards} {what} to run; script: {path}")
     if submit:
         proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -197,7 +240,7 @@ def launch_slurm(config: Path, shards: int, opts: SlurmOptions, overrides: list[
             return ExitCode.ERROR
         job_id = proc.stdout.strip().split(";")[0]  # --parsable: "JOBID" or "JOBID;CLUSTER"
         print(f"job_id={job_id}")  # machine-readable: the array's job id (tasks are {job_id}_<shard>)
-        print(f"submitted: squeue -r -j {job_id}; logs {logs}/{job_id}_<shard>.out|.err; engine status {out}")
+        print(f"submitted: squeue -r -j {job_id}; logs {logs}/{job_id}_<{what[:-1]}>.out|.err; engine status {out}")
         return ExitCode.OK
     print(f"submit with: sbatch {path}")
     return ExitCode.OK
@@ -264,43 +307,53 @@ def check_time_limit(out: Path, opts: SlurmOptions) -> None:
                     startup, out)
 
 
-def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: str, log_dir: str) -> int:
-    """Body of one Ray task: `engine run ... --shard i/N` as a child process, its output in a log file."""
-    log_path = Path(log_dir) / f"shard-{shard:05d}.log"
+def _run_shard(config: str, shard: int, shards: int, overrides: list[str], cwd: str, log_dir: str,
+               worker: bool = False) -> int:
+    """Body of one Ray task: `engine run ... --shard i/N` (or, `worker`, `engine run ...`: a worker claiming units)
+    as a child process, its output in a log file."""
+    what = "worker" if worker else "shard"
+    log_path = Path(log_dir) / f"{what}-{shard:05d}.log"
     with open(log_path, "a") as fh:
         fh.write(f"--- attempt at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
-        code = subprocess.run(engine_command(Path(config), f"{shard}/{shards}", overrides), cwd=cwd,
+        code = subprocess.run(engine_command(Path(config), None if worker else f"{shard}/{shards}", overrides), cwd=cwd,
                               stdout=fh, stderr=subprocess.STDOUT,
                               preexec_fn=signal_on_parent_death(signal.SIGTERM)).returncode  # noqa: PLW1509
     if code == 0:
         return shard
     if code in RESUMABLE or code < 0:
-        raise ShardInterrupted(f"shard {shard}/{shards} stopped with status {code}; see {log_path}")
-    raise ShardFailed(f"shard {shard}/{shards} failed with status {code}; see {log_path}")
+        raise ShardInterrupted(f"{what} {shard}/{shards} stopped with status {code}; see {log_path}")
+    raise ShardFailed(f"{what} {shard}/{shards} failed with status {code}; see {log_path}")
 
 
 def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: float | None,
-               cpus_per_shard: float | None, max_retries: int, overrides: list[str], dry_run: bool = False) -> int:
-    """`cpus_per_shard` None: default_cpus(GPUs per shard), at most the CPUs of the cluster's largest node."""
+               cpus_per_shard: float | None, max_retries: int, overrides: list[str], dry_run: bool = False,
+               workers: bool = False) -> int:
+    """`cpus_per_shard` None: default_cpus(GPUs per shard), at most the CPUs of the cluster's largest node.
+    `workers`: N workers claiming units instead of N static shards (each task one worker)."""
     if importlib.util.find_spec("ray") is None:
         raise ConfigError("engine launch ray needs Ray, which is not installed in this Python: pip install ray")
     if gpus_per_shard is not None and gpus_per_shard < 0 or cpus_per_shard is not None and cpus_per_shard <= 0:
         raise ConfigError("--gpus-per-shard must be 0 or more and --cpus-per-shard more than 0")
-    _, out, ids = _plan(config, shards, overrides)
+    if workers:
+        _, out, ids, overrides = _plan_workers(config, shards, overrides)
+    else:
+        _, out, ids = _plan(config, shards, overrides)
     if not ids:
         return ExitCode.OK
+    what = "workers" if workers else "shards"
     logs = out / "_logs"
     if dry_run:
         gpus = f"{gpus_per_shard:g} GPU" if gpus_per_shard is not None else \
             "1 GPU where the cluster has GPUs, else 0 (decided at launch)"
         cpus = f"{cpus_per_shard:g}" if cpus_per_shard is not None else \
             f"{default_cpus(gpus_per_shard if gpus_per_shard is not None else 1)} (at most a node's CPUs)"
-        print(f"dry run: every check passed; nothing was started. Would run {len(ids)} of {shards} shards on Ray "
+        print(f"dry run: every check passed; nothing was started. Would run {len(ids)} of {shards} {what} on Ray "
               f"({f'address {address}' if address else 'a local Ray'}; {gpus} and {cpus} CPU each; an interrupted "
               f"shard retried up to {max_retries} times), logs in {logs}:")
         for i in ids:
-            print("  " + " ".join(shlex.quote(c) for c in engine_command(config.resolve(), f"{i}/{shards}", overrides)))
+            cmd = engine_command(config.resolve(), None if workers else f"{i}/{shards}", overrides)
+            print("  " + " ".join(shlex.quote(c) for c in cmd))
         return ExitCode.OK
     import ray
 
@@ -322,28 +375,30 @@ def launch_ray(config: Path, shards: int, address: str | None, gpus_per_shard: f
             cpus_per_shard = float(min(default_cpus(gpus_per_shard), max(node_cpus, 1)))
         task = ray.remote(_run_shard).options(num_gpus=gpus_per_shard, num_cpus=cpus_per_shard,
                                               max_retries=max_retries, retry_exceptions=[ShardInterrupted])
-        refs = {task.remote(str(config.resolve()), i, shards, overrides, str(Path.cwd()), str(logs)): i for i in ids}
-        print(f"running {len(ids)} of {shards} shards on Ray ({gpus_per_shard:g} GPU, {cpus_per_shard:g} CPU each); "
+        refs = {task.remote(str(config.resolve()), i, shards, overrides, str(Path.cwd()), str(logs), workers): i
+                for i in ids}
+        print(f"running {len(ids)} of {shards} {what} on Ray ({gpus_per_shard:g} GPU, {cpus_per_shard:g} CPU each); "
               f"logs in {logs}", flush=True)
         failed = []
         pending = list(refs)
         try:
-            _wait_all(refs, pending, failed, shards, received)
+            _wait_all(refs, pending, failed, shards, received, what[:-1])
         except BaseException:  # SIGTERM / Ctrl-C (signals.Interrupted): stop every shard (each commits, exits 3)
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
         if failed:
-            print(f"{len(failed)} shard(s) failed: {failed}; fix the cause and launch again (complete shards are "
-                  "skipped, failed ones resume)", file=sys.stderr)
+            print(f"{len(failed)} {what[:-1]}(s) failed: {failed}; fix the cause and launch again (complete work is "
+                  "skipped, the rest resumes)", file=sys.stderr)
             return ExitCode.ERROR
-        print(f"all {shards} shards complete: {out}")
+        print(f"all {shards} {what} complete: {out}" if not workers else f"all {shards} workers ended: {out} "
+              f"(engine status {out})")
         return 0
     finally:
         ray.shutdown()
 
 
-def _wait_all(refs: dict, pending: list, failed: list, shards: int, received: list[str]) -> None:
+def _wait_all(refs: dict, pending: list, failed: list, shards: int, received: list[str], what: str = "shard") -> None:
     """Wait for every shard, reporting each as it ends; `pending` shrinks in place (for a cancel)."""
     import ray
 
@@ -356,7 +411,7 @@ def _wait_all(refs: dict, pending: list, failed: list, shards: int, received: li
             i = refs[ref]
             try:
                 ray.get(ref)
-                print(f"shard {i}/{shards} complete ({len(refs) - len(pending) - len(failed)} done)", flush=True)
+                print(f"{what} {i}/{shards} complete ({len(refs) - len(pending) - len(failed)} done)", flush=True)
             except Exception as exc:  # noqa: BLE001 - reported per shard, the others go on
                 failed.append(i)
-                print(f"shard {i}/{shards} FAILED: {exc}", file=sys.stderr, flush=True)
+                print(f"{what} {i}/{shards} FAILED: {exc}", file=sys.stderr, flush=True)

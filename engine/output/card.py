@@ -15,7 +15,7 @@ import yaml
 from engine.atomic import write_atomic
 from engine.config.run_config import DOCUMENT_FIRST
 from engine.gate import EXPLAINED
-from engine.output.layout import REJECTED, fingerprint_layout
+from engine.output.layout import REJECTED, fingerprint_layout, work_noun, work_tags
 from engine.output.record import ShardState, read_states
 
 CARD = "README.md"
@@ -35,7 +35,7 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
         return None
     prompts = list(fp.get("prompts", {}))
     states = read_states(out) if states is None else states
-    shards = fp.get("shard_count", 1)
+    shards, noun = len(work_tags(fp)), work_noun(fp)  # shards, or units (input.unit_rows > 0)
     # per prompt, from the stored rows (every shard): rows, failed, output tokens, useful ones, loops, duplicates
     figures = {p: [st.prompts[p] for st in states if p in st.prompts] for p in prompts}
     done, failed, ptok, useful, dupes = ({p: sum(getattr(f, k) for f in figures[p]) for p in prompts}
@@ -61,7 +61,7 @@ def render_card(out: Path, title: str | None = None, states: list[ShardState] | 
              f"({', '.join(prompts)}), zstd Parquet, one row per (document, prompt) with the source document's "
              f"text and columns. Mix with original data before training: synthetic-only data fails.", "",
              "## Progress", "",
-             f"{'**complete**' if complete == shards else f'in progress: {complete} of {shards} shard(s) complete'}"
+             f"{'**complete**' if complete == shards else f'in progress: {complete} of {shards} {noun}(s) complete'}"
              f"; updated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "| config (prompt) | rows | failed rows | stopped in a loop | output tokens | useful tokens "
              "| useful tok/s | prompt hash | max new tokens |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]

@@ -64,6 +64,24 @@ def shard_tag(index: int, count: int) -> str:
     return f"s{index:05d}-of-{count:05d}"
 
 
+def unit_tag(index: int, count: int) -> str:
+    """Unit `index` of `count` (input.unit_rows; output/units.py)."""
+    return f"u{index:05d}-of-{count:05d}"
+
+
+def work_tags(fp: dict) -> list[str]:
+    """The tags of a run's pieces of work, from its fingerprint: its units (input.unit_rows > 0), else its shards."""
+    units = fp.get("units")
+    if units:
+        return [unit_tag(i, int(units["count"])) for i in range(int(units["count"]))]
+    n = int(fp.get("shard_count", 1))
+    return [shard_tag(i, n) for i in range(n)]
+
+
+def work_noun(fp: dict) -> str:
+    return "unit" if fp.get("units") else "shard"
+
+
 def writable_dir(out: Path) -> Path:
     """`out`, created if need be; an error naming output.dir when it cannot be written."""
     try:
@@ -94,6 +112,7 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
     if old is None:
         _write_fingerprint(path, fingerprint)
         return False
+    _check_mode(out, old, fingerprint)
     old.setdefault("render", {"layout": fingerprint_layout(old)})
     old_files = old.get("input", {}).get("files")
     new_files = fingerprint.get("input", {}).get("files")
@@ -123,6 +142,19 @@ def check_fingerprint(out: Path, fingerprint: dict, overwrite: bool, extend_inpu
         log.info("--extend-input: %d file(s) added to the input of %s: %s", len(added), out, ", ".join(added))
         _write_fingerprint(path, fingerprint)
     return True
+
+
+def _check_mode(out: Path, old: dict, new: dict) -> None:
+    """Workers (units: input.unit_rows > 0) and static shards never write one output: a refusal naming the way in."""
+    was, now = old.get("units"), new.get("units")
+    if was and not now:
+        raise ResumeError(f"{out} is being made by workers claiming units of input.unit_rows = {was['rows']} rows; "
+                          f"static shards (--shard, input.unit_rows = 0) cannot write it. Run `engine run CONFIG` "
+                          f"without --shard (and with input.unit_rows = {was['rows']}) to join the run as a worker")
+    if now and not was:
+        raise ResumeError(f"{out} was made by static shards (shard count {old.get('shard_count', 1)}); workers "
+                          f"(input.unit_rows > 0) cannot join it. Resume it as it was started (input.unit_rows = 0, "
+                          f"--shard i/N where it was sharded), or write the workers' run to another output.dir")
 
 
 def read_fingerprint(out: Path) -> dict | None:
@@ -159,7 +191,7 @@ def _diff(old, new, prefix="") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: was {old!r}, now {new!r}"]
 
 
-PART_NAME = re.compile(r"part-s\d+-of-\d+-\d+\.parquet(\.tmp)?")
+PART_NAME = re.compile(r"part-[su]\d+-of-\d+-\d+\.parquet(\.tmp)?")
 
 
 def clear(out: Path, prompts: list[str] = ()) -> None:

@@ -89,6 +89,7 @@ class Lease:
     taken, else the live holder's record), `_renew()` (False when the lease was lost) and `_drop()`."""
 
     RETRY = object()  # _take: lost a race; look again at once
+    noun = "shard"  # what the lease is of, in messages (a unit's: output/units.py)
 
     def __init__(self, where: str, tag: str, heartbeat: float, timeout: float, wait: float, on_lost=None):
         self.where, self.tag = where, tag
@@ -138,9 +139,10 @@ class Lease:
                 continue
             if not ok:
                 self.lost = True
-                log.error("shard %s of %s: this run's lease was taken over by another run (its heartbeat had "
+                log.error("%s %s of %s: this run's lease was taken over by another run (its heartbeat had "
                           "stalled past the timeout); exiting (status 6) without writing more: what is "
-                          "journaled is recovered by the run that holds the lease now", self.tag, self.where)
+                          "journaled is recovered by the run that holds the lease now", self.noun, self.tag,
+                          self.where)
                 if self.on_lost is not None:
                     self.on_lost()
                 return

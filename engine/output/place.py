@@ -28,8 +28,9 @@ CARD_SECONDS = 30.0  # a local output's README.md is refreshed this often while 
 
 
 class OutputPlace:
-    def __init__(self, o: OutputConfig, out: Path, remote=None, lease=None):
+    def __init__(self, o: OutputConfig, out: Path, remote=None, lease=None, cards: bool = True):
         self.o, self.dir, self.remote, self.lease = o, out, remote, lease
+        self.cards = cards  # False: a unit's private directory (output/units.py) gets no dataset card
         self.syncer = None
         self.card: StoreCard | None = None
         self.card_at = 0.0
@@ -70,14 +71,15 @@ class OutputPlace:
 
     def refresh_card(self) -> None:
         """A local output's card while the run goes (a store's is made at each upload)."""
-        if self.remote is None and time.monotonic() - self.card_at > CARD_SECONDS:
+        if self.cards and self.remote is None and time.monotonic() - self.card_at > CARD_SECONDS:
             self.card_at = time.monotonic()
             write_card(self.dir)
 
     def publish(self) -> StoreError | None:
         """The dataset card; for a store output, the last upload (parts, state, summary, report, card)."""
         if self.syncer is None:
-            write_card(self.dir)
+            if self.cards:
+                write_card(self.dir)
             return None
         self.card(final=True)
         try:

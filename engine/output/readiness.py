@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from engine.errors import SourceError
 from engine.output import layout
-from engine.output.layout import shard_tag
+from engine.output.layout import work_tags
 from engine.output.record import read_states
 
 NOT_OURS = "give the output.dir of an `engine run`"
@@ -80,11 +80,10 @@ class RunProgress:
 
 def run_progress(out: Path, fingerprint: dict) -> RunProgress:
     """How far the run of `out` got, from its shards' state files."""
-    count = int(fingerprint.get("shard_count", 1))
+    tags = work_tags(fingerprint)  # its shards, or its units (input.unit_rows > 0)
     states = {st.shard: st for st in read_states(out)}
-    prog = RunProgress(count)
-    for i in range(count):
-        tag = shard_tag(i, count)
+    prog = RunProgress(len(tags))
+    for tag in tags:
         st = states.get(tag)
         if st is None:
             prog.not_started.append(tag)

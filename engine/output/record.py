@@ -370,6 +370,7 @@ class RunSummary:
     useful_notes: list[str] = field(default_factory=list)  # why the useful share is low, where it is (useful_notes())
     report: str | None = None  # the diversity report's path, once written
     report_warnings: list[str] = field(default_factory=list)
+    units: dict | None = None  # a worker's (engine/worker.py): count, committed, by_this_worker; totals: every unit
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:

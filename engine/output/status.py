@@ -22,6 +22,7 @@ from engine.output.layout import REJECTED, fingerprint_layout, read_fingerprint,
 from engine.output.lease import read_lease, stale_reason
 from engine.output.manifest import check_stream
 from engine.output.record import ShardState, read_states
+from engine.output.unit_status import render_units
 
 
 def _age(ts: float) -> str:
@@ -107,6 +108,8 @@ def _render(out: Path, parts: str | None) -> tuple[str, bool]:
     fp = read_fingerprint(out)
     if fp is None:
         return f"{out}: no run here (no _run/fingerprint.json)", False
+    if fp.get("units"):  # workers claiming units (input.unit_rows > 0)
+        return render_units(out, fp, parts, prompt_tokens_line)
     shards = fp.get("shard_count", 1)
     unreadable: dict[str, str] = {}
     states = {st.shard: st for st in read_states(out, unreadable)}
