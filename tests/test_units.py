@@ -222,6 +222,31 @@ def _held_by(out: Path, pid: int) -> list[dict]:
     return recs
 
 
+def _freeze_one_kill_one(workers: list[subprocess.Popen], logs: list[Path], held_by, mid_unit) -> str:
+    """Once every worker holds a unit and the second is mid-unit (`mid_unit()` names its unit): SIGSTOP the first,
+    kill -9 the second; the third must then finish the run (status 0) while the first is still stopped. Returns
+    the killed worker's unit."""
+    frozen, killed, third = workers
+    for w in workers:
+        wait_for(lambda w=w: held_by(w.pid), f"worker {w.pid} to claim a unit", 180, proc=w)
+    victim_unit = wait_for(mid_unit, "the victim to be mid-unit", 180, proc=killed)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert third.wait(timeout=300) == 0, logs[2].read_text()[-4000:]
+    assert psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED  # the frozen one is still stopped
+    return victim_unit
+
+
+def _end(workers: list[subprocess.Popen]) -> None:
+    """Whatever is left of the workers (a failed test): woken and killed."""
+    for w in workers:
+        if w.poll() is None:
+            os.kill(w.pid, signal.SIGCONT)
+            w.kill()
+            w.wait()
+
+
 def _visible(out: Path) -> dict[str, int]:
     """The files the output shows (results, manifests, states) and their sizes."""
     return {str(p.relative_to(out)): p.stat().st_size for d in ("faq", "rejected", "_manifest", "_state")
@@ -239,23 +264,15 @@ def test_three_workers_one_frozen_one_killed_mid_unit_the_third_finishes_and_the
     cfg, out, ids = _setup(tmp_path, tiny_model, n=360, unit_rows=30)
     logs = [tmp_path / f"w{i}.log" for i in range(3)]
     workers = [_start(cfg, log) for log in logs]
-    frozen, killed, third = workers
+    frozen, killed, _ = workers
     try:
-        for w in workers:  # each has claimed a unit
-            wait_for(lambda w=w: _held_by(out, w.pid), f"worker {w.pid} to claim a unit", 180, proc=w)
-
         def mid_unit():  # the victim's unit has rows journaled or committed in its own directory
             for rec in _held_by(out, killed.pid):
                 d = gen_dir(out, rec["tag"], rec["gen"])
                 if any(f.stat().st_size > 0 for f in d.glob("_journal/faq/*.arrows")) or any(d.glob("faq/*.parquet")):
                     return rec["tag"]
             return None
-        victim_unit = wait_for(mid_unit, "the victim to be mid-unit", 180, proc=killed)
-        os.kill(frozen.pid, signal.SIGSTOP)
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait(timeout=30)
-        assert third.wait(timeout=300) == 0, logs[2].read_text()[-4000:]
-        assert psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED  # the frozen one is still stopped
+        victim_unit = _freeze_one_kill_one(workers, logs, lambda pid: _held_by(out, pid), mid_unit)
         status = engine_main("status", str(out), "--check")
         assert status.returncode == 0 and "run COMPLETE" in status.stdout, status.stdout + status.stderr
         _exactly_once(out, ids)
@@ -271,11 +288,7 @@ def test_three_workers_one_frozen_one_killed_mid_unit_the_third_finishes_and_the
         assert "taken over by another run" in logs[0].read_text() or "taken over by another worker" in \
             logs[0].read_text()
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.kill(w.pid, signal.SIGCONT)
-                w.kill()
-                w.wait()
+        _end(workers)
 
 
 def test_a_unit_whose_workers_die_three_times_is_reported_not_retried(tmp_path, tiny_model):
@@ -352,22 +365,14 @@ def test_three_workers_on_an_s3_output_one_frozen_one_killed_exactly_once(tmp_pa
     workers = [subprocess.Popen([sys.executable, "-m", "engine.cli", "run", str(cfg), "--set",
                                  f"output.staging_dir='{tmp_path / f'staging-{i}'}'"], cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=log.open("w")) for i, log in enumerate(logs)]
-    frozen, killed, third = workers
+    frozen, killed, _ = workers
     try:
-        for w in workers:
-            wait_for(lambda w=w: _s3_held_by(s3, out, w.pid), f"worker {w.pid} to claim a unit", 180, proc=w)
-
         def mid_unit():  # the victim's unit has journaled rows in the store (its uploads)
             for rec in _s3_held_by(s3, out, killed.pid):
                 if s3.fs.glob(f"{out}/_units/{rec['tag']}/g{rec['gen']:06d}/_journal/faq/*.arrows"):
                     return rec["tag"]
             return None
-        victim_unit = wait_for(mid_unit, "the victim to be mid-unit", 180, proc=killed)
-        os.kill(frozen.pid, signal.SIGSTOP)
-        os.kill(killed.pid, signal.SIGKILL)
-        killed.wait(timeout=30)
-        assert third.wait(timeout=300) == 0, logs[2].read_text()[-4000:]
-        assert psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED
+        victim_unit = _freeze_one_kill_one(workers, logs, lambda pid: _s3_held_by(s3, out, pid), mid_unit)
         status = cli(s3, "status", f"s3://{out}")
         assert "12/12 units committed" in status.stdout and "run COMPLETE" in status.stdout, status.stdout
         ids = remote_ids(s3, out)
@@ -379,8 +384,4 @@ def test_three_workers_on_an_s3_output_one_frozen_one_killed_exactly_once(tmp_pa
         assert _s3_visible(s3, out) == before  # nothing visible written after it woke
         assert sorted(remote_ids(s3, out)) == sorted(ids)
     finally:
-        for w in workers:
-            if w.poll() is None:
-                os.kill(w.pid, signal.SIGCONT)
-                w.kill()
-                w.wait()
+        _end(workers)

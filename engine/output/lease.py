@@ -68,8 +68,9 @@ def describe(rec: dict, now: float | None = None) -> str:
     return f"host {rec.get('host', '?')}, pid {rec.get('pid', '?')}, since {since}, last heartbeat {age}"
 
 
-def stale_reason(rec: dict, timeout: float, now: float | None = None) -> str | None:
-    """Why the lease `rec` no longer holds (None: it is live)."""
+def stale_reason(rec: dict, timeout: float, now: float | None = None, frozen_is_stale: bool = False) -> str | None:
+    """Why the lease `rec` no longer holds (None: it is live). A holder alive on this host is live whatever its
+    heartbeat, unless `frozen_is_stale` (a unit's lease, output/units.py: a frozen worker must not keep its unit)."""
     now = time.time() if now is None else now
     if rec.get("released"):
         return "released"
@@ -77,7 +78,8 @@ def stale_reason(rec: dict, timeout: float, now: float | None = None) -> str | N
         started = _pid_started(rec["pid"])
         if started is None or (rec.get("pid_started") and abs(started - rec["pid_started"]) > 1.0):
             return f"its process {rec['pid']} is gone from this host"
-        return None  # alive on this host: live, whatever its heartbeat
+        if not frozen_is_stale:
+            return None  # alive on this host: live, whatever its heartbeat
     beat = rec.get("heartbeat")
     if not isinstance(beat, (int, float)) or now - beat > timeout:
         return f"its heartbeat is older than output.lease_timeout_seconds = {timeout:g}"
@@ -125,9 +127,20 @@ class Lease:
                             "stale (output.lease_wait_seconds)", self.tag, self.where, describe(holder),
                             deadline - time.monotonic())
             time.sleep(max(0.05, min(poll, deadline - time.monotonic())))
+        self._start_beat()
+
+    def _start_beat(self) -> None:
+        """Held from now: renew on a thread."""
         self.held = True
-        self.thread = threading.Thread(target=self._beat, name="engine-lease", daemon=True)
+        self.thread = threading.Thread(target=self._beat, name=f"engine-lease-{self.tag}", daemon=True)
         self.thread.start()
+
+    def _stop_beat(self) -> None:
+        """Renew no more (release, or a unit's commit)."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.held = False
 
     def _beat(self) -> None:
         while not self.stop.wait(self.heartbeat):
@@ -150,16 +163,13 @@ class Lease:
     def release(self) -> None:
         if not self.held:
             return
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.held = False
+        self._stop_beat()
         if self.lost:
             return
         try:
             self._drop()
         except Exception as exc:  # noqa: BLE001 - it goes stale by itself (pid gone, heartbeat ages)
-            log.warning("releasing the lease of shard %s failed (%s); it goes stale by itself", self.tag, exc)
+            log.warning("releasing the lease of %s %s failed (%s); it goes stale by itself", self.noun, self.tag, exc)
 
     def _take(self):  # pragma: no cover - interface
         raise NotImplementedError

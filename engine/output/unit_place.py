@@ -23,8 +23,6 @@ import logging
 import os
 import shutil
 import socket
-import threading
-import time
 from pathlib import Path, PurePosixPath
 
 import orjson
@@ -36,17 +34,16 @@ from engine.output.lease import describe
 from engine.output.lease_store import StoreLease
 from engine.output.units import (
     ADOPTED,
-    MAX_FAILURES,
     UNITS_DIR,
     Claim,
     UnitLease,
     adopt,
-    deaths,
+    commit_record,
     gen_dir,
+    judge,
     publish,
     roll_forward,
     unit_records,
-    unit_stale,
 )
 
 log = logging.getLogger(__name__)
@@ -117,17 +114,10 @@ class StoreUnitLease(StoreLease):
             rec, etag = self._read()
             failures, gen = 0, 0
             if rec is not None:
-                if rec.get("committed"):
-                    return Claim("committed", rec)
-                why = unit_stale(rec, self.timeout)
-                if why is None:
-                    return Claim("held", rec)
-                failures = deaths(rec, self.timeout)
-                if failures >= MAX_FAILURES:
-                    return Claim("failed", rec)
+                failures = judge(self.tag, rec, self.timeout)
+                if isinstance(failures, Claim):
+                    return failures
                 gen = int(rec.get("gen", -1)) + 1
-                if why != "released":
-                    log.warning("unit %s: taking over from %s (%s)", self.tag, describe(rec), why)
             self.gen, self.failures = gen, failures
             body = orjson.dumps(self.record())
             cond = {"IfNoneMatch": "*"} if rec is None else {"IfMatch": etag}
@@ -135,40 +125,23 @@ class StoreUnitLease(StoreLease):
             if new is self.FAILED:
                 continue  # another worker wrote it first: look again
             self.etag, self.previous = new, (gen - 1 if rec is not None else None)
-            self.held = True
-            self.thread = threading.Thread(target=self._beat, name=f"engine-lease-{self.tag}", daemon=True)
-            self.thread.start()
+            self._start_beat()
             return Claim("taken")
-
-    def _stop_beat(self) -> None:
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.held = False
 
     def commit(self, files: list[str]) -> bool:
         self._stop_beat()
         if self.lost:
             return False
-        rec = {"committed": True, "gen": self.gen + 1, "by_gen": self.gen, "host": socket.gethostname(),
-               "pid": os.getpid(), "committed_at": time.time(), "rows": list(self.rows), "files": files,
-               "failures": self.failures, "since": self.since}
+        rec = commit_record(self, files)
         new = self._call(lambda: self._put(orjson.dumps(rec), IfMatch=self.etag), "committing")
         if new is self.FAILED:
             self.lost = True
             return False
         return True
 
-    def release(self) -> None:
-        if not self.held:
-            return
-        self._stop_beat()
-        if self.lost:
-            return
-        try:
-            self._call(lambda: self._put(orjson.dumps(self.record(released=True)), IfMatch=self.etag), "releasing")
-        except Exception as exc:  # noqa: BLE001 - it goes stale by itself
-            log.warning("releasing unit %s failed (%s); it goes stale by itself", self.tag, exc)
+    def _drop(self) -> None:
+        """Give the unit back unfinished (release()): a released record that keeps its failure count."""
+        self._call(lambda: self._put(orjson.dumps(self.record(released=True)), IfMatch=self.etag), "releasing")
 
 
 class StoreUnits:

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import orjson
 
-from engine.atomic import fsync_dir, temp_name
+from engine.atomic import fsync_dir, temp_name, write_atomic
 from engine.output.layout import unit_tag  # noqa: F401 - re-exported (units.unit_tag)
-from engine.output.lease import FileLease, _pid_started, describe
+from engine.output.lease import FileLease, describe, stale_reason
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +48,36 @@ ADOPTED = "_adopted"
 def unit_stale(rec: dict, timeout: float, now: float | None = None) -> str | None:
     """Why a unit's lease no longer holds (None: live). Unlike a shard's, a holder alive on this host whose
     heartbeat stalled is stale too: a frozen worker (SIGSTOP, a hung mount) must not keep its unit."""
-    now = time.time() if now is None else now
-    if rec.get("released"):
-        return "released"
-    if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
-        started = _pid_started(rec["pid"])
-        if started is None or (rec.get("pid_started") and abs(started - rec["pid_started"]) > 1.0):
-            return f"its process {rec['pid']} is gone from this host"
-    beat = rec.get("heartbeat")
-    if not isinstance(beat, (int, float)) or now - beat > timeout:
-        return f"its heartbeat is older than output.lease_timeout_seconds = {timeout:g}"
-    return None
+    return stale_reason(rec, timeout, now, frozen_is_stale=True)
 
 
 def deaths(rec: dict, timeout: float) -> int:
     """Holders that died in this unit, counting the current one when its lease is stale without a release."""
     why = unit_stale(rec, timeout)
     return int(rec.get("failures", 0)) + (why is not None and why != "released")
+
+
+def judge(tag: str, rec: dict, timeout: float) -> Claim | int:
+    """What the current lease record of a unit says to a worker that wants it: a Claim (committed, held by a live
+    worker, or failed), or the failure count to take it over with (logged when its holder died)."""
+    if rec.get("committed"):
+        return Claim("committed", rec)
+    why = unit_stale(rec, timeout)
+    if why is None:
+        return Claim("held", rec)
+    failures = deaths(rec, timeout)
+    if failures >= MAX_FAILURES:
+        return Claim("failed", rec)
+    if why != "released":
+        log.warning("unit %s: taking over from %s (%s)", tag, describe(rec), why)
+    return failures
+
+
+def commit_record(lease, files: list[str]) -> dict:
+    """The record that commits a unit: the lease generation after its holder's (the fencing write)."""
+    return {"committed": True, "gen": lease.gen + 1, "by_gen": lease.gen, "host": socket.gethostname(),
+            "pid": os.getpid(), "committed_at": time.time(), "rows": list(lease.rows), "files": files,
+            "failures": lease.failures, "since": lease.since}
 
 
 @dataclass
@@ -111,16 +124,9 @@ class UnitLease(FileLease):
                 rec = self._read(gens[top])
                 if rec is None:
                     continue  # replaced just now: look again
-                if rec.get("committed"):
-                    return Claim("committed", rec)
-                why = unit_stale(rec, self.timeout)
-                if why is None:
-                    return Claim("held", rec)
-                failures = deaths(rec, self.timeout)
-                if failures >= MAX_FAILURES:
-                    return Claim("failed", rec)
-                if why != "released":
-                    log.warning("unit %s: taking over from %s (%s)", self.tag, describe(rec), why)
+                failures = judge(self.tag, rec, self.timeout)
+                if isinstance(failures, Claim):
+                    return failures
             gen = top + 1
             if not self._create(gen, self.record(gen=gen, failures=failures, rows=list(self.rows),
                                                  every=self.heartbeat)):
@@ -132,8 +138,7 @@ class UnitLease(FileLease):
             for g, p in gens.items():
                 if g < gen:
                     p.unlink(missing_ok=True)
-            self.held = True
-            self.thread = _beat_thread(self)
+            self._start_beat()
             return Claim("taken")
 
     def _create(self, gen: int, rec: dict) -> bool:
@@ -160,47 +165,22 @@ class UnitLease(FileLease):
     def commit(self, files: list[str]) -> bool:
         """Commit the unit: stop renewing, then create the next generation as the commit record. False (and
         nothing committed) when another worker took the unit over: this holder is fenced."""
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.held = False
+        self._stop_beat()
         if self.lost or not self._ours():
             self.lost = True
             return False
-        rec = {"committed": True, "gen": self.gen + 1, "by_gen": self.gen, "host": socket.gethostname(),
-               "pid": os.getpid(), "committed_at": time.time(), "rows": list(self.rows), "files": files,
-               "failures": self.failures, "since": self.since}
-        if not self._create(self.gen + 1, rec):
+        if not self._create(self.gen + 1, commit_record(self, files)):
             self.lost = True
             return False
         self.path.unlink(missing_ok=True)
         return True
 
-    def release(self) -> None:
-        """Give the unit back unfinished (an interrupted or failed worker): the next claim resumes it."""
-        if not self.held:
-            return
-        self.stop.set()
-        if self.thread is not None:
-            self.thread.join()
-        self.held = False
-        if self.lost or not self._ours():
-            return
-        try:  # a released record (not deleted): it keeps the unit's failure count and its directory's generation
-            from engine.atomic import write_atomic
-
+    def _drop(self) -> None:
+        """Give the unit back unfinished (release(): an interrupted or failed worker): a released record, not
+        deleted, so that it keeps the unit's failure count; the next claim resumes the unit."""
+        if self._ours():
             rec = orjson.loads(self.path.read_bytes())
             write_atomic(self.path, orjson.dumps({**rec, "released": True, "heartbeat": time.time()}))
-        except Exception as exc:  # noqa: BLE001 - it goes stale by itself
-            log.warning("releasing unit %s failed (%s); it goes stale by itself", self.tag, exc)
-
-
-def _beat_thread(lease: UnitLease):
-    import threading
-
-    t = threading.Thread(target=lease._beat, name=f"engine-lease-{lease.tag}", daemon=True)
-    t.start()
-    return t
 
 
 # ---- the unit's directories ------------------------------------------------------------------------------
