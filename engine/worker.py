@@ -202,7 +202,7 @@ class Worker:
     def _claim(self, count: int, rows: int, done: set[int]) -> tuple[tuple[int, UnitLease] | None, list[str]]:
         """The next free unit, claimed (None if there is none), and the units live workers hold."""
         o, units = self.cfg.output, self.units
-        recs = units.records(count)
+        recs = units.records(count, skip={unit_tag(u, count) for u in done})
         waiting = []
         for u in range(count):
             if u in done:

@@ -282,7 +282,7 @@ def engine_main(*args: str, env: dict | None = None, check: bool = False) -> sub
 # The longest files are handed out first, so that none of them is what the other workers wait for at the end.
 LONGEST_FIRST = ("test_slurm.py", "test_vllm_serve.py", "test_vllm.py", "test_lease.py", "test_bench.py",
                  "test_handoff.py", "test_sglang_backends.py", "test_storage.py", "test_integration_smollm2.py",
-                 "test_signals.py", "test_launch.py", "test_recovery.py")
+                 "test_signals.py", "test_launch.py", "test_units.py", "test_recovery.py")
 
 
 def pytest_collection_modifyitems(config, items):

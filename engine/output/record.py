@@ -10,9 +10,8 @@
     ProcessReport   this process's counters and clock as the summary reports them (with `per_prompt`)
     RunSummary      summary.json (summary-<shard>.json with several shards), and what `engine run` prints
 
-JSON keys are the field names (the summary's ProcessReport fields sit at its top level). Every file carries
-`schema_version`; `read_state` reads the current one and converts an older one (version 1: no
-`schema_version`, written before this module), and refuses a newer one with a message naming the file.
+JSON keys are the field names (the summary's ProcessReport fields at its top level). Each file has `schema_version`:
+`read_state` converts an older one (1: none, before this module) and refuses a newer one, naming the file.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class LocalUnits:
         self.o, self.on_lost = o, on_lost
         self.dir = layout.writable_dir(Path(o.dir))
 
-    def records(self, count: int) -> dict[str, dict]:
+    def records(self, count: int, skip: set[str] = frozenset()) -> dict[str, dict]:
         return unit_records(self.dir, count)
 
     def lease(self, tag: str, rows: tuple[int, int]) -> UnitLease:
@@ -172,10 +172,17 @@ class StoreUnits:
     def _path(self, rel: str) -> str:
         return self.remote.remote(rel)
 
-    def records(self, count: int) -> dict[str, dict]:
+    def _list(self, what: str, fn):
+        """A listing of the store, never from fsspec's cache (other workers write there)."""
+        self.remote.fs.invalidate_cache(self.remote.root)
+        return self.remote._retry(fn, what)
+
+    def records(self, count: int, skip: set[str] = frozenset()) -> dict[str, dict]:
         fs, out = self.remote.fs, {}
-        found = self.remote._retry(lambda: fs.glob(self._path("_lease/u*-of-*.json")), "listing the units' leases")
+        found = self._list("listing the units' leases", lambda: fs.glob(self._path("_lease/u*-of-*.json")))
         for path in found:
+            if PurePosixPath(path).name[:-len(".json")] in skip:  # committed or failed for good: not read again
+                continue
             try:
                 out[PurePosixPath(path).name[:-len(".json")]] = orjson.loads(fs.cat_file(path))
             except (FileNotFoundError, orjson.JSONDecodeError):
@@ -193,12 +200,12 @@ class StoreUnits:
         mine.mkdir(parents=True)
         fs = self.remote.fs
         prefix = self._path(f"{UNITS_DIR}/{tag}")
-        marks = self.remote._retry(lambda: fs.glob(f"{prefix}/g*/{ADOPTED}"), f"listing unit {tag}'s work")
+        marks = self._list(f"listing unit {tag}'s work", lambda: fs.glob(f"{prefix}/g*/{ADOPTED}"))
         numbers = [PurePosixPath(m).parent.name[1:] for m in marks]
         gens = sorted(int(n) for n in numbers if n.isdigit() and int(n) < lease.gen)
         if gens:
             src = f"{prefix}/g{gens[-1]:06d}"
-            files = self.remote._retry(lambda: fs.find(src), f"listing {src}")
+            files = self._list(f"listing {src}", lambda: fs.find(src))
             copied = 0
             for path in files:
                 rel = PurePosixPath(path).relative_to(PurePosixPath(src).as_posix())
@@ -238,13 +245,16 @@ class StoreUnits:
         its prefix deleted; the local copy goes too."""
         fs = self.remote.fs
         src = self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}")
-        files = self.remote._retry(lambda: fs.find(src), f"listing {src}")
+        files = self._list(f"listing {src}", lambda: fs.find(src))
         rels = [PurePosixPath(p).relative_to(PurePosixPath(src).as_posix()) for p in files]
         rels = sorted((r for r in rels if _published(r)), key=lambda r: (r.parts[0] == "_state",
                                                                          r.parts[0] == "_manifest"))
         for rel in rels:
-            self.remote._retry(lambda r=rel: fs.copy(f"{src}/{r.as_posix()}", self._path(r.as_posix())),
-                               f"publishing {rel}")
+            try:
+                self.remote._retry(lambda r=rel: fs.copy(f"{src}/{r.as_posix()}", self._path(r.as_posix())),
+                                   f"publishing {rel}")
+            except FileNotFoundError:  # another worker published this unit just now (roll forward)
+                continue
         prefix = self._path(f"{UNITS_DIR}/{tag}")
         self.remote._retry(lambda: fs.rm(prefix, recursive=True) if fs.exists(prefix) else None,
                            f"removing {UNITS_DIR}/{tag}")
@@ -254,7 +264,8 @@ class StoreUnits:
     def roll_forward(self, tag: str, rec: dict) -> None:
         gen = rec.get("by_gen")
         fs = self.remote.fs
-        if isinstance(gen, int) and fs.exists(self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}/{ADOPTED}")):
+        if isinstance(gen, int) and self._list(f"checking unit {tag}", lambda: fs.exists(
+                self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}/{ADOPTED}"))):
             n = self.publish(tag, gen)
             log.info("unit %s: committed by %s; its %d file(s) published now", tag, describe(rec), n)
 
@@ -264,7 +275,7 @@ class StoreUnits:
     def fetch_states(self) -> None:
         """The committed units' state files, for the summary and the card."""
         fs = self.remote.fs
-        for path in self.remote._retry(lambda: fs.glob(self._path("_state/u*.json")), "listing the states"):
+        for path in self._list("listing the states", lambda: fs.glob(self._path("_state/u*.json"))):
             rel = f"_state/{PurePosixPath(path).name}"
             if not (self.dir / rel).exists():
                 self.remote._get(rel)
