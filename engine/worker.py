@@ -50,6 +50,10 @@ from engine.signals import Interrupted
 
 log = logging.getLogger(__name__)
 
+# how long the backend's pull waits for the requests of a unit claimed ahead (its run is starting: lease, private
+# directory, recovery, the first tokenised batch) rather than end its pass and drain its batch
+NEXT_UNIT_WAIT_S = 10.0
+
 
 @dataclass
 class _Job:
@@ -63,14 +67,19 @@ class _Job:
     code: int = ExitCode.OK
     error: BaseException | None = None
 
+    def produced(self) -> bool:
+        """Its producer has read the whole unit (its last requests wait to be pulled): time to claim the next."""
+        p = self.run.p
+        return p is not None and p.producer.thread.ident is not None and not p.producer.thread.is_alive()
+
 
 class Worker:
     def __init__(self, cfg: RunConfig, overwrite: bool = False):
         self.cfg, self.overwrite = cfg, overwrite
         self.counters = Counters()  # this process, over every unit it ran
         self.clock = Clock(process_started=process_started())
-        self.stop = threading.Event()
         self.ran: list[str] = []  # units this worker committed
+        self.done: set[int] = set()  # units committed (by any worker) or failed, as this worker last saw them
         self.changed = threading.Event()  # a unit's run ended, or the backend pulled a unit's last request
         self.jobs: list[_Job] = []  # the units in hand
 
@@ -99,6 +108,9 @@ class Worker:
         self.out, self.fingerprint, self.reader = out, fingerprint, reader
         unit_cfg = dataclasses.replace(cfg, report=dataclasses.replace(cfg.report, enabled=False))
         ticker = threading.Event()
+        # start-up, as a run counts it: from here (model set-up and input checks done) until the backend is ready;
+        # process_startup_s from the process's own start
+        self.clock = Clock(process_started=self.clock.process_started)
         try:
             log.info("starting the %s backend", cfg.backend)
             backend.start()
@@ -130,31 +142,32 @@ class Worker:
             live = [j.run.p.counters for j in jobs if j.run.p is not None]
             requests = self.counters.requests_done + sum(c.requests_done for c in live)
             tokens = self.counters.completion_tokens + sum(c.completion_tokens for c in live)
-            committed = sum(1 for r in self.units.records(count).values() if r.get("committed"))
-            gen = max(self.clock.generation_s, 1e-9)
-            log.info("progress: %d/%d units committed (%d by this worker); in hand %s; this worker: %s requests, "
-                     "%.0f output tok/s over generation", committed, count, len(self.ran),
+            gen = max(self.clock.generation_s, 1e-9)  # units done: as of this worker's last claim (no store reads)
+            log.info("progress: %d/%d units committed, failed or taken by this worker when it last looked (%d "
+                     "committed by it); in hand %s; this worker: %s requests, %.0f output tok/s over generation",
+                     len(self.done), count, len(self.ran),
                      ", ".join(j.lease.tag for j in jobs) or "-", f"{requests:,}", tokens / gen)
 
     # ---- claiming ------------------------------------------------------------------------------------
     def _loop(self, unit_cfg: RunConfig, backend, count: int, rows: int) -> int:
-        """Claim a unit, and the next one as soon as the backend has pulled the last request of the current one
-        (before it drains: both share the backend through the relay), until none is free; then wait for units
-        other workers hold (taking over any that go stale) until all are done."""
+        """Claim a unit, and the next one as soon as the current one's producer has read its whole input (or the
+        backend has pulled its last request): before it drains, both share the backend through the relay, whose
+        pull waits for the next unit's requests; until none is free; then wait for units other workers hold
+        (taking over any that go stale) until all are done."""
         exhausted: set[int] = set()  # ranks of the units whose last request the backend has pulled
 
         def pulled_all(rank: int) -> None:  # on the relay's thread: time to claim the next unit
             exhausted.add(rank)
             self.changed.set()
         relay = Relay(backend, on_exhausted=pulled_all)
-        jobs = self.jobs
-        done: set[int] = set()  # committed, failed or run here: not looked at again
+        jobs, done = self.jobs, self.done  # done: committed, failed or run here: not looked at again
         code, next_scan, said_wait = ExitCode.OK, 0.0, 0.0
         waiting: list[str] = []
         try:
             while True:
                 for job in [j for j in jobs if not j.thread.is_alive()]:
                     jobs.remove(job)
+                    next_scan = 0.0  # a unit ended: look for the next (or for the end) at once
                     result = self._finish(job)
                     if result != ExitCode.OK and code == ExitCode.OK:
                         code = result
@@ -163,11 +176,14 @@ class Worker:
                 if code != ExitCode.OK:
                     if not jobs:
                         return code
-                elif (not jobs or len(jobs) == 1 and jobs[0].rank in exhausted) and time.monotonic() >= next_scan:
+                elif (not jobs or len(jobs) == 1 and (jobs[0].rank in exhausted or jobs[0].produced())) and \
+                        time.monotonic() >= next_scan:
                     claimed, waiting = self._claim(count, rows, done)
                     if claimed is not None:
                         u, lease = claimed
                         done.add(u)
+                        if jobs:  # the backend's pull waits for this unit's requests rather than drain
+                            relay.expect(NEXT_UNIT_WAIT_S)
                         jobs.append(self._start(unit_cfg, relay, u, lease, rows))
                         continue
                     next_scan = time.monotonic() + min(self.cfg.output.lease_heartbeat_seconds, 2.0)

@@ -178,6 +178,37 @@ def test_the_relay_pulls_the_next_unit_before_the_current_one_drains_and_routes_
     assert max(i for i, e in enumerate(backend.log) if e[:2] == ("pull", "u0")) < first_u1_pull
 
 
+def test_a_unit_claimed_when_the_current_one_is_pulled_out_joins_the_same_pass_of_the_backend():
+    """The next unit's run starts only after the current one's last request was pulled (its claim, directory and
+    first batch take time): with `expect` the backend's pull waits for it instead of ending its pass, so the
+    requests still in flight are not drained alone (one generate() pass for both units)."""
+    passes = []
+
+    class Counting(_Backend):
+        def generate(self, requests, stop):
+            passes.append(1)
+            yield from super().generate(requests, stop)
+
+    backend = Counting(room=4)
+    relay = Relay(backend)
+    got: dict[str, list[int]] = {"u0": [], "u1": []}
+
+    def second_unit():  # the worker's claim: a run that registers its stream a moment later
+        time.sleep(0.3)
+        got["u1"] = [c.key for b in relay.client().generate(_requests("u1", 5), threading.Event()) for c in b]
+    starter = threading.Thread(target=second_unit)
+    relay.on_exhausted = lambda rank: (relay.expect(5.0), starter.start()) if rank == 0 else None
+    first = relay.client()
+    got["u0"] = [c.key for b in first.generate(_requests("u0", 6), threading.Event()) for c in b]
+    starter.join(timeout=30)
+    relay.close()
+    assert sorted(got["u0"]) == list(range(6)) and sorted(got["u1"]) == list(range(5))
+    assert len(passes) == 1, backend.log  # no second pass: the batch never drained between the units
+    first_u1_pull = next(i for i, e in enumerate(backend.log) if e[:2] == ("pull", "u1"))
+    last_u0_done = max(i for i, e in enumerate(backend.log) if e[:2] == ("done", "u0"))
+    assert first_u1_pull < last_u0_done, backend.log
+
+
 def test_a_stopped_run_is_pulled_from_no_more_and_the_backend_error_reaches_every_run():
     class Dies(_Backend):
         def generate(self, requests, stop):

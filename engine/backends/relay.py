@@ -9,8 +9,9 @@ so the tail of unit k (its last requests in flight) runs beside the first reques
 Keys: each request gets a relay-wide key on its way in (the runs' collectors count from 0 each), and its
 completion goes back to its run under the run's own key. A run whose `stop` is set is pulled from no more and
 its completions still in flight are dropped (they were never journaled: the unit's next holder generates them).
-The merged iterator ends when no stream has requests ready to give; the backend then finishes what is in flight
-and returns, and the relay calls it again when a stream arrives (this happens only when no next unit was claimed).
+The merged iterator ends when no stream has requests ready to give, unless one is expected (`expect`: the worker
+claimed the next unit and its run is starting), then it waits for it; once it ends, the backend finishes what is
+in flight and returns, and the relay calls it again when a stream arrives (only when no next unit was claimed).
 A backend that fails ends every client's `generate` with its error.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 from engine.types import Completion, Request
@@ -50,6 +52,7 @@ class Relay:
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
         self.ranks = itertools.count()
+        self.expect_until = 0.0  # a stream is coming (the worker claimed the next unit): the pull waits for it
 
     def client(self) -> RelayClient:
         """The backend a unit's run gets; streams of earlier clients are pulled first."""
@@ -63,6 +66,7 @@ class Relay:
                 raise self.error
             self.streams.append(stream)
             self.streams.sort(key=lambda s: s.rank)
+            self.expect_until = 0.0
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="engine-relay", daemon=True)
                 self.thread.start()
@@ -86,6 +90,13 @@ class Relay:
                 if stream in self.streams:
                     self.streams.remove(stream)
 
+    def expect(self, seconds: float) -> None:
+        """A stream is coming within `seconds` (the next unit, claimed while this one still generates): until it
+        arrives the backend's pull waits for it rather than end its pass, so the batch does not drain."""
+        with self.cv:
+            self.expect_until = time.monotonic() + seconds
+            self.cv.notify_all()
+
     def close(self) -> None:
         """No more streams: the thread ends (what is in flight is finished first unless `stop` is set)."""
         with self.cv:
@@ -107,6 +118,9 @@ class Relay:
         while not self.stop.is_set():
             with self.cv:
                 stream = self._ready()
+                while stream is None and time.monotonic() < self.expect_until and not self.stop.is_set():
+                    self.cv.wait(min(0.05, max(0.0, self.expect_until - time.monotonic())))
+                    stream = self._ready()
             if stream is None:
                 return
             try:
