@@ -226,8 +226,7 @@ class Worker:
             tag = unit_tag(u, count)
             rec = recs.get(tag)
             if rec is not None and rec.get("committed"):
-                units.roll_forward(tag, rec)
-                done.add(u)
+                self._committed(u, tag, rec, done, waiting)
                 continue
             if rec is not None and unit_stale(rec, o.lease_timeout_seconds) is None:
                 waiting.append(tag)
@@ -237,13 +236,21 @@ class Worker:
             if claim.outcome == "taken":
                 return (u, lease), waiting
             if claim.outcome == "committed":
-                units.roll_forward(tag, claim.record)
-                done.add(u)
+                self._committed(u, tag, claim.record, done, waiting)
             elif claim.outcome == "failed":
                 done.add(u)
             else:
                 waiting.append(tag)
         return None, waiting
+
+    def _committed(self, u: int, tag: str, rec: dict, done: set[int], waiting: list[str]) -> None:
+        """A committed unit is done once its files are in the output; until then (its committer is moving them,
+        or died doing so: rolled forward after the lease timeout) it is waited for like a held one."""
+        self.units.roll_forward(tag, rec)
+        if self.units.published(tag, rec):
+            done.add(u)
+        else:
+            waiting.append(tag)
 
     def _total(self) -> int:
         return sum(f.rows or 0 for f in self.reader.files)

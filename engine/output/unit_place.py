@@ -14,8 +14,8 @@
 
 Both: `records(count)` (the current lease record of every unit), `lease(tag, rows)`, `adopt(tag, lease)` (the
 local directory the unit's run writes), `unit_started(tag, lease, dir)` / `unit_finished(...)` (a store's
-uploads), `publish(tag, gen)`, `roll_forward(tag, rec)`, `dir` (the local directory of the run's own files:
-the output itself, or a store's staging) and `finish(summary_files)` (a store: upload them).
+uploads), `publish(tag, gen)`, `roll_forward(tag, rec)`, `published(tag, rec)`, `dir` (the local directory of
+the run's own files: the output itself, or a store's staging) and `finish(summary_files)` (a store: upload them).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import socket
+import time
 from pathlib import Path, PurePosixPath
 
 import orjson
@@ -38,6 +39,7 @@ from engine.output.units import (
     Claim,
     UnitLease,
     adopt,
+    carried,
     commit_record,
     gen_dir,
     judge,
@@ -47,15 +49,6 @@ from engine.output.units import (
 )
 
 log = logging.getLogger(__name__)
-
-SKIP = ("_run", "_lease")  # a unit directory's files that are never published
-
-
-def _published(rel: PurePosixPath) -> bool:
-    name = rel.name
-    return rel.parts[0] not in (*SKIP, "_journal") and name not in (ADOPTED, "README.md") and \
-        not name.startswith("summary") and not name.endswith((".tmp", ".download")) and ".tmp." not in name
-
 
 class LocalUnits:
     def __init__(self, o: OutputConfig, on_lost):
@@ -82,7 +75,11 @@ class LocalUnits:
         return publish(self.dir, tag, gen)
 
     def roll_forward(self, tag: str, rec: dict) -> None:
-        roll_forward(self.dir, tag, rec)
+        roll_forward(self.dir, tag, rec, self.o.lease_timeout_seconds)
+
+    def published(self, tag: str, rec: dict) -> bool:
+        """A committed unit's files are all in the output (its directories are gone)."""
+        return not (self.dir / UNITS_DIR / tag).exists()
 
     def clear_units(self) -> None:
         for p in (self.dir / "_lease").glob("u*-of-*.*.json"):
@@ -209,7 +206,7 @@ class StoreUnits:
             copied = 0
             for path in files:
                 rel = PurePosixPath(path).relative_to(PurePosixPath(src).as_posix())
-                if not _published(rel) and rel.parts[0] != "_journal":
+                if not carried(rel, journal=False) and rel.parts[0] != "_journal":
                     continue
                 local = mine / rel
                 local.parent.mkdir(parents=True, exist_ok=True)
@@ -247,7 +244,7 @@ class StoreUnits:
         src = self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}")
         files = self._list(f"listing {src}", lambda: fs.find(src))
         rels = [PurePosixPath(p).relative_to(PurePosixPath(src).as_posix()) for p in files]
-        rels = sorted((r for r in rels if _published(r)), key=lambda r: (r.parts[0] == "_state",
+        rels = sorted((r for r in rels if carried(r, journal=False)), key=lambda r: (r.parts[0] == "_state",
                                                                          r.parts[0] == "_manifest"))
         for rel in rels:
             try:
@@ -264,10 +261,17 @@ class StoreUnits:
     def roll_forward(self, tag: str, rec: dict) -> None:
         gen = rec.get("by_gen")
         fs = self.remote.fs
+        if time.time() - float(rec.get("committed_at") or 0) < self.o.lease_timeout_seconds:
+            return  # the committer's to publish (it does within seconds)
         if isinstance(gen, int) and self._list(f"checking unit {tag}", lambda: fs.exists(
                 self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}/{ADOPTED}"))):
             n = self.publish(tag, gen)
             log.info("unit %s: committed by %s; its %d file(s) published now", tag, describe(rec), n)
+
+    def published(self, tag: str, rec: dict) -> bool:
+        gen = rec.get("by_gen")
+        return not isinstance(gen, int) or not self._list(f"checking unit {tag}", lambda: self.remote.fs.exists(
+            self._path(f"{UNITS_DIR}/{tag}/g{gen:06d}/{ADOPTED}")))
 
     def clear_units(self) -> None:
         self.remote.clear(["_lease", UNITS_DIR])

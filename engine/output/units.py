@@ -30,7 +30,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import orjson
 
@@ -196,6 +196,21 @@ def _copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def unit_files(root: Path) -> list[Path]:
+    """Every file below `root`, read with os.walk: a directory removed meanwhile (another worker publishing the same
+    committed unit, a woken holder's temporary files) is passed over, not an error."""
+    return [Path(d) / n for d, _, names in os.walk(root) for n in names]
+
+
+def carried(rel: PurePosixPath, journal: bool) -> bool:
+    """Whether a file of a unit's directory is copied to a successor (`journal`: with the journal) or published."""
+    top, name = rel.parts[0], rel.name
+    if top in ("_run", "_lease") or (top == "_journal" and not journal):
+        return False
+    return name not in (ADOPTED, "README.md") and not name.startswith("summary") and \
+        not name.endswith((".tmp", ".download")) and ".tmp." not in name
+
+
 def adopt(out: Path, tag: str, lease: UnitLease) -> Path:
     """The directory this claim writes, with the work of the unit's last holder copied in (its committed
     parts, journals, manifests and state, read as a crash recovery reads them), then marked `_adopted`."""
@@ -209,15 +224,14 @@ def adopt(out: Path, tag: str, lease: UnitLease) -> Path:
     if earlier:
         src = earlier[-1]
         copied = 0
-        for f in src.rglob("*"):
-            rel = f.relative_to(src)
-            if not f.is_file() or rel.parts[0] in ("_run", "_lease") or f.name in (ADOPTED, "README.md") \
-                    or f.name.endswith(".tmp") or f.name.startswith("summary") or ".tmp." in f.name:
+        for f in unit_files(src):
+            rel = PurePosixPath(f.relative_to(src).as_posix())
+            if not carried(rel, journal=True):
                 continue
             try:
                 _copy(f, mine / rel)
                 copied += 1
-            except FileNotFoundError:  # its holder committed or cleaned it just now: what is left is generated
+            except FileNotFoundError:  # its holder woke and replaced it just now: what is left is generated again
                 continue
         log.info("unit %s: resuming from generation %s's work (%d file(s) copied)", tag, src.name, copied)
     (mine / ADOPTED).write_bytes(b"")
@@ -226,37 +240,37 @@ def adopt(out: Path, tag: str, lease: UnitLease) -> Path:
 
 def publish(out: Path, tag: str, gen: int) -> int:
     """Move committed generation `gen`'s files into the output (parts, manifests, then the state), then
-    remove the unit's directories. Idempotent: what was moved already is skipped. Returns files moved."""
+    remove the unit's directories. Idempotent, and safe beside another process publishing the same unit (a roll
+    forward): what was moved already is skipped. Returns files moved."""
     src = gen_dir(out, tag, gen)
     moved = 0
-    if src.is_dir():
-        files = [f for f in src.rglob("*") if f.is_file()]
-        order = sorted(files, key=lambda f: (f.relative_to(src).parts[0] == "_state",
-                                             f.relative_to(src).parts[0] == "_manifest"))
-        for f in order:
-            rel = f.relative_to(src)
-            top = rel.parts[0]
-            if top in ("_run", "_journal", "_lease") or f.name in (ADOPTED, "README.md") or \
-                    f.name.startswith("summary") or f.name.endswith(".tmp") or ".tmp." in f.name:
-                continue
-            dst = Path(out) / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(f, dst)
-                moved += 1
-            except FileNotFoundError:  # another process published it just now
-                continue
-        for d in {(Path(out) / f.relative_to(src)).parent for f in files}:
-            if d.is_dir():
-                fsync_dir(d)
+    files = unit_files(src)
+    rels = sorted((PurePosixPath(f.relative_to(src).as_posix()) for f in files),
+                  key=lambda r: (r.parts[0] == "_state", r.parts[0] == "_manifest"))
+    for rel in rels:
+        if not carried(rel, journal=False):
+            continue
+        dst = Path(out) / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src / rel, dst)
+            moved += 1
+        except FileNotFoundError:  # another process published it just now
+            continue
+    for d in {(Path(out) / r).parent for r in rels}:
+        if d.is_dir():
+            fsync_dir(d)
     shutil.rmtree(Path(out) / UNITS_DIR / tag, ignore_errors=True)
     return moved
 
 
-def roll_forward(out: Path, tag: str, rec: dict) -> None:
-    """A committed unit whose files were not all moved (its committer died or froze right after committing)."""
+def roll_forward(out: Path, tag: str, rec: dict, timeout: float) -> None:
+    """A committed unit whose files were not all moved: its committer died or froze right after committing. Left
+    to the committer for `timeout` seconds after its commit (it moves them within milliseconds)."""
     gen = rec.get("by_gen")
-    if isinstance(gen, int) and (Path(out) / UNITS_DIR / tag).exists():
+    if not isinstance(gen, int) or time.time() - float(rec.get("committed_at") or 0) < timeout:
+        return
+    if (Path(out) / UNITS_DIR / tag).exists():
         n = publish(out, tag, gen)
         if n:
             log.info("unit %s: committed by %s; its %d file(s) moved into the output now", tag, describe(rec), n)
