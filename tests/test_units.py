@@ -25,7 +25,7 @@ from test_storage import BUCKET, cli, remote_ids, s3  # noqa: F401 - s3 is the m
 
 from engine.backends.relay import Relay
 from engine.input.reader import Reader
-from engine.output.units import MAX_FAILURES, UnitLease, gen_dir, unit_records
+from engine.output.units import MAX_FAILURES, UnitLease, gen_dir, publish, roll_forward, unit_records
 from engine.types import Completion, Request
 
 TIMING = {"lease_heartbeat_seconds": 0.5, "lease_timeout_seconds": 3.0, "flush_seconds": 0.2}
@@ -117,6 +117,58 @@ def test_a_released_unit_is_resumed_without_counting_a_death_and_three_deaths_fa
             assert claim.outcome == "taken" and nxt.failures == died
         else:
             assert claim.outcome == "failed" and claim.record["failures"] == MAX_FAILURES - 1
+
+
+def _committed_unit(out: Path, tag: str, gen: int, parts: int = 3) -> None:
+    d = gen_dir(out, tag, gen)
+    for k in range(parts):
+        (d / "faq").mkdir(parents=True, exist_ok=True)
+        (d / "faq" / f"part-{tag}-{k:05d}.parquet").write_bytes(b"x" * 10)
+    for sub in ("_manifest/faq", "_state", "_journal/faq", "_run"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    (d / "_manifest" / "faq" / f"{tag}.jsonl").write_text("{}\n")
+    (d / "_state" / f"{tag}.json").write_text("{}")
+    (d / "_journal" / "faq" / f"{tag}-00000.arrows").write_bytes(b"j")
+    (d / "_run" / "fingerprint.json").write_text("{}")
+
+
+def _publish_into(out: Path, tag: str, moved: list, errors: list) -> None:
+    try:
+        moved.append(publish(out, tag, 0))
+    except Exception as exc:  # noqa: BLE001 - the test's assertion names it
+        errors.append(exc)
+
+
+def test_two_processes_publishing_one_committed_unit_at_once_move_each_file_once(tmp_path):
+    """The committer and a worker rolling it forward may publish one unit at the same moment: neither fails,
+    every part lands once, nothing private (journal, fingerprint) is published, the unit's directory goes."""
+    for trial in range(20):
+        out = tmp_path / f"o{trial}"
+        tag = "u00000-of-00001"
+        _committed_unit(out, tag, 0)
+        errors: list = []
+        moved: list = []
+
+        threads = [threading.Thread(target=_publish_into, args=(out, tag, moved, errors)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert sum(moved) == 5  # 3 parts, the manifest and the state, each moved by one of the two
+        assert sorted(p.name for p in (out / "faq").iterdir()) == [f"part-{tag}-{k:05d}.parquet" for k in range(3)]
+        assert (out / "_state" / f"{tag}.json").exists() and not (out / "_journal").exists()
+        assert not (out / "_units" / tag).exists()
+
+
+def test_a_committed_unit_is_rolled_forward_only_once_its_committer_had_time(tmp_path):
+    tag = "u00000-of-00001"
+    _committed_unit(tmp_path, tag, 0)
+    rec = {"committed": True, "by_gen": 0, "committed_at": time.time(), "host": "h", "pid": 1}
+    roll_forward(tmp_path, tag, rec, timeout=60)  # just committed: the committer moves its own files
+    assert (tmp_path / "_units" / tag).exists() and not (tmp_path / "faq").exists()
+    roll_forward(tmp_path, tag, {**rec, "committed_at": time.time() - 61}, timeout=60)  # it died meanwhile
+    assert not (tmp_path / "_units" / tag).exists() and len(list((tmp_path / "faq").iterdir())) == 3
 
 
 # ---- the relay ---------------------------------------------------------------------------------------------
