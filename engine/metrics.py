@@ -14,6 +14,7 @@ progress line) may see a figure one update old, never a torn one.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -83,9 +84,9 @@ class Counters:
 
     def absorb(self, other: Counters) -> None:
         """Add another run's counters to these (a worker's process over the units it ran)."""
-        for name in ("requests_done", "requests_skipped", "failed", "retries", "prompt_tokens", "completion_tokens",
-                     "cached_tokens", "truncated", "rejected"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in dataclasses.fields(self):  # every count (a counter added later is summed too)
+            if f.type == "int":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         self.last_error = other.last_error or self.last_error
         for prompt, by in other.stored.items():
             self.add_stored(prompt, by)

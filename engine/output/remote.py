@@ -36,12 +36,15 @@ def default_staging(url: str) -> Path:
     return root / f"{name}-{tag}"
 
 
+SKIP_DIRS = ("_journal",)
+
+
 class RemoteOutput:
     """An output directory in a store, mirrored from a local staging directory (see the module doc)."""
 
-    SKIP_DIRS = ("_journal",)
-
-    def __init__(self, url: str, staging: Path, give_up_after: float = 300.0):
+    def __init__(self, url: str, staging: Path, give_up_after: float = 300.0, skip_dirs: tuple[str, ...] = SKIP_DIRS):
+        """`skip_dirs`: top folders never uploaded (a worker's unit uploads its journal too: output/unit_place.py)."""
+        self.skip_dirs = skip_dirs
         self.url = url.rstrip("/")
         self.staging = Path(staging)
         self.fs, self.root = filesystem(self.url)
@@ -116,7 +119,7 @@ class RemoteOutput:
             if not p.is_file():
                 continue
             rel = p.relative_to(self.staging).as_posix()
-            if rel.split("/", 1)[0] in self.SKIP_DIRS or rel.endswith((".tmp", ".download")) or ".tmp" in p.name:
+            if rel.split("/", 1)[0] in self.skip_dirs or rel.endswith((".tmp", ".download")) or ".tmp" in p.name:
                 continue
             st = p.stat()
             if self.uploaded.get(rel) != (st.st_size, st.st_mtime_ns):

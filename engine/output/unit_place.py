@@ -161,10 +161,9 @@ class StoreUnits:
     def _unit_remote(self, tag: str, gen: int):
         from engine.output.remote import RemoteOutput
 
-        remote = RemoteOutput(f"{self.o.dir.rstrip('/')}/{UNITS_DIR}/{tag}/g{gen:06d}", gen_dir(self.dir, tag, gen),
-                              self.o.store_give_up_seconds)
-        remote.SKIP_DIRS = ()  # the journal too: a successor on another machine resumes from it
-        return remote
+        # the journal too: a successor on another machine resumes from it
+        return RemoteOutput(f"{self.o.dir.rstrip('/')}/{UNITS_DIR}/{tag}/g{gen:06d}", gen_dir(self.dir, tag, gen),
+                            self.o.store_give_up_seconds, skip_dirs=())
 
     def _path(self, rel: str) -> str:
         return self.remote.remote(rel)
